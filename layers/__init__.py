@@ -1,0 +1,8 @@
+"""Model building blocks and the model registry."""
+
+from layers.blocks import classic_conv_padding, conv_bn_relu, residual_block
+from layers.dropout import Dropout
+from layers.models import get, names, register
+
+__all__ = ["Dropout", "classic_conv_padding", "conv_bn_relu", "get", "names",
+           "register", "residual_block"]

@@ -1,0 +1,270 @@
+"""The run configuration: flag definitions, the frozen Config, and its checks.
+
+Everything below `trainer.main` takes a Config; nothing else reads FLAGS.
+"""
+
+import dataclasses
+import json
+
+from absl import flags
+
+from trainer.errors import UserError
+
+STRATEGIES = ("default", "mirrored", "multiworker", "parameter_server", "tpu")
+RESOLVERS = ("tf_config", "slurm")
+COLLECTIVES = ("auto", "ring", "nccl")
+MODELS = ("mlp", "cnn", "resnet20")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "tfrecord",
+            "image_folder", "synthetic")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+MODES = ("train", "eval", "train_and_eval", "continuous_eval")
+NONFINITE = ("skip", "rollback", "fail")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One run's settings. Field names equal the command-line flag names."""
+  # Distribution.
+  strategy: str = "default"
+  cpu_replicas: int = 0
+  cluster_resolver: str = "tf_config"
+  collective: str = "auto"
+  peer_timeout_s: float = 120.0
+  tpu: str = ""
+  ps_shard_min_bytes: int = 256 << 10
+  # What to train.
+  task: str = ""
+  model: str = "cnn"
+  dataset: str = "digits"
+  data_dir: str = ""
+  train_split: str = "train"
+  eval_split: str = "test"
+  file_patterns: str = ""
+  skip_corrupt: bool = False
+  augment: bool = False
+  synthetic_shape: str = "28,28,1"
+  synthetic_classes: int = 10
+  synthetic_examples: int = 4096
+  # Batching and length.
+  global_batch_size: int = 64
+  grad_accum_steps: int = 1
+  train_steps: int = 1000
+  steps_per_loop: int = 50
+  eval_batch_size: int = 0
+  # Optimization.
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  momentum: float = 0.9
+  weight_decay: float = 1e-4
+  clip_norm: float = 0.0
+  # Reproducibility.
+  seed: int = 0
+  deterministic: bool = False
+  # Outputs.
+  model_dir: str = "runs/default"
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  summary_every: int = 100
+  eval_every: int = 500
+  # Speed.
+  mixed_precision: str = "float32"
+  jit_compile: bool = False
+  # What to do.
+  mode: str = "train_and_eval"
+  checkpoint: str = ""
+  nonfinite: str = "rollback"
+  max_rollbacks: int = 3
+  eval_timeout_s: float = 3600.0
+
+  @property
+  def micro_batch_size(self) -> int:
+    """Examples in one micro-batch, all replicas together."""
+    return self.global_batch_size // self.grad_accum_steps
+
+  @property
+  def effective_eval_batch_size(self) -> int:
+    return self.eval_batch_size or self.global_batch_size
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+
+_HELP = {
+    "strategy": "tf.distribute strategy: default (one device), mirrored (all "
+                "local devices), multiworker (MultiWorkerMirroredStrategy, "
+                "TF_CONFIG or Slurm), parameter_server (the coordinator; "
+                "start workers/ps with launch.local or launch.kubernetes), "
+                "tpu (TPUStrategy; needs --tpu).",
+    "cpu_replicas": "Split the host CPU into N logical devices so that "
+                    "--strategy=mirrored runs N replicas without GPUs "
+                    "(0: do not split).",
+    "cluster_resolver": "Where --strategy=multiworker finds the cluster: "
+                        "TF_CONFIG, or Slurm's environment.",
+    "collective": "MultiWorkerMirroredStrategy collective implementation.",
+    "peer_timeout_s": "Bound on any wait for a peer worker (collectives); a "
+                      "dead peer makes the others exit non-zero within it.",
+    "tpu": "TPU name or 'local' for --strategy=tpu.",
+    "ps_shard_min_bytes": "parameter_server: variables larger than this are "
+                          "sharded across the ps tasks.",
+    "task": "A user task 'package.module:Name' (a trainer.Task subclass or a "
+            "function config -> Task); replaces --model/--dataset.",
+    "model": f"Built-in model, one of {', '.join(MODELS)}, or "
+             "'package.module:fn' with fn(input_spec, num_classes) -> "
+             "keras.Model.",
+    "dataset": f"Built-in dataset, one of {', '.join(DATASETS)}.",
+    "data_dir": "Directory holding the dataset's files.",
+    "train_split": "TFDS-style split to train on: 'train', 'test[:8000]', "
+                   "'train[10%:]', 'a+b'.",
+    "eval_split": "TFDS-style split to evaluate on.",
+    "file_patterns": "--dataset=tfrecord: 'split=glob,split=glob' file "
+                     "patterns (default DATA_DIR/SPLIT-*.tfrecord).",
+    "skip_corrupt": "Skip (and count) corrupt records/images instead of "
+                    "stopping with an error.",
+    "augment": "Seeded, resumable augmentation for image sets (random crop "
+               "with 4-pixel padding; horizontal flip for cifar10).",
+    "synthetic_shape": "--dataset=synthetic: H,W,C of the random images.",
+    "synthetic_classes": "--dataset=synthetic: number of classes.",
+    "synthetic_examples": "--dataset=synthetic: examples per split.",
+    "global_batch_size": "Examples per optimizer update, all replicas and "
+                         "micro-batches together.",
+    "grad_accum_steps": "Micro-batches per update: the global batch is split "
+                        "K ways; one cross-replica reduction per update.",
+    "train_steps": "Optimizer updates in total (a resumed run stops here too).",
+    "steps_per_loop": "Updates inside one tf.function call.",
+    "eval_batch_size": "Examples per evaluation batch (0: --global_batch_size).",
+    "optimizer": f"One of {', '.join(OPTIMIZERS)}.",
+    "learning_rate": "Peak learning rate.",
+    "lr_schedule": "constant or cosine (decay to 0 at --train_steps), after "
+                   "--warmup_steps of linear warm-up.",
+    "warmup_steps": "Linear warm-up steps from 0 to --learning_rate.",
+    "momentum": "Momentum of --optimizer=momentum.",
+    "weight_decay": "Decoupled weight decay of --optimizer=adamw.",
+    "clip_norm": "Clip the all-reduced gradient to this global norm (0: off).",
+    "seed": "Seed of initialization, data order, dropout and augmentation.",
+    "deterministic": "TF op determinism: two fresh runs give bit-identical "
+                     "checkpoints (slower).",
+    "model_dir": "Checkpoints, train/ and eval/ TensorBoard events, "
+                 "config.json. Re-running with the same dir resumes.",
+    "checkpoint_every": "Save a checkpoint every N updates (and at the end).",
+    "keep_checkpoints": "Checkpoints kept in --model_dir.",
+    "summary_every": "Write train summaries and a progress line every N updates.",
+    "eval_every": "Evaluate every N updates (and at the end); 0: only at the end.",
+    "mixed_precision": "Keras dtype policy: float32, mixed_bfloat16 (fast on "
+                       "CPUs with AVX512_BF16), mixed_float16 (dynamic loss "
+                       "scaling).",
+    "jit_compile": "XLA-compile the replica step.",
+    "mode": "train, eval (latest checkpoint), train_and_eval, "
+            "continuous_eval (evaluate each new checkpoint in --model_dir).",
+    "checkpoint": "--mode=eval: the checkpoint to evaluate (default: the "
+                  "latest in --model_dir).",
+    "nonfinite": "On a NaN/Inf loss or gradient: skip the update, roll back "
+                 "to the last checkpoint and move past the batch, or fail.",
+    "max_rollbacks": "--nonfinite=rollback: give up after N rollbacks.",
+    "eval_timeout_s": "--mode=continuous_eval: stop when no new checkpoint "
+                      "appears for this long.",
+}
+
+_ENUMS = {
+    "strategy": STRATEGIES, "cluster_resolver": RESOLVERS,
+    "collective": COLLECTIVES, "optimizer": OPTIMIZERS,
+    "lr_schedule": SCHEDULES, "mixed_precision": PRECISIONS, "mode": MODES,
+    "nonfinite": NONFINITE, "dataset": DATASETS,
+}
+
+
+def define_flags() -> None:
+  """Defines one absl flag per Config field (same name, default, help)."""
+  for field in dataclasses.fields(Config):
+    name, default = field.name, field.default
+    help_text = _HELP[name]
+    # Enums are checked in validate() so that the message can name the rule
+    # in our format; absl's enum flags would exit with a multi-line usage.
+    if isinstance(default, bool):
+      flags.DEFINE_bool(name, default, help_text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(name, default, help_text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(name, default, help_text)
+    else:
+      choices = _ENUMS.get(name)
+      if choices:
+        help_text += f" One of: {', '.join(choices)}."
+      flags.DEFINE_string(name, default, help_text)
+
+
+def from_flags(flag_values) -> Config:
+  """Builds the Config from parsed flags (the only place that reads FLAGS)."""
+  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
+  return Config(**values)
+
+
+def validate(config: Config, num_replicas: int | None = None) -> None:
+  """Raises UserError naming the flag, the value and the rule it breaks."""
+  for name, choices in _ENUMS.items():
+    value = getattr(config, name)
+    if name == "dataset" and config.task:
+      continue
+    if value not in choices:
+      raise UserError(f"--{name}={value!r} is not one of: "
+                      f"{', '.join(choices)}.")
+  if config.model not in MODELS and ":" not in config.model:
+    raise UserError(f"--model={config.model!r} is not one of: "
+                    f"{', '.join(MODELS)} (or 'package.module:fn').")
+  if config.task and ":" not in config.task:
+    raise UserError(f"--task={config.task!r} must be 'package.module:Name'.")
+  for name in ("global_batch_size", "grad_accum_steps", "train_steps",
+               "steps_per_loop", "checkpoint_every", "keep_checkpoints",
+               "summary_every"):
+    if getattr(config, name) <= 0:
+      raise UserError(f"--{name}={getattr(config, name)} must be positive.")
+  for name in ("cpu_replicas", "warmup_steps", "eval_every", "eval_batch_size",
+               "max_rollbacks", "synthetic_examples"):
+    if getattr(config, name) < 0:
+      raise UserError(f"--{name}={getattr(config, name)} must be >= 0.")
+  for name in ("learning_rate", "peer_timeout_s"):
+    if not getattr(config, name) > 0:
+      raise UserError(f"--{name}={getattr(config, name)} must be > 0.")
+  if config.clip_norm < 0:
+    raise UserError(f"--clip_norm={config.clip_norm} must be >= 0 (0: off).")
+  if config.global_batch_size % config.grad_accum_steps:
+    raise UserError(
+        f"--global_batch_size ({config.global_batch_size}) must be divisible "
+        f"by --grad_accum_steps ({config.grad_accum_steps}).")
+  if num_replicas is not None:
+    check_divisible(config, num_replicas)
+  if not config.model_dir:
+    raise UserError("--model_dir is empty: give a directory for checkpoints "
+                    "and summaries.")
+  if config.cpu_replicas > 1 and config.strategy not in ("mirrored",
+                                                          "multiworker"):
+    raise UserError(f"--cpu_replicas={config.cpu_replicas} needs "
+                    "--strategy=mirrored or multiworker (got "
+                    f"--strategy={config.strategy}).")
+  try:
+    shape = tuple(int(x) for x in config.synthetic_shape.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) <= 0:
+    raise UserError(f"--synthetic_shape={config.synthetic_shape!r} must be "
+                    "H,W,C with positive integers, e.g. 28,28,1.")
+
+
+def check_divisible(config: Config, num_replicas: int) -> None:
+  """The global batch must split evenly into replicas x micro-batches."""
+  k = config.grad_accum_steps
+  if config.global_batch_size % (num_replicas * k):
+    raise UserError(
+        f"--global_batch_size ({config.global_batch_size}) must be divisible "
+        f"by replicas x --grad_accum_steps ({num_replicas} x {k} = "
+        f"{num_replicas * k}).")
+  eval_batch = config.effective_eval_batch_size
+  if eval_batch % num_replicas:
+    raise UserError(f"--eval_batch_size ({eval_batch}) must be divisible by "
+                    f"the number of replicas ({num_replicas}).")

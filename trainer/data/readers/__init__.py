@@ -1,0 +1,1 @@
+"""Readers for the built-in datasets; each module registers its names."""

@@ -1,0 +1,43 @@
+"""Split selection for file-based readers, with errors a user can act on."""
+
+import numpy as np
+
+from trainer.data import splits
+from trainer.data.readers.digits import select_arrays
+from trainer.data.source import Source
+from trainer.errors import UserError
+
+
+def names(dataset: str, split: str) -> list[str]:
+  """The split names that the split string `split` reads, in order."""
+  try:
+    return [part.name for part in splits.parse(split)]
+  except ValueError as e:
+    raise UserError(f"--dataset={dataset}: {e}") from None
+
+
+def require(dataset: str, split: str, available, missing: dict[str, str]):
+  """UserError when `split` reads a split whose files are absent.
+
+  `missing` maps each split name the dataset normally has to a phrase naming
+  the files it needs, so that "train" on a directory holding only the test
+  files says which files to add, and how to slice the split that is there.
+  """
+  available = list(available)
+  for name in names(dataset, split):
+    if name not in available and name in missing:
+      example = available[0] if available else "test"
+      raise UserError(
+          f"--dataset={dataset}: split {split!r} reads {name!r}, which needs "
+          f"{missing[name]}; found only {available or 'nothing'}. Add those "
+          f"files, or slice what is there, e.g. --train_split='{example}[:80%]'"
+          f" --eval_split='{example}[80%:]'.")
+
+
+def select(dataset: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
+           split: str, num_classes: int | None) -> Source:
+  """A Source over what `split` selects from `parts` (split -> arrays)."""
+  try:
+    return select_arrays(dataset, parts, split, num_classes)
+  except ValueError as e:
+    raise UserError(f"--dataset={dataset}: {e}") from None

@@ -1,0 +1,346 @@
+"""The outer loop (Orbit's Controller role): chunks of --steps_per_loop
+updates inside one tf.function call, then summaries, checkpoints,
+evaluation, the non-finite guard and preemption between chunks.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from trainer import checkpoint as ckpt_lib
+from trainer import optim, strategy as strategy_lib, summary, tasks
+from trainer.config import Config, check_divisible
+from trainer.data import pipeline
+from trainer.errors import UserError
+from trainer.state import TrainState
+from trainer.step import Steps
+
+PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL: saved; run the same command again
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint at the current step was saved."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: checkpoint saved at step {step}; run the "
+                     "same command to resume.")
+    self.step = step
+
+
+class NonFiniteError(Exception):
+  """--nonfinite=fail, or --max_rollbacks exhausted."""
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between chunks."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = {}
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.raised and signum == signal.SIGINT:
+      raise KeyboardInterrupt   # a second Ctrl-C stops at once
+    logging.warning("signal %d: saving a checkpoint at the end of this chunk, "
+                    "then exiting with code %d.", signum, PREEMPTED_EXIT_CODE)
+    self.raised = True
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _crossed(previous: int, current: int, every: int) -> bool:
+  """Did the step pass a multiple of `every` between the two values?"""
+  return every > 0 and current // every > previous // every
+
+
+class Runner:
+  """One configured run: strategy, task, model, optimizer, state, steps."""
+
+  def __init__(self, config: Config, task=None):
+    strategy_lib.configure_devices(config)
+    self.strategy, self.role = strategy_lib.build(config)
+    check_divisible(config, self.strategy.num_replicas_in_sync)
+    self.config = config
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.mixed_precision)
+    self.task = task if task is not None else tasks.from_config(config)
+    # Data first: a missing file is reported before model_dir is touched.
+    spec = pipeline.input_spec(self.task, config.train_split)
+    with self.strategy.scope():
+      self.model = self.task.build_model(spec)
+      self.state = TrainState()
+      self.optimizer = optim.build(config, self.state.global_step,
+                                   self.model.trainable_variables)
+    self.steps = Steps(self.strategy, self.task, self.model, self.optimizer,
+                       self.state, config)
+    self.checkpointer = ckpt_lib.Checkpointer(
+        config.model_dir,
+        {"model": self.model, "optimizer": self.optimizer,
+         "global_step": self.state.global_step, "state": self.state,
+         "config": tf.Variable(config.to_json(), trainable=False)},
+        keep=config.keep_checkpoints, is_chief=self.role.is_chief,
+        worker_index=self.role.worker_index)
+    self.writers = None
+    self._eval_data = None
+
+  # ---- helpers ----------------------------------------------------------
+  @property
+  def global_step(self) -> int:
+    return int(self.state.global_step.numpy())
+
+  def _open_outputs(self):
+    """Creates --model_dir outputs; only after restore has succeeded."""
+    if self.writers is None:
+      if self.role.is_chief:
+        os.makedirs(self.config.model_dir, exist_ok=True)
+        with open(os.path.join(self.config.model_dir, "config.json"), "w") as f:
+          f.write(self.config.to_json() + "\n")
+      self.writers = summary.Writers(self.config.model_dir, self.role.is_chief)
+
+  def _train_iterator(self):
+    position = int(self.state.position.numpy())
+    ds = pipeline.train_dataset(self.task, self.config.train_split,
+                                self.config.micro_batch_size, self.config.seed,
+                                position)
+    return iter(self.strategy.experimental_distribute_dataset(ds))
+
+  def _agree(self, flag: bool) -> bool:
+    """True if any worker says so (collective under multiworker)."""
+    if self.role.num_workers <= 1:
+      return flag
+    value = self.strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+    return float(self.strategy.reduce(tf.distribute.ReduceOp.MAX, value,
+                                      axis=None)) > 0
+
+  def save(self) -> None:
+    path = self.checkpointer.save(self.global_step)
+    if path:
+      logging.info("saved checkpoint %s", path)
+
+  # ---- evaluation -----------------------------------------------------
+  def evaluate(self) -> dict:
+    config = self.config
+    if self._eval_data is None:
+      ds, batches, examples = pipeline.eval_dataset(
+          self.task, config.eval_split, config.effective_eval_batch_size)
+      self._eval_data = (self.strategy.experimental_distribute_dataset(ds),
+                         batches, examples)
+    dist, batches, _ = self._eval_data
+    self.steps.eval_loop(iter(dist), tf.constant(batches, tf.int64))
+    sums = self.steps.eval_sums.read_and_reset()
+    weight = max(sums.pop("weight"), 1.0)
+    metrics = {name: value / weight for name, value in sums.items()}
+    step = self.global_step
+    self._open_outputs()
+    self.writers.scalars(self.writers.eval, step, metrics)
+    if self.role.is_chief:
+      logging.info("%s", summary.progress_line("eval", step,
+                                               config.train_steps, metrics))
+    return {**metrics, "examples": int(weight)}
+
+  # ---- training -------------------------------------------------------
+  def train(self, evaluate: bool = True) -> dict:
+    config = self.config
+    restored = self.checkpointer.restore(config)
+    if restored:
+      logging.info("restored %s at step %d", restored, self.global_step)
+    self._open_outputs()
+    result = {"global_step": self.global_step, "train_loss": None,
+              "train_accuracy": None}
+    if self.global_step >= config.train_steps:
+      logging.info("already at step %d of --train_steps=%d: evaluating only.",
+                   self.global_step, config.train_steps)
+    stop = _StopSignal().install()
+    try:
+      result.update(self._train_chunks(stop, evaluate))
+    finally:
+      stop.uninstall()
+    if evaluate:
+      result.update(_prefixed("eval", self.evaluate()))
+    result["global_step"] = self.global_step
+    result["nonfinite_steps"] = int(self.state.nonfinite_steps.numpy())
+    return result
+
+  def _train_chunks(self, stop, evaluate: bool) -> dict:
+    config = self.config
+    state, steps = self.state, self.steps
+    step = self.global_step
+    if step >= config.train_steps:
+      return {}
+    iterator = self._train_iterator()
+    interval_time, interval_start, last = 0.0, step, {}
+    bad_seen = int(state.nonfinite_steps.numpy())
+    rollbacks = 0
+    while step < config.train_steps:
+      todo = min(config.steps_per_loop, config.train_steps - step)
+      for every in (config.summary_every, config.checkpoint_every,
+                    config.eval_every):
+        if every > 0:
+          todo = min(todo, every - step % every)
+      began = time.perf_counter()
+      steps.train_loop(iterator, tf.constant(todo, tf.int64))
+      before, step = step, self.global_step
+      interval_time += time.perf_counter() - began
+      bad = int(state.nonfinite_steps.numpy())
+      if bad > bad_seen:
+        rollbacks += self._on_nonfinite(bad, bad_seen, rollbacks)
+        bad_seen = bad
+        if config.nonfinite == "rollback":
+          iterator = self._train_iterator()
+          step = self.global_step
+          interval_start, interval_time = step, 0.0
+          continue
+      done = step >= config.train_steps
+      if _crossed(before, step, config.summary_every) or done:
+        last = self._write_train_summary(step, interval_start, interval_time)
+        interval_start, interval_time = step, 0.0
+      if self._agree(stop.raised):
+        self.save()
+        raise Preempted(step)
+      if _crossed(before, step, config.checkpoint_every) or done:
+        self.save()
+      if evaluate and not done and _crossed(before, step, config.eval_every):
+        self.evaluate()
+    return last
+
+  def _on_nonfinite(self, bad: int, bad_seen: int, rollbacks: int) -> int:
+    """Acts on new non-finite updates; returns 1 if it rolled back."""
+    config, state = self.config, self.state
+    where = int(state.last_bad_position.numpy())
+    logging.warning("%d non-finite update(s) dropped (latest at example "
+                    "position %d); --nonfinite=%s.", bad - bad_seen, where,
+                    config.nonfinite)
+    if config.nonfinite == "fail":
+      raise NonFiniteError(
+          f"non-finite loss or gradient at example position {where} (step "
+          f"{self.global_step}); the weights are unchanged. Use "
+          "--nonfinite=skip or rollback to continue past it.")
+    if config.nonfinite == "skip":
+      return 0
+    if rollbacks >= config.max_rollbacks:
+      raise NonFiniteError(
+          f"non-finite loss or gradient again after {rollbacks} rollback(s) "
+          f"(--max_rollbacks={config.max_rollbacks}); latest at example "
+          f"position {where}. Lower --learning_rate or check the data.")
+    restored = self.checkpointer.restore(config)
+    # Move past the bad batch: the restored position would replay it.
+    resume_at = max(int(state.position.numpy()),
+                    where + config.global_batch_size)
+    state.position.assign(resume_at)
+    state.nonfinite_steps.assign(bad)
+    state.last_bad_position.assign(where)
+    logging.warning("rolled back to %s (step %d); training resumes at example "
+                    "position %d.", restored or "the current weights",
+                    self.global_step, resume_at)
+    return 1
+
+  def _write_train_summary(self, step, interval_start, interval_time) -> dict:
+    config = self.config
+    sums = self.steps.train_sums.read_and_reset()
+    weight = max(sums.pop("weight"), 1.0)
+    updates = sums.pop("updates")
+    grad_norm = sums.pop("grad_norm") / max(updates, 1.0)
+    metrics = {name: value / weight for name, value in sums.items()}
+    done = step - interval_start
+    rate = done / interval_time if interval_time > 0 else 0.0
+    scalars = {
+        **metrics,
+        "learning_rate": float(optim.learning_rate_at(step, config)),
+        "steps_per_sec": rate,
+        "examples_per_sec": rate * config.global_batch_size,
+        "grad_norm": grad_norm,
+        "nonfinite_steps": float(self.state.nonfinite_steps.numpy()),
+    }
+    self.writers.scalars(self.writers.train, step, scalars)
+    if self.role.is_chief:
+      eta = (config.train_steps - step) / rate if rate > 0 else None
+      shown = {k: scalars[k] for k in (*metrics, "steps_per_sec",
+                                        "examples_per_sec")}
+      logging.info("%s", summary.progress_line("train", step,
+                                               config.train_steps, shown, eta))
+    return {**_prefixed("train", metrics), "steps_per_sec": rate,
+            "examples_per_sec": rate * config.global_batch_size}
+
+  # ---- evaluation-only modes ------------------------------------------
+  def evaluate_checkpoint(self, path: str | None = None) -> dict:
+    restored = self.checkpointer.restore(self.config, path)
+    if restored is None:
+      raise UserError(f"--mode=eval: no checkpoint in --model_dir="
+                      f"{self.config.model_dir}; train first or pass "
+                      "--checkpoint=PATH.")
+    logging.info("evaluating %s (step %d)", restored, self.global_step)
+    return {"global_step": self.global_step, "checkpoint": restored,
+            **_prefixed("eval", self.evaluate())}
+
+  def continuous_eval(self, poll_s: float = 1.0) -> dict:
+    """Evaluates each new checkpoint in --model_dir until the one at
+    --train_steps, or until none appears for --eval_timeout_s."""
+    config, result, done = self.config, {}, set()
+    waited_since = time.monotonic()
+    while True:
+      fresh = [p for p in reversed(self.checkpointer.paths()) if p not in done]
+      for path in fresh:
+        done.add(path)
+        try:
+          result = self.evaluate_checkpoint(path)
+        except UserError as e:   # deleted by the trainer's keep policy
+          logging.warning("skipping %s: %s", path, e)
+          continue
+        waited_since = time.monotonic()
+        if self.global_step >= config.train_steps:
+          return result
+      if time.monotonic() - waited_since > config.eval_timeout_s:
+        logging.warning("no new checkpoint for %.0f s: stopping.",
+                        config.eval_timeout_s)
+        return result
+      time.sleep(poll_s)
+
+
+def _prefixed(prefix: str, values: dict) -> dict:
+  return {f"{prefix}_{k}": v for k, v in values.items()}
+
+
+def train(config: Config, task=None) -> dict:
+  """Trains `task` (default: the one --task/--model/--dataset name) under
+  `config`, resuming from --model_dir; returns the JSON summary dict."""
+  runner = Runner(config, task)
+  return runner.train(evaluate=config.mode == "train_and_eval")
+
+
+def evaluate(config: Config, task=None, checkpoint: str | None = None) -> dict:
+  """Evaluates the latest (or given) checkpoint in --model_dir."""
+  return Runner(config, task).evaluate_checkpoint(checkpoint)
+
+
+def run(config: Config, task=None) -> dict:
+  """Dispatches on --mode."""
+  runner = Runner(config, task)
+  if config.mode == "eval":
+    return runner.evaluate_checkpoint(config.checkpoint or None)
+  if config.mode == "continuous_eval":
+    return runner.continuous_eval()
+  return runner.train(evaluate=config.mode == "train_and_eval")
+
+
+def summary_line(result: dict) -> str:
+  """The last stdout line of a run: one JSON object."""
+  keys = ("global_step", "train_loss", "eval_loss", "eval_accuracy")
+  ordered = {k: result.get(k) for k in keys}
+  ordered.update({k: v for k, v in result.items() if k not in ordered})
+  return json.dumps(ordered, sort_keys=False)

@@ -1,0 +1,77 @@
+"""`python -m trainer.main`: flags -> Config -> train/evaluate -> JSON line.
+
+Exit codes: 0 done; 2 usage or configuration error (one line on stderr);
+3 non-finite loss/gradient (--nonfinite=fail or too many rollbacks);
+4 a peer worker or parameter server was lost; 75 preempted (SIGTERM/SIGINT)
+after saving a checkpoint: run the same command to resume; 1 anything else.
+"""
+
+import os
+import sys
+
+# TF's C++ INFO lines (oneDNN notices, ...) drown the progress lines; a user
+# who wants them sets TF_CPP_MIN_LOG_LEVEL=0.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_lib.define_flags()
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+EXIT_PEER_LOST = 4
+
+
+def _fail(code: int, message: str):
+  sys.stderr.write(f"trainer.main: error: {message}\n")
+  sys.stderr.flush()
+  os._exit(code) if code == EXIT_PEER_LOST else sys.exit(code)
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(EXIT_USAGE, f"{e}. See --helpfull.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(EXIT_USAGE, f"unexpected arguments {argv[1:]}; flags look like "
+          "--name=value.")
+  import tensorflow as tf  # after flag parsing: --helpfull stays fast
+  from trainer import loop
+  try:
+    config = config_lib.from_flags(FLAGS)
+    config_lib.validate(config)
+    result = loop.run(config)
+  except UserError as e:
+    _fail(EXIT_USAGE, str(e))
+  except loop.Preempted as e:
+    logging.warning("%s", e)
+    print(loop.summary_line({"global_step": e.step, "preempted": True}),
+          flush=True)
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
+  except loop.NonFiniteError as e:
+    _fail(EXIT_NONFINITE, str(e))
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+          tf.errors.CancelledError, tf.errors.AbortedError) as e:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    # os._exit: collective ops of a dead cluster can block interpreter exit.
+    _fail(EXIT_PEER_LOST, f"lost contact with a peer task ({type(e).__name__}: "
+          f"{first}); relaunch all tasks to resume from the last checkpoint.")
+  print(loop.summary_line(result), flush=True)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,206 @@
+"""The replica step and the cross-replica loop: strategy.run, loss scaling,
+accumulation, the one cross-replica reduction per update, the finite guard.
+
+Per update, with K = --grad_accum_steps micro-batches:
+  K x strategy.run(accumulate)   gradients of the local micro-batch, summed
+                                 into replica-local buffers (K = 1: none)
+  1 x strategy.run(reduce)       ONE all_reduce of all gradients and the
+                                 loss, unscale, finite check, user transform
+  cond(finite, strategy.run(apply))  in cross-replica context: no tf.cond
+                                 around apply_gradients in replica context
+Losses are divided by the GLOBAL batch of the whole update, so the SUM over
+replicas and micro-batches is the mean gradient of the global batch.
+"""
+
+import tensorflow as tf
+
+from layers import seeds as layer_seeds
+from trainer.accumulators import Sums
+
+_SUM = tf.distribute.ReduceOp.SUM
+_LOSS_SCALE_PERIOD = 2000   # finite fp16 updates before the scale doubles
+
+
+class Steps:
+  """Builds the tf.functions that train and evaluate one task."""
+
+  def __init__(self, strategy, task, model, optimizer, state, config):
+    self.strategy = strategy
+    self.task = task
+    self.model = model
+    self.optimizer = optimizer
+    self.state = state
+    self.config = config
+    self.accum_steps = config.grad_accum_steps
+    self.update_batch = config.global_batch_size
+    self.micro_batch = config.micro_batch_size
+    self.fp16 = config.mixed_precision == "mixed_float16"
+    self._metric_fns = dict(task.metrics())
+    names = ["loss", "weight", *self._metric_fns]
+    self.train_sums = Sums(strategy, names + ["grad_norm", "updates"])
+    self.eval_sums = Sums(strategy, names)
+    variables = model.trainable_variables
+    self._buffers = None
+    if self.accum_steps > 1:
+      with strategy.scope():
+        # One buffer per replica (sync on read): micro-batch gradients stay
+        # local until the single reduction of the update.
+        # The last buffer holds the loss.
+        self._buffers = [
+            tf.Variable(tf.zeros(shape, tf.float32), trainable=False,
+                        name=f"accum_{i}",
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.SUM)
+            for i, shape in enumerate([v.shape for v in variables] + [[]])]
+    compute = self._compute
+    if config.jit_compile:
+      compute = tf.function(compute, jit_compile=True)
+    self._compute_fn = compute
+    self.train_loop = tf.function(self._train_loop)
+    self.eval_loop = tf.function(self._eval_loop)
+
+  # ---- replica context ------------------------------------------------
+  def _forward(self, features, meta, training):
+    offset = meta["pos"][0] - meta["start"][0]
+    seeds = layer_seeds.ExampleSeeds(
+        seed=tf.stack([tf.constant(self.config.seed, tf.int64),
+                       meta["start"][0]]),
+        offset=offset,
+        global_batch=int(meta["pos"].shape[0]) *
+        self.strategy.num_replicas_in_sync)
+    with layer_seeds.scope(seeds):
+      return self.model(features, training=training)
+
+  def _stats(self, labels, outputs, per_example, weight):
+    stats = {"loss": tf.reduce_sum(per_example * weight),
+             "weight": tf.reduce_sum(weight)}
+    for name, fn in self._metric_fns.items():
+      values = tf.cast(fn(labels, outputs), tf.float32)
+      stats[name] = tf.reduce_sum(values * weight)
+    return stats
+
+  def _compute(self, features, labels, meta):
+    """Local gradients of the local micro-batch, scaled for the global batch."""
+    weight = meta["weight"]
+    variables = self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      outputs = self._forward(features, meta, training=True)
+      per_example = tf.cast(self.task.loss(labels, outputs), tf.float32)
+      loss = tf.nn.compute_average_loss(
+          per_example, sample_weight=weight,
+          global_batch_size=self.update_batch)
+      if self.model.losses:
+        # Regularization is added once per micro-batch: divide by K too.
+        reg = tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses])
+        loss += tf.nn.scale_regularization_loss(reg) / self.accum_steps
+      scaled = loss * self.state.loss_scale if self.fp16 else loss
+    grads = tape.gradient(scaled, variables)
+    grads = [tf.zeros(v.shape, tf.float32) if g is None
+             else tf.convert_to_tensor(g, tf.float32)
+             for g, v in zip(grads, variables)]
+    return grads, loss, self._stats(labels, outputs, per_example, weight)
+
+  def _accumulate(self, batch):
+    features, labels, meta = batch
+    grads, loss, stats = self._compute_fn(features, labels, meta)
+    self.train_sums.add(stats)
+    for buffer, value in zip(self._buffers, list(grads) + [loss]):
+      buffer.assign_add(value)
+
+  def _reduce(self, grads, loss):
+    """The one cross-replica reduction of an update, then the guard."""
+    context = tf.distribute.get_replica_context()
+    reduced = context.all_reduce(_SUM, list(grads) + [loss])
+    grads, loss = reduced[:-1], reduced[-1]
+    if self.fp16:
+      grads = [g / self.state.loss_scale for g in grads]
+    grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                  for g in grads])
+    loss_finite = tf.math.is_finite(loss)
+    grads = self.task.transform_gradients(grads, self.model.trainable_variables)
+    if self.config.clip_norm > 0:
+      grads, _ = tf.clip_by_global_norm(grads, self.config.clip_norm)
+    norm = tf.linalg.global_norm(grads)
+    ok = tf.cast(tf.logical_and(grads_finite, loss_finite), tf.float32)
+    # Same value on every replica: each adds 1/R so the reduced sum is 1x.
+    share = ok / self.strategy.num_replicas_in_sync
+    self.train_sums.add({"grad_norm": tf.where(ok > 0, norm, 0.0) * share,
+                         "updates": share})
+    return grads, grads_finite, loss_finite
+
+  def _compute_and_reduce(self, batch):
+    features, labels, meta = batch
+    grads, loss, stats = self._compute_fn(features, labels, meta)
+    self.train_sums.add(stats)
+    return self._reduce(grads, loss)
+
+  def _reduce_buffers(self):
+    values = [b.read_value() for b in self._buffers]
+    with tf.control_dependencies(values):
+      for b in self._buffers:
+        b.assign(tf.zeros_like(b))
+    values = [tf.identity(v) for v in values]
+    return self._reduce(values[:-1], values[-1])
+
+  def _apply(self, grads):
+    self.optimizer.apply(grads, self.model.trainable_variables)
+
+  # ---- cross-replica context (inside tf.function) ----------------------
+  def _one_update(self, iterator):
+    strategy = self.strategy
+    if self._buffers is None:
+      result = strategy.run(self._compute_and_reduce, args=(next(iterator),))
+    else:
+      for _ in tf.range(self.accum_steps):
+        strategy.run(self._accumulate, args=(next(iterator),))
+      result = strategy.run(self._reduce_buffers)
+    grads, grads_finite, loss_finite = result
+    # Reduced values are identical on every replica: read the first.
+    first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
+    grads_finite, loss_finite = first(grads_finite), first(loss_finite)
+    ok = tf.logical_and(grads_finite, loss_finite)
+
+    def apply():
+      strategy.run(self._apply, args=(grads,))
+      return tf.constant(True)
+
+    tf.cond(ok, apply, lambda: tf.constant(False))
+    self._count(ok, grads_finite, loss_finite)
+
+  def _count(self, ok, grads_finite, loss_finite):
+    state = self.state
+    start = state.position.read_value()
+    state.global_step.assign_add(tf.cast(ok, tf.int64))
+    state.position.assign_add(self.update_batch)
+    if self.fp16:
+      # An fp16 overflow with a finite loss is the loss scale's fault, not
+      # the data's: lower the scale and drop the update without counting it.
+      overflow = tf.logical_and(loss_finite, tf.logical_not(grads_finite))
+      bad = tf.logical_and(tf.logical_not(ok), tf.logical_not(overflow))
+      good = state.good_steps.read_value() + 1
+      grow = tf.logical_and(ok, good >= _LOSS_SCALE_PERIOD)
+      scale = state.loss_scale.read_value()
+      state.loss_scale.assign(tf.where(
+          overflow, scale / 2.0, tf.where(grow, scale * 2.0, scale)))
+      state.good_steps.assign(tf.where(ok & ~grow, good, 0))
+    else:
+      bad = tf.logical_not(ok)
+    state.nonfinite_steps.assign_add(tf.cast(bad, tf.int64))
+    state.last_bad_position.assign(
+        tf.where(bad, start, state.last_bad_position.read_value()))
+
+  def _train_loop(self, iterator, num_updates):
+    """`num_updates` must be a tensor: a Python int would retrace per value."""
+    for _ in tf.range(num_updates):
+      self._one_update(iterator)
+
+  def _eval_step(self, batch):
+    features, labels, meta = batch
+    outputs = self._forward(features, meta, training=False)
+    per_example = tf.cast(self.task.loss(labels, outputs), tf.float32)
+    self.eval_sums.add(self._stats(labels, outputs, per_example,
+                                   meta["weight"]))
+
+  def _eval_loop(self, iterator, num_batches):
+    for _ in tf.range(num_batches):
+      self.strategy.run(self._eval_step, args=(next(iterator),))

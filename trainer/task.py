@@ -1,0 +1,108 @@
+"""The Task API: what to train. The framework decides how.
+
+Subclass `Task` (or `ClassificationTask`) and override what differs. Each
+hook says where it runs; the framework owns distribution, loss scaling,
+accumulation, the single cross-replica reduction, checkpoints and resume.
+"""
+
+from typing import Callable
+
+import keras
+import tensorflow as tf
+
+from trainer.config import Config
+from trainer.data.source import Source
+
+MetricFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+class Task:
+  """Base class. Required: `source`, `build_model`, `loss`."""
+
+  def __init__(self, config: Config):
+    self.config = config
+
+  # ---- data (host, inside tf.data) -------------------------------------
+  def source(self, split: str) -> Source:
+    """Random-access examples of `split` (see trainer.data.source). The
+    framework orders them by a pure function of (seed, epoch), which is what
+    makes mid-epoch resume exact."""
+    raise NotImplementedError
+
+  def preprocess(self, features, labels, meta: dict, training: bool):
+    """Maps one GLOBAL micro-batch, before it is split across replicas, so
+    the result does not depend on the topology. `meta["pos"]` (int64 [B]) is
+    each example's stream position and `meta["start"]` the batch's first one:
+    derive augmentation seeds from them (stateless ops) to keep resume exact.
+    Returns (features, labels)."""
+    del meta, training
+    return features, labels
+
+  # ---- model (built once, inside strategy.scope()) ---------------------
+  def build_model(self, input_spec) -> keras.Model:
+    """`input_spec`: tf.TensorSpec (or nest) of one example's features after
+    preprocess. Return a Keras model; use layers.Dropout for dropout that is
+    exact across replica counts and restarts."""
+    raise NotImplementedError
+
+  # ---- objective (replica context, inside tf.function) -----------------
+  def loss(self, labels, outputs) -> tf.Tensor:
+    """Per-example losses, shape [local_batch]. Do NOT average: the
+    framework divides by the global batch size (tf.nn.compute_average_loss)
+    so that summing gradients across replicas gives the true mean."""
+    raise NotImplementedError
+
+  def metrics(self) -> dict[str, MetricFn]:
+    """name -> fn(labels, outputs) giving per-example values; the framework
+    reports their mean over all examples (replica-local sums, reduced once
+    per summary). `loss` is always reported."""
+    return {}
+
+  def transform_gradients(self, gradients: list, variables: list) -> list:
+    """Runs in replica context on the ALL-REDUCED gradients (identical on
+    every replica), after the finite check, before the optimizer. E.g.
+    clipping by global norm. Must be pure TF; no cross-replica calls."""
+    del variables
+    return gradients
+
+
+class ClassificationTask(Task):
+  """Image classification with a built-in dataset and model (the CLI path)."""
+
+  def __init__(self, config: Config, model_fn=None):
+    super().__init__(config)
+    self._model_fn = model_fn
+    self._sources: dict[str, Source] = {}
+
+  def source(self, split: str) -> Source:
+    if split not in self._sources:
+      from trainer.data import readers_for
+      self._sources[split] = readers_for(self.config, split)
+    return self._sources[split]
+
+  def preprocess(self, features, labels, meta, training):
+    from trainer.data import augment
+    images = tf.cast(features, tf.float32) * (1.0 / 255.0)
+    if training and self.config.augment:
+      seed = tf.stack([tf.constant(self.config.seed, tf.int64),
+                       meta["start"][0]])
+      images = augment.crop_and_flip(
+          images, seed, flip=self.config.dataset == "cifar10")
+    return images, labels
+
+  def build_model(self, input_spec) -> keras.Model:
+    num_classes = self.source(self.config.train_split).num_classes
+    return self._model_fn(tuple(input_spec.shape), num_classes)
+
+  def loss(self, labels, outputs):
+    return keras.losses.sparse_categorical_crossentropy(
+        labels, outputs, from_logits=True)
+
+  def metrics(self):
+    return {"accuracy": accuracy}
+
+
+def accuracy(labels, logits):
+  """Per-example 0/1: is the arg-max class the label."""
+  predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+  return tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
