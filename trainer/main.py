@@ -45,11 +45,16 @@ def main(argv):
   if len(argv) > 1:
     _fail(EXIT_USAGE, f"unexpected arguments {argv[1:]}; flags look like "
           "--name=value.")
-  import tensorflow as tf  # after flag parsing: --helpfull stays fast
-  from trainer import loop
   try:
     config = config_lib.from_flags(FLAGS)
     config_lib.validate(config)
+  except UserError as e:
+    _fail(EXIT_USAGE, str(e))
+  # Imported after validation: flag mistakes are reported in well under a
+  # second instead of after TensorFlow's multi-second import.
+  import tensorflow as tf
+  from trainer import loop
+  try:
     result = loop.run(config)
   except UserError as e:
     _fail(EXIT_USAGE, str(e))

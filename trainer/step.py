@@ -66,8 +66,9 @@ class Steps:
         seed=tf.stack([tf.constant(self.config.seed, tf.int64),
                        meta["start"][0]]),
         offset=offset,
-        global_batch=int(meta["pos"].shape[0]) *
-        self.strategy.num_replicas_in_sync)
+        # From the config: under multi-worker the local batch dimension is
+        # not static. Random draws happen only in training (micro-batches).
+        global_batch=self.micro_batch)
     with layer_seeds.scope(seeds):
       return self.model(features, training=training)
 

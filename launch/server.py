@@ -1,0 +1,97 @@
+"""Run one TensorFlow gRPC server (a worker or ps task of TF_CONFIG) until SIGTERM/SIGINT.
+
+  TF_CONFIG='{"cluster": {...}, "task": {"type": "worker", "index": 0}}' python -m launch.server
+
+Exit status: 0 after SIGTERM/SIGINT; 2 for a bad TF_CONFIG (one line on stderr); 1 when the
+server cannot start (e.g. its port is taken).
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+
+from launch import codes
+
+SERVER_TYPES = ("worker", "ps")
+
+
+def parse_tf_config(text):
+  """Returns (cluster, task_type, index) from a TF_CONFIG string; ValueError says what is wrong."""
+  if not text:
+    raise ValueError("TF_CONFIG is not set")
+  try:
+    config = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"TF_CONFIG is not JSON ({e})") from None
+  cluster = config.get("cluster") if isinstance(config, dict) else None
+  if not isinstance(cluster, dict) or not cluster:
+    raise ValueError("TF_CONFIG has no 'cluster' object")
+  for job, addresses in cluster.items():
+    if (not isinstance(addresses, list) or not addresses
+        or not all(isinstance(a, str) and ":" in a for a in addresses)):
+      raise ValueError(f"TF_CONFIG cluster job {job!r} must be a list of 'host:port' strings")
+  task = config.get("task")
+  task_type = task.get("type") if isinstance(task, dict) else None
+  index = task.get("index", 0) if isinstance(task, dict) else None
+  if task_type not in SERVER_TYPES:
+    raise ValueError(f"TF_CONFIG task type is {task_type!r}; launch.server runs only "
+                     f"{' or '.join(SERVER_TYPES)} tasks (the chief runs trainer.main)")
+  if task_type not in cluster:
+    raise ValueError(f"TF_CONFIG task type {task_type!r} is not a job of the cluster")
+  if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(
+      cluster[task_type]):
+    raise ValueError(f"TF_CONFIG task index {index!r} is not in 0..{len(cluster[task_type]) - 1}")
+  return cluster, task_type, index
+
+
+def inter_op_threads(cluster):
+  """Inter-op threads for a server: at least workers + 1, or ParameterServerStrategy can hang."""
+  return max(len(cluster.get("worker", [])) + 1, os.cpu_count() or 1)
+
+
+def _serve(cluster, task_type, index, stop):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (after the env is set)
+
+  config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=inter_op_threads(cluster))
+  try:
+    server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name=task_type,
+                                  task_index=index, protocol="grpc", config=config, start=True)
+  except Exception as e:  # pylint: disable=broad-except  (e.g. the port is taken)
+    print(f"launch.server: cannot start {task_type} {index}: {' '.join(str(e).split())}",
+          file=sys.stderr, flush=True)
+    return 1
+  print(f"launch.server: {task_type} {index} serving at {cluster[task_type][index]}", flush=True)
+  # join() blocks inside C++, where Python signal handlers never run: join in a daemon thread
+  # and let the main thread wait for the stop signal.
+  threading.Thread(target=server.join, daemon=True).start()
+  while not stop.wait(1.0):
+    pass
+  return 0
+
+
+def main():
+  try:
+    cluster, task_type, index = parse_tf_config(os.environ.get("TF_CONFIG"))
+  except ValueError as e:
+    print(f"launch.server: bad TF_CONFIG: {e}", file=sys.stderr)
+    return codes.USAGE
+  # Before TensorFlow loads (gRPC reads it once): the caller decides whether an RPC to a dead
+  # peer fails fast, which ParameterServerStrategy's worker-failure handling relies on.
+  os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+  stop = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stop.set())
+  code = _serve(cluster, task_type, index, stop)
+  if code == 0:
+    print(f"launch.server: {task_type} {index} stopping", flush=True)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # A TF server cannot be stopped, and interpreter shutdown with live gRPC threads can hang:
+  # leave at once.
+  os._exit(code)  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":
+  sys.exit(main())
