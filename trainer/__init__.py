@@ -1,0 +1,41 @@
+"""A custom-training-loop framework for TensorFlow 2.
+
+The Python API: subclass `Task`, build a `Config`, call `train` or
+`evaluate`. The CLI (`python -m trainer.main`) runs the same loop.
+Names load lazily so that `import trainer.config` (flag checks) does not
+import TensorFlow.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "Config": "trainer.config",
+    "UserError": "trainer.errors",
+    "Source": "trainer.data.source",
+    "array_source": "trainer.data.source",
+    "Task": "trainer.task",
+    "ClassificationTask": "trainer.task",
+}
+
+
+def train(config, task=None) -> dict:
+  """Trains `task` (default: the one the config names), resuming from
+  config.model_dir; returns the summary dict the CLI prints as JSON."""
+  from trainer import loop
+  return loop.train(config, task)
+
+
+def evaluate(config, task=None, checkpoint: str | None = None) -> dict:
+  """Evaluates the latest (or given) checkpoint; returns the metrics dict."""
+  from trainer import loop
+  return loop.evaluate(config, task, checkpoint)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+
+
+__all__ = ["ClassificationTask", "Config", "Source", "Task", "UserError",
+           "array_source", "evaluate", "train"]

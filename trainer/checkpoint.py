@@ -70,18 +70,15 @@ class Checkpointer:
     candidates = [path] if path else self.paths()
     for i, candidate in enumerate(candidates):
       try:
-        saved = saved_config(candidate)
-      except (tf.errors.OpError, ValueError) as e:
+        saved = verified_config(candidate)
+      except Exception as e:  # noqa: BLE001 - any read failure is damage
         _warn_damaged(candidate, e, candidates[i + 1:])
         continue
       check_compatible(saved, config, candidate)
       try:
         status = self.checkpoint.restore(candidate)
         status.assert_existing_objects_matched()
-      except (tf.errors.OpError,) as e:
-        _warn_damaged(candidate, e, candidates[i + 1:])
-        continue
-      except (ValueError, AssertionError) as e:
+      except (ValueError, AssertionError, tf.errors.OpError) as e:
         raise UserError(
             f"--model_dir={self.model_dir} holds a checkpoint ({candidate}) "
             f"that does not fit this model/optimizer ({_first_line(e)}); use "
@@ -110,15 +107,20 @@ def _warn_damaged(path, error, rest):
                   _first_line(error), fallback)
 
 
-def saved_config(path: str) -> dict:
-  """The Config saved inside the checkpoint at `path`, as a dict."""
+_CONFIG_KEY = "config/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def verified_config(path: str) -> dict:
+  """Reads EVERY tensor of the checkpoint at `path` (so a truncated or
+  corrupted file is caught here, whatever error the reader raises, and a
+  later restore failure can only mean "another model"); returns the Config
+  saved inside it as a dict ({} if it has none)."""
   reader = tf.train.load_checkpoint(path)
-  key = "config/.ATTRIBUTES/VARIABLE_VALUE"
-  if not reader.has_tensor(key):
+  for key in reader.get_variable_to_shape_map():
+    reader.get_tensor(key)
+  if not reader.has_tensor(_CONFIG_KEY):
     return {}
-  # Reading every tensor would be the real integrity check; reading the
-  # config proves the index is intact, restore() checks the data.
-  return json.loads(reader.get_tensor(key).decode())
+  return json.loads(reader.get_tensor(_CONFIG_KEY).decode())
 
 
 def check_compatible(saved: dict, config, path: str) -> None:

@@ -10,6 +10,9 @@ from trainer.task import ClassificationTask, Task
 def from_config(config: Config) -> Task:
   if config.task:
     factory = plugins.load(config.task, "task")
+    if not callable(factory):
+      raise UserError(f"--task={config.task!r} is a {type(factory).__name__}, "
+                      "not a Task class or a function config -> Task.")
     task = factory(config)
     if not isinstance(task, Task):
       raise UserError(f"--task={config.task!r} made a {type(task).__name__}, "

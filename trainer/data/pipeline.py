@@ -106,6 +106,11 @@ def eval_dataset(task, split: str, batch_size: int):
 
 def input_spec(task, split: str):
   """Spec of one preprocessed example's features (what build_model gets)."""
+  custom = getattr(task, "train_dataset", None)
+  if custom is not None:
+    features = custom(batch_size=1, seed=0, start_position=0).element_spec[0]
+    return tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape[1:], s.dtype), features)
   source = task.source(split)
   features, labels = source.gather(tf.zeros([1], tf.int64))
   meta = {"pos": tf.zeros([1], tf.int64), "start": tf.zeros([1], tf.int64),

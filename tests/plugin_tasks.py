@@ -1,0 +1,117 @@
+"""Tasks that tests load with --task=plugin_tasks:Name (PYTHONPATH=tests)."""
+
+import numpy as np
+import keras
+import tensorflow as tf
+
+import layers
+from trainer import Task, array_source
+from trainer.task import ClassificationTask
+
+# The stream position whose example the NaN task poisons.
+POISONED_POSITION = 100
+
+
+class TinyDigits(ClassificationTask):
+  """A user task defined outside the framework: digits with its own model."""
+
+  def __init__(self, config):
+    super().__init__(config, model_fn=None)
+
+  def build_model(self, input_spec):
+    inputs = keras.Input(input_spec.shape)
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(32, activation="tanh")(x)
+    x = layers.Dropout(0.1)(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+class NanDigits(ClassificationTask):
+  """The cnn on digits, with a NaN injected into the batch that holds stream
+  position POISONED_POSITION (a test-only dataset hook, in the task)."""
+
+  def __init__(self, config):
+    super().__init__(config, model_fn=layers.get("cnn"))
+
+  def preprocess(self, features, labels, meta, training):
+    images, labels = super().preprocess(features, labels, meta, training)
+    if training:
+      poisoned = tf.equal(meta["pos"], POISONED_POSITION)[:, None, None, None]
+      images = tf.where(poisoned, tf.constant(np.nan, tf.float32), images)
+    return images, labels
+
+
+def _linear_data(n, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 4)).astype(np.float32)
+  return x
+
+
+# y = x . W + b with known W, b: the regression task must recover them.
+TRUE_W = np.array([[1.5], [-2.0], [0.5], [3.0]], np.float32)
+TRUE_B = np.float32(0.25)
+
+
+class LinearRegression(Task):
+  """Mean squared error on y = xW + b (noise-free): recovers W and b."""
+
+  def source(self, split):
+    x = _linear_data(2048 if split == "train" else 256,
+                     1 if split == "train" else 2)
+    return array_source(f"linear:{split}", x, x @ TRUE_W + TRUE_B)
+
+  def build_model(self, input_spec):
+    inputs = keras.Input(input_spec.shape)
+    return keras.Model(inputs, keras.layers.Dense(1, name="linear")(inputs))
+
+  def loss(self, labels, outputs):
+    return tf.reduce_mean(tf.square(outputs - labels), axis=-1)
+
+  def metrics(self):
+    return {"mae": lambda y, p: tf.reduce_mean(tf.abs(p - y), axis=-1)}
+
+
+class TwoHeads(Task):
+  """A multi-output model: a regression head (y = xW + b) and a sign
+  classifier (is x0 + x1 > 0); loss = 1.0 * mse + 0.5 * cross-entropy."""
+
+  WEIGHTS = {"value": 1.0, "sign": 0.5}
+
+  def source(self, split):
+    x = _linear_data(2048 if split == "train" else 256,
+                     3 if split == "train" else 4)
+    labels = {"value": x @ TRUE_W + TRUE_B,
+              "sign": (x[:, 0] + x[:, 1] > 0).astype(np.int32)}
+    return array_source(f"two_heads:{split}", x, labels, num_classes=2)
+
+  def build_model(self, input_spec):
+    inputs = keras.Input(input_spec.shape)
+    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+    value = keras.layers.Dense(1, name="value")(inputs)
+    sign = keras.layers.Dense(2, name="sign")(hidden)
+    return keras.Model(inputs, {"value": value, "sign": sign})
+
+  def loss(self, labels, outputs):
+    mse = tf.reduce_mean(tf.square(outputs["value"] - labels["value"]), -1)
+    ce = keras.losses.sparse_categorical_crossentropy(
+        labels["sign"], outputs["sign"], from_logits=True)
+    return self.WEIGHTS["value"] * mse + self.WEIGHTS["sign"] * ce
+
+  def metrics(self):
+    return {
+        "value_mae": lambda y, p: tf.reduce_mean(
+            tf.abs(p["value"] - y["value"]), -1),
+        "sign_accuracy": lambda y, p: tf.cast(tf.equal(
+            tf.argmax(p["sign"], -1, output_type=tf.int32), y["sign"]),
+            tf.float32),
+    }
+
+
+class ClippedLinear(LinearRegression):
+  """Clips the all-reduced gradient to global norm 0.1 in the user hook."""
+
+  CLIP = 0.1
+
+  def transform_gradients(self, gradients, variables):
+    clipped, _ = tf.clip_by_global_norm(gradients, self.CLIP)
+    return clipped
