@@ -1,0 +1,1 @@
+"""Runnable examples of the Task API (see README "Bring your own task")."""
