@@ -53,7 +53,11 @@ def parse_tf_config(text: str | None, need_ps: bool = False) -> dict | None:
                     f"of {', '.join(_TASK_TYPES)}.")
   if task_type != "evaluator":
     members = cluster.get(task_type, [])
-    if not isinstance(index, int) or not 0 <= index < len(members):
+    if not members:
+      raise UserError(f"TF_CONFIG task is a {task_type!r} but the cluster has "
+                      f"no {task_type!r} list; add it or fix the task type.")
+    if not isinstance(index, int) or isinstance(index, bool) or \
+        not 0 <= index < len(members):
       raise UserError(
           f"TF_CONFIG task index {index!r} is out of range for {task_type!r}, "
           f"which has {len(members)} task(s) (valid: 0..{len(members) - 1}).")

@@ -21,6 +21,8 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 MODES = ("train", "eval", "train_and_eval", "continuous_eval")
 NONFINITE = ("skip", "rollback", "fail")
+PROGRESS = ("auto", "line", "log")
+BEST_MODES = ("auto", "min", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,17 @@ class Config:
   keep_checkpoints: int = 3
   summary_every: int = 100
   eval_every: int = 500
+  # Watching a run.
+  progress: str = "auto"
+  histograms_every: int = 0
+  profile_steps: str = ""
+  input_wait_steps: int = 10
+  # Best checkpoint and early stopping.
+  keep_best: bool = False
+  early_stopping_patience: int = 0
+  early_stopping_metric: str = "loss"
+  early_stopping_mode: str = "auto"
+  early_stopping_min_delta: float = 0.0
   # Speed.
   mixed_precision: str = "float32"
   jit_compile: bool = False
@@ -88,6 +101,18 @@ class Config:
   @property
   def effective_eval_batch_size(self) -> int:
     return self.eval_batch_size or self.global_batch_size
+
+  @property
+  def profile_range(self) -> tuple[int, int] | None:
+    """--profile_steps as (first, last) update, or None."""
+    if not self.profile_steps:
+      return None
+    first, last = (int(x) for x in self.profile_steps.split(","))
+    return first, last
+
+  @property
+  def tracks_best(self) -> bool:
+    return self.keep_best or self.early_stopping_patience > 0
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -156,6 +181,36 @@ _HELP = {
     "keep_checkpoints": "Checkpoints kept in --model_dir.",
     "summary_every": "Write train summaries and a progress line every N updates.",
     "eval_every": "Evaluate every N updates (and at the end); 0: only at the end.",
+    "progress": "Progress display on the chief: line (one line on stderr "
+                "rewritten in place), log (a fixed-format 'train | step: N/T "
+                "| loss: ...' log line every --summary_every updates), or "
+                "auto (line on a terminal, log otherwise).",
+    "histograms_every": "Write weight and gradient histograms to train/ every "
+                        "N updates (0: off). The gradient is that of the next "
+                        "update's first micro-batch, all-reduced, computed "
+                        "by a separate function only at those steps.",
+    "profile_steps": "'A,B': write a TensorBoard profiler trace to "
+                     "MODEL_DIR/train covering updates A to B (1-based, "
+                     "inclusive; chief only). Empty: off.",
+    "input_wait_steps": "Time the input wait (train scalar input_wait_share) "
+                        "over the last N updates before each summary "
+                        "(0: off; other updates carry no timing ops; off "
+                        "under --deterministic, which forbids timestamps).",
+    "keep_best": "Keep the best checkpoint by --early_stopping_metric in "
+                 "MODEL_DIR/best/ (with best.json) without stopping early. "
+                 "On by itself when --early_stopping_patience > 0.",
+    "early_stopping_patience": "Stop after N evaluations (every --eval_every "
+                               "updates) without improvement of "
+                               "--early_stopping_metric; saves a final "
+                               "checkpoint and exits 0 (0: off).",
+    "early_stopping_metric": "Eval metric for early stopping and best/: "
+                             "loss, accuracy or another task metric (an "
+                             "'eval_' prefix is accepted).",
+    "early_stopping_mode": "min or max of --early_stopping_metric; auto: max "
+                           "for accuracy-like names (acc, auc, precision, "
+                           "recall, f1, iou), min otherwise.",
+    "early_stopping_min_delta": "An evaluation improves only if it beats the "
+                                "best by more than this.",
     "mixed_precision": "Keras dtype policy: float32, mixed_bfloat16 (fast on "
                        "CPUs with AVX512_BF16), mixed_float16 (dynamic loss "
                        "scaling).",
@@ -175,7 +230,8 @@ _ENUMS = {
     "strategy": STRATEGIES, "cluster_resolver": RESOLVERS,
     "collective": COLLECTIVES, "optimizer": OPTIMIZERS,
     "lr_schedule": SCHEDULES, "mixed_precision": PRECISIONS, "mode": MODES,
-    "nonfinite": NONFINITE, "dataset": DATASETS,
+    "nonfinite": NONFINITE, "dataset": DATASETS, "progress": PROGRESS,
+    "early_stopping_mode": BEST_MODES,
 }
 
 
@@ -228,6 +284,7 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
                "max_rollbacks", "synthetic_examples"):
     if getattr(config, name) < 0:
       raise UserError(f"--{name}={getattr(config, name)} must be >= 0.")
+  _validate_watch(config)
   for name in ("learning_rate", "peer_timeout_s"):
     if not getattr(config, name) > 0:
       raise UserError(f"--{name}={getattr(config, name)} must be > 0.")
@@ -254,6 +311,34 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   if len(shape) != 3 or min(shape) <= 0:
     raise UserError(f"--synthetic_shape={config.synthetic_shape!r} must be "
                     "H,W,C with positive integers, e.g. 28,28,1.")
+
+
+def _validate_watch(config: Config) -> None:
+  """Flags of progress, TensorBoard extras, best checkpoint, early stopping."""
+  for name in ("histograms_every", "input_wait_steps",
+               "early_stopping_patience"):
+    if getattr(config, name) < 0:
+      raise UserError(f"--{name}={getattr(config, name)} must be >= 0.")
+  if config.early_stopping_min_delta < 0:
+    raise UserError(f"--early_stopping_min_delta="
+                    f"{config.early_stopping_min_delta} must be >= 0.")
+  if config.profile_steps:
+    try:
+      first, last = config.profile_range
+    except ValueError:
+      first = last = 0
+    if not 1 <= first <= last:
+      raise UserError(f"--profile_steps={config.profile_steps!r} must be "
+                      "'A,B' with 1 <= A <= B, e.g. 100,120.")
+  if config.early_stopping_patience > 0:
+    if config.mode != "train_and_eval":
+      raise UserError(
+          f"--early_stopping_patience={config.early_stopping_patience} needs "
+          f"evaluations: use --mode=train_and_eval (got --mode={config.mode}).")
+    if config.eval_every <= 0:
+      raise UserError(
+          f"--early_stopping_patience={config.early_stopping_patience} needs "
+          "evaluations during training: set --eval_every > 0.")
 
 
 def check_divisible(config: Config, num_replicas: int) -> None:

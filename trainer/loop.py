@@ -13,8 +13,9 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from trainer import best as best_lib
 from trainer import checkpoint as ckpt_lib
-from trainer import optim, strategy as strategy_lib, summary, tasks
+from trainer import optim, strategy as strategy_lib, summary, tasks, watch
 from trainer.config import Config, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
@@ -72,6 +73,15 @@ def _crossed(previous: int, current: int, every: int) -> bool:
 class Runner:
   """One configured run: strategy, task, model, optimizer, state, steps."""
 
+  steps_class = Steps
+
+  def __new__(cls, config: Config, task=None):
+    del task
+    if cls is Runner and config.strategy == "parameter_server":
+      from trainer import ps  # the coordinator's loop (ClusterCoordinator)
+      cls = ps.Runner
+    return super().__new__(cls)
+
   def __init__(self, config: Config, task=None):
     strategy_lib.configure_devices(config)
     self.strategy, self.role = strategy_lib.build(config)
@@ -87,8 +97,8 @@ class Runner:
       self.state = TrainState()
       self.optimizer = optim.build(config, self.state.global_step,
                                    self.model.trainable_variables)
-    self.steps = Steps(self.strategy, self.task, self.model, self.optimizer,
-                       self.state, config)
+    self.steps = self.steps_class(self.strategy, self.task, self.model,
+                                  self.optimizer, self.state, config)
     self.checkpointer = ckpt_lib.Checkpointer(
         config.model_dir,
         {"model": self.model, "optimizer": self.optimizer,
@@ -98,6 +108,9 @@ class Runner:
         worker_index=self.role.worker_index)
     self.writers = None
     self._eval_data = None
+    self._vote = None
+    self.progress = None
+    self.best = None
 
   # ---- helpers ----------------------------------------------------------
   @property
@@ -124,9 +137,14 @@ class Runner:
     """True if any worker says so (collective under multiworker)."""
     if self.role.num_workers <= 1:
       return flag
-    value = self.strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
-    return float(self.strategy.reduce(tf.distribute.ReduceOp.MAX, value,
-                                      axis=None)) > 0
+    if self._vote is None:
+      def vote(flag):
+        value = self.strategy.run(lambda: tf.identity(flag))
+        # ReduceOp has no MAX: a SUM of 0/1 flags is > 0 iff any is set.
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value,
+                                    axis=None)
+      self._vote = tf.function(vote)
+    return float(self._vote(tf.constant(1.0 if flag else 0.0))) > 0
 
   def save(self) -> None:
     path = self.checkpointer.save(self.global_step)
@@ -160,22 +178,62 @@ class Runner:
     restored = self.checkpointer.restore(config)
     if restored:
       logging.info("restored %s at step %d", restored, self.global_step)
+    self._start_watching(evaluate)
     self._open_outputs()
     result = {"global_step": self.global_step, "train_loss": None,
               "train_accuracy": None}
     if self.global_step >= config.train_steps:
       logging.info("already at step %d of --train_steps=%d: evaluating only.",
                    self.global_step, config.train_steps)
+    else:
+      self.writers.config(self.global_step, config)
     stop = _StopSignal().install()
     try:
       result.update(self._train_chunks(stop, evaluate))
     finally:
       stop.uninstall()
+      self._profiler.stop()
+      self.progress.close()
     if evaluate:
-      result.update(_prefixed("eval", self.evaluate()))
+      metrics = self._stopped_eval
+      if metrics is None:
+        metrics = self.evaluate()
+        if self.best is not None:
+          self.best.update(self.global_step, metrics,
+                           self.checkpointer.checkpoint)
+      result.update(_prefixed("eval", metrics))
+      self.writers.final(self.global_step, _prefixed(
+          "eval", {k: v for k, v in metrics.items() if k != "examples"}))
     result["global_step"] = self.global_step
     result["nonfinite_steps"] = int(self.state.nonfinite_steps.numpy())
+    if self.best is not None:
+      result.update(self.best.summary())
+    if config.early_stopping_patience > 0:
+      result["early_stopped"] = self._stopped_eval is not None
     return result
+
+  def _start_watching(self, evaluate: bool) -> None:
+    """Progress display, best/ and early stopping, and the instruments."""
+    config = self.config
+    self.best = None
+    if evaluate and config.tracks_best:
+      self.best = best_lib.BestKeeper(
+          config.model_dir, config.early_stopping_metric,
+          config.early_stopping_mode, config.early_stopping_min_delta,
+          config.early_stopping_patience, config.eval_every,
+          self.role.is_chief, self.role.worker_index)
+      self.best.check_metric(["loss", *self.task.metrics()])
+    self._stopped_eval = None   # the eval metrics at an early stop
+    self.progress = summary.Progress(config.progress, config.train_steps,
+                                     self.role.is_chief)
+    # tf.timestamp() is refused under op determinism: no probe then.
+    self._wait_probe = watch.InputWaitProbe(
+        0 if config.deterministic else config.input_wait_steps,
+        config.summary_every, config.train_steps)
+    self._profiler = watch.Profiler(config.profile_range,
+                                    os.path.join(config.model_dir, "train"),
+                                    self.role.is_chief)
+    self._histograms = watch.Histograms(self)
 
   def _train_chunks(self, stop, evaluate: bool) -> dict:
     config = self.config
@@ -183,20 +241,39 @@ class Runner:
     step = self.global_step
     if step >= config.train_steps:
       return {}
+    if self.best is not None and self.best.should_stop(step):
+      logging.info("early stopping: no improvement of eval %s in %d "
+                   "evaluations since step %d; not training.",
+                   self.best.metric, config.early_stopping_patience,
+                   self.best.record.step)
+      self._stopped_eval = self.evaluate()
+      return {}
     iterator = self._train_iterator()
     interval_time, interval_start, last = 0.0, step, {}
     bad_seen = int(state.nonfinite_steps.numpy())
     rollbacks = 0
+    probe, profiler = self._wait_probe, self._profiler
     while step < config.train_steps:
       todo = min(config.steps_per_loop, config.train_steps - step)
       for every in (config.summary_every, config.checkpoint_every,
-                    config.eval_every):
+                    config.eval_every, config.histograms_every):
         if every > 0:
           todo = min(todo, every - step % every)
+      # Windows of the instruments end chunks alike on every worker.
+      todo = profiler.limit(step, todo)
+      todo, timed = probe.plan(step, todo)
+      profiler.before_chunk(step)
       began = time.perf_counter()
-      steps.train_loop(iterator, tf.constant(todo, tf.int64))
+      steps.train_loop(probe.wrap(iterator) if timed else iterator,
+                       tf.constant(todo, tf.int64))
       before, step = step, self.global_step
-      interval_time += time.perf_counter() - began
+      elapsed = time.perf_counter() - began
+      interval_time += elapsed
+      if timed:
+        probe.after_chunk()
+      profiler.after_chunk(step)
+      self.progress.tick(step, (step - before) / max(elapsed, 1e-9),
+                         config.global_batch_size)
       bad = int(state.nonfinite_steps.numpy())
       if bad > bad_seen:
         rollbacks += self._on_nonfinite(bad, bad_seen, rollbacks)
@@ -207,17 +284,44 @@ class Runner:
           interval_start, interval_time = step, 0.0
           continue
       done = step >= config.train_steps
-      if _crossed(before, step, config.summary_every) or done:
+      summarized = _crossed(before, step, config.summary_every) or done
+      if summarized:
         last = self._write_train_summary(step, interval_start, interval_time)
         interval_start, interval_time = step, 0.0
+      if _crossed(before, step, config.histograms_every):
+        self.writers.histograms(self.writers.train, step,
+                                self._histograms.values(step))
       if self._agree(stop.raised):
         self.save()
         raise Preempted(step)
-      if _crossed(before, step, config.checkpoint_every) or done:
+      saved = _crossed(before, step, config.checkpoint_every) or done
+      if saved:
         self.save()
       if evaluate and not done and _crossed(before, step, config.eval_every):
-        self.evaluate()
+        metrics = self.evaluate()
+        if self._early_stop(step, metrics):
+          if not summarized:
+            last = self._write_train_summary(step, interval_start,
+                                             interval_time)
+          if not saved:
+            self.save()
+          self._stopped_eval = metrics
+          break
     return last
+
+  def _early_stop(self, step: int, metrics: dict) -> bool:
+    """Updates best/; True if early stopping triggers. Every worker decides
+    alike: from reduced eval metrics and state read at start."""
+    if self.best is None:
+      return False
+    self.best.update(step, metrics, self.checkpointer.checkpoint)
+    if not self.best.should_stop(step):
+      return False
+    logging.info("early stopping at step %d: eval %s did not improve on "
+                 "%.6g (step %d) in %d evaluations.", step, self.best.metric,
+                 self.best.record.value, self.best.record.step,
+                 self.config.early_stopping_patience)
+    return True
 
   def _on_nonfinite(self, bad: int, bad_seen: int, rollbacks: int) -> int:
     """Acts on new non-finite updates; returns 1 if it rolled back."""
@@ -266,19 +370,20 @@ class Runner:
         "examples_per_sec": rate * config.global_batch_size,
         "grad_norm": grad_norm,
         "nonfinite_steps": float(self.state.nonfinite_steps.numpy()),
+        "input_wait_share": self._wait_probe.read_and_reset(),
     }
     self.writers.scalars(self.writers.train, step, scalars)
-    if self.role.is_chief:
-      eta = (config.train_steps - step) / rate if rate > 0 else None
-      shown = {k: scalars[k] for k in (*metrics, "steps_per_sec",
-                                        "examples_per_sec")}
-      logging.info("%s", summary.progress_line("train", step,
-                                               config.train_steps, shown, eta))
+    eta = (config.train_steps - step) / rate if rate > 0 else None
+    shown = {k: scalars[k] for k in (*metrics, "steps_per_sec",
+                                      "examples_per_sec")}
+    self.progress.summary(step, shown, eta)
     return {**_prefixed("train", metrics), "steps_per_sec": rate,
             "examples_per_sec": rate * config.global_batch_size}
 
   # ---- evaluation-only modes ------------------------------------------
   def evaluate_checkpoint(self, path: str | None = None) -> dict:
+    if path and os.path.isdir(path):   # e.g. --checkpoint=MODEL_DIR/best
+      path = tf.train.latest_checkpoint(path) or path
     restored = self.checkpointer.restore(self.config, path)
     if restored is None:
       raise UserError(f"--mode=eval: no checkpoint in --model_dir="

@@ -21,8 +21,34 @@ _SUM = tf.distribute.ReduceOp.SUM
 _LOSS_SCALE_PERIOD = 2000   # finite fp16 updates before the scale doubles
 
 
+def _gradients(tape, target, variables):
+  """tape.gradient; a Keras variable held as a ShardedVariable (the
+  parameter-server partitioner) is differentiated shard by shard and its
+  gradient concatenated: Keras 3 variables hand the tape `.handle` of their
+  value, which a ShardedVariable lacks. Without one: plain tape.gradient."""
+  sharded = tf.__internal__.distribute.ShardedVariable
+  if not any(isinstance(getattr(v, "value", None), sharded) for v in variables):
+    return tape.gradient(target, variables)
+  groups = [v.value.variables if isinstance(v.value, sharded) else None
+            for v in variables]
+  flat = tape.gradient(target, [s for v, g in zip(variables, groups)
+                                for s in (g if g is not None else [v])])
+  grads = []
+  for group in groups:
+    if group is None:
+      grads.append(flat.pop(0))
+      continue
+    parts = [flat.pop(0) for _ in group]
+    grads.append(None if all(p is None for p in parts) else tf.concat(
+        [tf.zeros(s.shape, s.dtype) if p is None else tf.convert_to_tensor(p)
+         for p, s in zip(parts, group)], axis=0))
+  return grads
+
+
 class Steps:
   """Builds the tf.functions that train and evaluate one task."""
+
+  sums_class = Sums   # trainer.ps swaps in a reader that needs no strategy.run
 
   def __init__(self, strategy, task, model, optimizer, state, config):
     self.strategy = strategy
@@ -37,27 +63,30 @@ class Steps:
     self.fp16 = config.mixed_precision == "mixed_float16"
     self._metric_fns = dict(task.metrics())
     names = ["loss", "weight", *self._metric_fns]
-    self.train_sums = Sums(strategy, names + ["grad_norm", "updates"])
-    self.eval_sums = Sums(strategy, names)
-    variables = model.trainable_variables
+    self.train_sums = self.sums_class(strategy,
+                                      names + ["grad_norm", "updates"])
+    self.eval_sums = self.sums_class(strategy, names)
     self._buffers = None
     if self.accum_steps > 1:
-      with strategy.scope():
-        # One buffer per replica (sync on read): micro-batch gradients stay
-        # local until the single reduction of the update.
-        # The last buffer holds the loss.
-        self._buffers = [
-            tf.Variable(tf.zeros(shape, tf.float32), trainable=False,
-                        name=f"accum_{i}",
-                        synchronization=tf.VariableSynchronization.ON_READ,
-                        aggregation=tf.VariableAggregation.SUM)
-            for i, shape in enumerate([v.shape for v in variables] + [[]])]
+      self._buffers = self._make_buffers(model.trainable_variables)
     compute = self._compute
     if config.jit_compile:
       compute = tf.function(compute, jit_compile=True)
     self._compute_fn = compute
     self.train_loop = tf.function(self._train_loop)
     self.eval_loop = tf.function(self._eval_loop)
+
+  def _make_buffers(self, variables):
+    with self.strategy.scope():
+      # One buffer per replica (sync on read): micro-batch gradients stay
+      # local until the single reduction of the update.
+      # The last buffer holds the loss.
+      return [
+          tf.Variable(tf.zeros(shape, tf.float32), trainable=False,
+                      name=f"accum_{i}",
+                      synchronization=tf.VariableSynchronization.ON_READ,
+                      aggregation=tf.VariableAggregation.SUM)
+          for i, shape in enumerate([v.shape for v in variables] + [[]])]
 
   # ---- replica context ------------------------------------------------
   def _forward(self, features, meta, training):
@@ -95,7 +124,7 @@ class Steps:
         reg = tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses])
         loss += tf.nn.scale_regularization_loss(reg) / self.accum_steps
       scaled = loss * self.state.loss_scale if self.fp16 else loss
-    grads = tape.gradient(scaled, variables)
+    grads = _gradients(tape, scaled, variables)
     grads = [tf.zeros(v.shape, tf.float32) if g is None
              else tf.convert_to_tensor(g, tf.float32)
              for g, v in zip(grads, variables)]

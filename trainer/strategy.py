@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 from absl import logging
 import tensorflow as tf
@@ -58,27 +60,155 @@ def _multiworker(config: Config):
     if tf_config is None:
       logging.warning("--strategy=multiworker without TF_CONFIG: running as a "
                       "one-worker cluster.")
+    else:
+      _check_multiworker_tf_config(tf_config)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-  return tf.distribute.MultiWorkerMirroredStrategy(
-      cluster_resolver=resolver,
-      communication_options=_communication_options(config))
+  with _StartupDeadline(config.peer_timeout_s, _peers(resolver)):
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver,
+        communication_options=_communication_options(config))
+
+
+def _check_multiworker_tf_config(tf_config: dict) -> None:
+  """What parse_tf_config accepts but MultiWorkerMirroredStrategy does not."""
+  task_type = tf_config["task"]["type"]
+  if task_type not in ("chief", "worker"):
+    raise UserError(f"TF_CONFIG task type {task_type!r} does not train under "
+                    "--strategy=multiworker; its tasks are 'worker' (and an "
+                    "optional 'chief').")
+  if tf_config["cluster"].get("ps"):
+    raise UserError("TF_CONFIG lists 'ps' tasks: use "
+                    "--strategy=parameter_server for them, or drop them for "
+                    "--strategy=multiworker.")
+
+
+def _peers(resolver) -> list[tuple[str, str]]:
+  """[(name, 'host:port')] of the other chief/worker tasks."""
+  spec = resolver.cluster_spec().as_dict()
+  me = (resolver.task_type, resolver.task_id or 0)
+  return [(f"{job} {i}", address)
+          for job in ("chief", "worker") for i, address in
+          enumerate(spec.get(job, [])) if (job, i) != me]
+
+
+# The watchdog of _StartupDeadline, a separate tiny process (no TensorFlow):
+# argv = parent pid, seconds, peers as NAME=HOST:PORT. A byte or EOF on stdin
+# (the cluster formed, or the parent is gone) ends it quietly.
+_WATCHDOG = r"""
+import os, select, signal, socket, sys
+parent, seconds, peers = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+if select.select([sys.stdin], [], [], seconds)[0]:
+  sys.exit(0)
+def answers(address):
+  host, port = address.rsplit(":", 1)
+  try:
+    socket.create_connection((host.strip("[]"), int(port)), 1.0).close()
+    return True
+  except (OSError, ValueError):
+    return False
+silent = [f"{p.split('=', 1)[0]} ({p.split('=', 1)[1]})" for p in peers
+          if not answers(p.split("=", 1)[1])]
+why = (f"no answer from {', '.join(silent)}" if silent else
+       "every peer answers, but not all of them joined")
+sys.stderr.write(
+    f"trainer.main: error: the cluster did not form within "
+    f"--peer_timeout_s={seconds:g}: {why}; start every task of the cluster "
+    "(same cluster, own task index) or raise --peer_timeout_s.\n")
+sys.stderr.flush()
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+class _StartupDeadline:
+  """Bounds forming the cluster by --peer_timeout_s.
+
+  Creating MultiWorkerMirroredStrategy waits for every task to register with
+  the coordination service. On the leader (worker 0) that wait
+  (CoordinationServiceAgent::WaitForAllTasks) has no deadline when a peer
+  never starts, holds the GIL (so no Python thread or signal handler runs)
+  and swallows SIGTERM. So a watchdog process ends it: after the deadline it
+  says which peers do not answer on one stderr line and SIGKILLs this process.
+  """
+
+  def __init__(self, seconds: float, peers: list[tuple[str, str]]):
+    self._seconds = seconds
+    self._peers = peers
+    self._watchdog = None
+
+  def __enter__(self):
+    if self._peers:
+      self._watchdog = subprocess.Popen(
+          [sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+           str(self._seconds), *(f"{n}={a}" for n, a in self._peers)],
+          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    return self
+
+  def __exit__(self, *exc):
+    if self._watchdog is not None:
+      try:
+        self._watchdog.stdin.close()
+        self._watchdog.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        self._watchdog.kill()
+        self._watchdog.wait()
+
+
+_SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST",
+               "SLURM_STEP_TASKS_PER_NODE")
+
+
+class _SlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+  """SlurmClusterResolver that also works without GPUs.
+
+  TF 2.21's cluster_spec() gives each task of a node one GPU slot
+  (range(0, gpus_per_node, gpus_per_task)): with 0 GPUs that is range(0, 0, 0),
+  a ValueError. CPU hosts are built with one fake slot per task instead (and
+  auto_set_gpu=False), and report no accelerators, so that the strategy
+  places its replica on the CPU.
+  """
+
+  def __init__(self, cpu_only: bool, **kwargs):
+    self._cpu_only = cpu_only
+    super().__init__(**kwargs)
+
+  def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+    if self._cpu_only:
+      return {}
+    return super().num_accelerators(task_type, task_id, config_proto)
 
 
 def slurm_resolver():
-  """SlurmClusterResolver for one task per worker, from Slurm's environment."""
-  missing = [v for v in ("SLURM_PROCID", "SLURM_NTASKS") if v not in os.environ]
+  """SlurmClusterResolver for one task per worker, from Slurm's environment
+  (the variables srun sets: SLURM_PROCID, SLURM_NTASKS, SLURM_STEP_NODELIST,
+  SLURM_STEP_TASKS_PER_NODE; ports from TRAINER_SLURM_PORT_BASE, default
+  8888, plus the task's slot on its node)."""
+  missing = [v for v in _SLURM_VARS if not os.environ.get(v)]
   if missing:
     raise UserError(f"--cluster_resolver=slurm but {', '.join(missing)} "
                     "is not set: run under srun (see launch.slurm).")
-  ntasks = int(os.environ["SLURM_NTASKS"])
-  # gpus_per_node=0 on CPU hosts: otherwise the resolver shells out to
-  # nvidia-smi to count GPUs.
-  gpus = len(tf.config.list_physical_devices("GPU"))
-  return tf.distribute.cluster_resolver.SlurmClusterResolver(
-      jobs={"worker": ntasks}, port_base=int(os.environ.get(
-          "TRAINER_SLURM_PORT_BASE", "8888")),
-      gpus_per_node=gpus, gpus_per_task=1 if gpus else 0,
-      auto_set_gpu=bool(gpus))
+  try:
+    ntasks = int(os.environ["SLURM_NTASKS"])
+    port_base = int(os.environ.get("TRAINER_SLURM_PORT_BASE", "8888"))
+    # gpus_per_node must be given: otherwise the resolver shells out to
+    # nvidia-smi to count GPUs.
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if gpus:
+      resolver = _SlurmResolver(
+          False, jobs={"worker": ntasks}, port_base=port_base,
+          gpus_per_node=gpus, gpus_per_task=1, auto_set_gpu=True)
+    else:
+      resolver = _SlurmResolver(
+          True, jobs={"worker": ntasks}, port_base=port_base,
+          gpus_per_node=ntasks, gpus_per_task=1, auto_set_gpu=False)
+    resolver.cluster_spec()   # resolves task_type/task_id; checks the lists
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f"--cluster_resolver=slurm: Slurm's environment does not "
+                    f"describe a cluster ({e}).") from None
+  if resolver.task_type is None:
+    raise UserError(f"--cluster_resolver=slurm: SLURM_PROCID="
+                    f"{os.environ['SLURM_PROCID']} is not a task of the "
+                    f"{ntasks} in SLURM_NTASKS.")
+  return resolver
 
 
 def build(config: Config):

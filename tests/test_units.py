@@ -1,0 +1,113 @@
+"""Fast in-process checks of the pure pieces and of tracing."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import optim
+from trainer.config import Config
+from trainer.data import pipeline, splits
+from trainer.errors import UserError
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_example_stream_is_a_fresh_permutation_each_epoch():
+  n = 97
+  positions = tf.range(3 * n, dtype=tf.int64)
+  idx = pipeline.example_indices(positions, n, seed=5).numpy()
+  epochs = idx.reshape(3, n)
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(n))          # every example once
+  assert not np.array_equal(epochs[0], epochs[1])   # reshuffled per epoch
+  again = pipeline.example_indices(positions, n, seed=5).numpy()
+  assert np.array_equal(idx, again)                 # a pure function
+  other = pipeline.example_indices(positions, n, seed=6).numpy()
+  assert not np.array_equal(idx, other)
+
+
+def test_stream_started_midway_continues_the_same_sequence():
+  from trainer.task import ClassificationTask
+  import layers
+  task = ClassificationTask(Config(), layers.get("cnn"))
+  full = pipeline.train_dataset(task, "train", 32, seed=1, start_position=0)
+  late = pipeline.train_dataset(task, "train", 32, seed=1,
+                                start_position=5 * 32)
+  batches = list(full.take(8).as_numpy_iterator())[5:]
+  resumed = list(late.take(3).as_numpy_iterator())
+  for a, b in zip(batches, resumed):
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[2]["pos"], b[2]["pos"])
+
+
+def test_eval_dataset_pads_with_zero_weight():
+  from trainer.task import ClassificationTask
+  import layers
+  task = ClassificationTask(Config(), layers.get("cnn"))
+  ds, batches, examples = pipeline.eval_dataset(task, "test", 64)
+  assert examples == 297 and batches == 5
+  weights = np.concatenate([b[2]["weight"] for b in ds.as_numpy_iterator()])
+  assert weights.shape == (320,) and weights.sum() == 297
+  assert np.all(weights[:297] == 1) and np.all(weights[297:] == 0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule_matches_formula(schedule):
+  config = Config(learning_rate=0.1, warmup_steps=10, train_steps=110,
+                  lr_schedule=schedule)
+  for step in (0, 4, 9, 10, 35, 60, 109, 200):
+    warm = min(1.0, (step + 1) / 10)
+    if schedule == "cosine":
+      progress = min(max((step - 10) / 100, 0.0), 1.0)
+      expected = 0.1 * warm * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+      expected = 0.1 * warm
+    assert float(optim.learning_rate_at(step, config)) == pytest.approx(
+        expected, rel=1e-5, abs=1e-7)  # float32 maths
+
+
+@pytest.mark.parametrize("wait_steps, traces", [(0, 1), (3, 2)])
+def test_train_loop_does_not_retrace_when_chunk_size_changes(
+    tmp_path, wait_steps, traces):
+  """Chunks of 7, 7, 6 (and the probe's cuts) reuse one trace; the input
+  wait probe adds exactly one (timed) trace of its own."""
+  from trainer import loop
+  config = Config(train_steps=20, steps_per_loop=7, summary_every=10,
+                  checkpoint_every=100, eval_every=0, mode="train",
+                  global_batch_size=16, input_wait_steps=wait_steps,
+                  model_dir=str(tmp_path / "run"))
+  runner = loop.Runner(config)
+  runner.train(evaluate=False)
+  assert runner.global_step == 20
+  assert runner.steps.train_loop.experimental_get_tracing_count() == traces
+
+
+@pytest.mark.parametrize("spec, sizes, expected", [
+    ("train", {"train": 10}, [("train", list(range(10)))]),
+    ("test[:3]", {"test": 10}, [("test", [0, 1, 2])]),
+    ("train[80%:]", {"train": 10}, [("train", [8, 9])]),
+    ("train[-2:]+test[:1]", {"train": 5, "test": 4},
+     [("train", [3, 4]), ("test", [0])]),
+])
+def test_split_strings(spec, sizes, expected):
+  got = [(name, list(idx)) for name, idx in splits.select(spec, sizes)]
+  assert got == expected
+
+
+@pytest.mark.parametrize("spec", ["train[", "train[a:b]", "val", "train[5:5]"])
+def test_bad_split_strings(spec):
+  with pytest.raises(ValueError):
+    splits.select(spec, {"train": 10})
+
+
+def test_validation_names_flag_value_and_rule():
+  from trainer.config import check_divisible, validate
+  with pytest.raises(UserError, match=r"--grad_accum_steps \(4\)"):
+    validate(Config(global_batch_size=30, grad_accum_steps=4))
+  with pytest.raises(UserError, match=r"4 x 2 = 8"):
+    check_divisible(Config(global_batch_size=36, grad_accum_steps=2), 4)
+  with pytest.raises(UserError, match="--cpu_replicas=2 needs"):
+    validate(Config(cpu_replicas=2))

@@ -1,0 +1,169 @@
+"""`python -m trainer.plot`: train and eval curves of one or more runs (PNG).
+
+  python -m trainer.plot --model_dir=runs/a [--model_dir=runs/b ...] \\
+      [--out=curves.png] [--metrics=loss,accuracy]
+
+One panel per metric (default: loss and accuracy) against the update step;
+each run has its colour, train is a solid line, eval a dashed line with
+markers. The curves come from the TensorBoard event files in MODEL_DIR/train
+and MODEL_DIR/eval (a resumed run's repeated steps keep their newest value).
+The image is --width x --height pixels (default 1200 x 450). Needs
+matplotlib: pip install 'tf-trainer[plot]'.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from trainer.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags; only when run as a program, so that
+  importing this module next to other absl programs is harmless."""
+  flags.DEFINE_multi_string("model_dir", [], "A training --model_dir; repeat "
+                            "the flag to overlay several runs.")
+  flags.DEFINE_string("out", "curves.png", "The PNG file to write.")
+  flags.DEFINE_list("metrics", ["loss", "accuracy"], "Scalar tags to plot, "
+                    "one panel each.")
+  flags.DEFINE_list("labels", [], "Legend names of the runs (default: the "
+                    "directory names).")
+  flags.DEFINE_integer("width", 1200, "Image width in pixels.")
+  flags.DEFINE_integer("height", 450, "Image height in pixels.")
+
+
+_DPI = 100
+
+
+def read_scalars(directory: str) -> dict[str, tuple[list, list]]:
+  """tag -> (steps, values) of the scalar summaries in one event directory."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  if not os.path.isdir(directory):
+    return {}
+  acc = event_accumulator.EventAccumulator(
+      directory, size_guidance={event_accumulator.TENSORS: 0,
+                                event_accumulator.SCALARS: 0})
+  acc.Reload()
+  points: dict[str, dict[int, tuple[float, float]]] = {}
+
+  def add(tag, step, wall_time, value):
+    seen = points.setdefault(tag, {})
+    # A resumed or rolled-back run writes a step again: the newest wins.
+    if step not in seen or seen[step][0] <= wall_time:
+      seen[step] = (wall_time, value)
+
+  tags = acc.Tags()
+  for tag in tags.get("tensors", []):
+    for event in acc.Tensors(tag):
+      array = tensor_util.make_ndarray(event.tensor_proto)
+      if array.shape == () and array.dtype.kind in "fiu":
+        add(tag, event.step, event.wall_time, float(array))
+  for tag in tags.get("scalars", []):   # TF1-style simple_value scalars
+    for event in acc.Scalars(tag):
+      add(tag, event.step, event.wall_time, event.value)
+  return {tag: (sorted(seen), [seen[s][1] for s in sorted(seen)])
+          for tag, seen in points.items()}
+
+
+def load_run(model_dir: str) -> dict:
+  """{"train": {tag: (steps, values)}, "eval": {...}} of one run."""
+  run = {kind: read_scalars(os.path.join(model_dir, kind))
+         for kind in ("train", "eval")}
+  if not run["train"] and not run["eval"]:
+    raise UserError(f"--model_dir={model_dir} has no train/ or eval/ event "
+                    "files: give the --model_dir of a training run.")
+  return run
+
+
+def _pyplot():
+  try:
+    import matplotlib
+  except ImportError:
+    raise UserError("matplotlib is not installed: pip install "
+                    "'tf-trainer[plot]' (or: pip install matplotlib)."
+                    ) from None
+  matplotlib.use("Agg")   # files only; no display needed
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot(model_dirs: list[str], out: str, metrics=("loss", "accuracy"),
+         labels=None, width: int = 1200, height: int = 450) -> str:
+  """Draws the curves of `model_dirs` into the PNG `out`; returns `out`."""
+  if not model_dirs:
+    raise UserError("give at least one --model_dir.")
+  if labels and len(labels) != len(model_dirs):
+    raise UserError(f"--labels has {len(labels)} names for "
+                    f"{len(model_dirs)} --model_dir values.")
+  plt = _pyplot()
+  runs = [load_run(d) for d in model_dirs]
+  labels = list(labels) if labels else _default_labels(model_dirs)
+  fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+                           figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, metric in zip(axes[0], metrics):
+    for i, (run, label) in enumerate(zip(runs, labels)):
+      color = colors[i % len(colors)]
+      if metric in run["train"]:
+        steps, values = run["train"][metric]
+        ax.plot(steps, values, color=color, linewidth=1.5,
+                label=f"{label} train")
+      if metric in run["eval"]:
+        steps, values = run["eval"][metric]
+        ax.plot(steps, values, color=color, linewidth=1.5, linestyle="--",
+                marker="o", markersize=4, label=f"{label} eval")
+    ax.set_title(metric)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    values = [v for line in ax.lines for v in line.get_ydata()]
+    if metric == "loss" and values and min(values) > 0:
+      ax.set_yscale("log")   # losses span decades
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize="small")
+  fig.tight_layout()
+  directory = os.path.dirname(os.path.abspath(out))
+  os.makedirs(directory, exist_ok=True)
+  fig.savefig(out, format="png", dpi=_DPI)
+  plt.close(fig)
+  return out
+
+
+def _default_labels(model_dirs):
+  names = [os.path.basename(os.path.normpath(d)) for d in model_dirs]
+  if len(set(names)) < len(names):   # same leaf names: use the whole paths
+    names = [os.path.normpath(d) for d in model_dirs]
+  return names
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+  # TensorBoard's reader logs every file it opens at INFO.
+  std_logging.getLogger("tensorboard").setLevel(std_logging.WARNING)
+  try:
+    path = plot(FLAGS.model_dir, FLAGS.out, FLAGS.metrics, FLAGS.labels,
+                FLAGS.width, FLAGS.height)
+  except UserError as e:
+    _fail(str(e))
+  print(path)
+
+
+def _fail(message: str):
+  sys.stderr.write(f"trainer.plot: error: {message}\n")
+  sys.exit(2)
+
+
+def run():
+  define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
