@@ -62,8 +62,12 @@ def _interrupted(ctx, children, trainers):
   """Handles a signal to the launcher or the time limit; returns the Outcome, or None if neither."""
   sig = ctx.received.first
   if sig is not None:
-    log(f"got {signal.Signals(sig).name}; forwarding it to all children")
-    _stop(ctx, children, sig)
+    log(f"got {signal.Signals(sig).name}; forwarding it to the trainers, then "
+        "to any servers")
+    # Trainers first, servers after they exit: a parameter-server
+    # coordinator needs its ps tasks alive to save its checkpoint.
+    _stop(ctx, trainers, sig)
+    _stop(ctx, [c for c in children if c not in trainers], sig)
     # Trainers that saved on the forwarded signal and exited 'preempted' say so to our caller.
     preempted = any(t.returncode == codes.PREEMPTED for t in trainers)
     return Outcome(codes.PREEMPTED if preempted else -sig)

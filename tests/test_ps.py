@@ -197,6 +197,28 @@ def test_killed_worker_does_not_stop_training_and_step_stays_exact(tmp_path):
   assert _checkpoint_steps(model_dir) == [300, 600]
 
 
+def test_sigterm_to_the_launcher_saves_then_stops_the_servers(tmp_path):
+  """Preemption in ps mode: the coordinator gets the signal first and saves
+  (its variables live on the ps, which must still be up), then the servers
+  are stopped; the launcher exits 75."""
+  model_dir = tmp_path / "run"
+  cluster = Cluster(tmp_path, [*PS_FLAGS, f"--model_dir={model_dir}",
+                               "--train_steps=5000", "--checkpoint_every=5000",
+                               "--mode=train"])
+  try:
+    cluster.wait_for(lambda: "train | step: 50/5000" in cluster.log(), 180,
+                     "first train summary")
+    cluster.proc.send_signal(signal.SIGTERM)
+    rc = cluster.wait(timeout=120)
+  finally:
+    cluster.stop()
+  log = cluster.log()
+  assert rc == 75, log[-5000:]
+  step = _chief_json(log)["global_step"]
+  assert 50 <= step < 5000
+  assert _checkpoint_steps(model_dir) == [step]
+
+
 def test_killed_ps_stops_the_coordinator_then_relaunch_resumes(tmp_path):
   model_dir = tmp_path / "run"
   # Two ps tasks, and the dense kernel (64 KiB) and its Adam slots sharded
