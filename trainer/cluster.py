@@ -66,3 +66,27 @@ def parse_tf_config(text: str | None, need_ps: bool = False) -> dict | None:
 
 def env_tf_config(need_ps: bool = False) -> dict | None:
   return parse_tf_config(os.environ.get("TF_CONFIG"), need_ps=need_ps)
+
+
+def check_multiworker(tf_config: dict) -> None:
+  """What parse_tf_config accepts but MultiWorkerMirroredStrategy does not."""
+  task_type = tf_config["task"]["type"]
+  if task_type not in ("chief", "worker"):
+    raise UserError(f"TF_CONFIG task type {task_type!r} does not train under "
+                    "--strategy=multiworker; its tasks are 'worker' (and an "
+                    "optional 'chief').")
+  if tf_config["cluster"].get("ps"):
+    raise UserError("TF_CONFIG lists 'ps' tasks: use "
+                    "--strategy=parameter_server for them, or drop them for "
+                    "--strategy=multiworker.")
+
+
+def precheck(strategy: str, resolver: str) -> None:
+  """Checks TF_CONFIG for `strategy` before TensorFlow is even imported, so
+  a malformed cluster is reported in well under a second."""
+  if strategy == "multiworker" and resolver == "tf_config":
+    tf_config = env_tf_config()
+    if tf_config is not None:
+      check_multiworker(tf_config)
+  elif strategy == "parameter_server":
+    env_tf_config(need_ps=True)

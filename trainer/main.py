@@ -17,6 +17,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from trainer import cluster  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -34,6 +35,23 @@ def _fail(code: int, message: str):
   os._exit(code) if code == EXIT_PEER_LOST else sys.exit(code)
 
 
+# Lines of a TF error message that say what went wrong, in order of interest.
+_CAUSES = ("unhealthy", "heartbeat", "reset by peer", "socket closed",
+           "connection refused", "failed to connect", "deadline", "timed out",
+           "unavailable", "cancelled", "aborted")
+
+
+def _cause(message: str) -> str:
+  """The informative line of a TF error (its first line is often just
+  'Graph execution error:')."""
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  for key in _CAUSES:
+    for line in lines:
+      if key in line.lower() and not line.startswith("File "):
+        return line[:300]
+  return lines[0][:300] if lines else "no details"
+
+
 def _parse_flags(argv):
   try:
     return FLAGS(argv)
@@ -48,6 +66,7 @@ def main(argv):
   try:
     config = config_lib.from_flags(FLAGS)
     config_lib.validate(config)
+    cluster.precheck(config.strategy, config.cluster_resolver)
   except UserError as e:
     _fail(EXIT_USAGE, str(e))
   # Imported after validation: flag mistakes are reported in well under a
@@ -67,10 +86,10 @@ def main(argv):
     _fail(EXIT_NONFINITE, str(e))
   except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
           tf.errors.CancelledError, tf.errors.AbortedError) as e:
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     # os._exit: collective ops of a dead cluster can block interpreter exit.
     _fail(EXIT_PEER_LOST, f"lost contact with a peer task ({type(e).__name__}: "
-          f"{first}); relaunch all tasks to resume from the last checkpoint.")
+          f"{_cause(str(e))}); relaunch all tasks to resume from the last "
+          "checkpoint.")
   print(loop.summary_line(result), flush=True)
 
 

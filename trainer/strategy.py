@@ -61,25 +61,12 @@ def _multiworker(config: Config):
       logging.warning("--strategy=multiworker without TF_CONFIG: running as a "
                       "one-worker cluster.")
     else:
-      _check_multiworker_tf_config(tf_config)
+      cluster.check_multiworker(tf_config)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
   with _StartupDeadline(config.peer_timeout_s, _peers(resolver)):
     return tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver,
         communication_options=_communication_options(config))
-
-
-def _check_multiworker_tf_config(tf_config: dict) -> None:
-  """What parse_tf_config accepts but MultiWorkerMirroredStrategy does not."""
-  task_type = tf_config["task"]["type"]
-  if task_type not in ("chief", "worker"):
-    raise UserError(f"TF_CONFIG task type {task_type!r} does not train under "
-                    "--strategy=multiworker; its tasks are 'worker' (and an "
-                    "optional 'chief').")
-  if tf_config["cluster"].get("ps"):
-    raise UserError("TF_CONFIG lists 'ps' tasks: use "
-                    "--strategy=parameter_server for them, or drop them for "
-                    "--strategy=multiworker.")
 
 
 def _peers(resolver) -> list[tuple[str, str]]:
