@@ -222,3 +222,43 @@ def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
   assert "Traceback" not in text
   assert took < peer_timeout_s + 15, took
   print(f"worker 0 exited {code} {took:.1f} s after worker 1 was killed")
+
+
+def test_sigterm_to_one_worker_makes_every_worker_save(tmp_path):
+  """Preemption of ONE worker (no launcher forwarding): the workers agree
+  at the next chunk boundary, all save at that step and exit 75; the same
+  command resumes from it."""
+  cluster = launch_cluster.make_cluster(2, 0, launch_cluster.free_ports(2))
+  model_dir = tmp_path / "model"
+  procs, logs = [], []
+  try:
+    for index in (0, 1):
+      tf_config = json.dumps(launch_cluster.tf_config(cluster, "worker",
+                                                      index))
+      logs.append(tmp_path / f"worker{index}.log")
+      procs.append(subprocess.Popen(
+          trainer_cmd(*FLAGS, "--train_steps=100000", "--strategy=multiworker",
+                      f"--model_dir={model_dir}"),
+          cwd=REPO, env=env(TF_CONFIG=tf_config, **LOG_ENV),
+          stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT,
+          start_new_session=True))
+    deadline = time.monotonic() + 200
+    while not (model_dir / "checkpoint").exists():
+      assert time.monotonic() < deadline, logs[0].read_text()[-3000:]
+      assert procs[0].poll() is None and procs[1].poll() is None, \
+          logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)          # worker 1 only
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait(timeout=30)
+  texts = [log.read_text() for log in logs]
+  assert codes == [75, 75], [t[-2000:] for t in texts]
+  steps = {json.loads([l for l in t.splitlines() if l.startswith("{")][-1])
+           ["global_step"] for t in texts}
+  assert len(steps) == 1, steps                   # the same step everywhere
+  step = steps.pop()
+  assert (model_dir / f"ckpt-{step}.index").exists()
