@@ -1,0 +1,139 @@
+"""Correctness of the benchmark's bookkeeping (no timing is asserted)."""
+
+import os
+
+import pytest
+
+from bench import common, report, rows as rows_lib, run as run_lib
+
+
+def _run(rate, steady=(1.0,), **extra):
+  return {"rates": [0.1, 0.2, *steady], "steady": list(steady),
+          "steps_per_sec": rate, "wall_s": 10.0, "foreign_load": 0.05,
+          **extra}
+
+
+def _assemble(results, flops=None, ceiling=None):
+  rows = [r for r in rows_lib.catalog() if r.name in results]
+  return report.assemble(rows, results, flops or {}, ceiling or {},
+                         {"mode": "test"})
+
+
+def test_steady_drops_warmup_and_median():
+  assert common.steady([1, 2, 3, 4, 5]) == [3, 4, 5]
+  assert common.median([3.0, None, 1.0, 2.0]) == 2.0
+  assert common.median([]) is None
+
+
+def test_parse_result_takes_last_tagged_line():
+  out = "noise\nBENCH_RESULT {\"a\": 1}\nmore\nBENCH_RESULT {\"a\": 2}\n"
+  assert common.parse_result(out) == {"a": 2}
+  assert common.parse_result("nothing") is None
+
+
+def test_ratios_use_examples_per_sec_and_medians_of_runs():
+  data = _assemble({
+      "cnn_b32/raw": [_run(100.0), _run(120.0), _run(110.0)],
+      "cnn_b32/fw_default": [_run(99.0), _run(108.9)],
+      # K=4: 4x the examples per update, so 25 updates/s = 100 "K=1" steps/s.
+      "cnn_b32/fw_accum4": [_run(25.0)],
+  })
+  by = {r["name"]: r for r in data["rows"]}
+  assert by["cnn_b32/raw"]["steps_per_sec"] == 110.0
+  assert by["cnn_b32/fw_default"]["steps_per_sec"] == pytest.approx(103.95)
+  assert by["cnn_b32/fw_default"]["x_raw"] == pytest.approx(103.95 / 110.0)
+  assert by["cnn_b32/fw_accum4"]["examples_per_sec"] == 25.0 * 128
+  assert by["cnn_b32/fw_accum4"]["x_ref"] == pytest.approx(3200 / (103.95 * 32))
+  goals = {g["goal"]: g for g in data["goals"]}
+  g = goals["framework/raw cnn_b32"]
+  assert g["ratio"] == pytest.approx(103.95 / 110.0) and g["met"] is False
+  assert g["paired_ratios"] == pytest.approx([0.99, 108.9 / 120.0])
+
+
+def test_gflops_from_counted_flops_and_ceiling():
+  flops = {"models": {"cnn": {"train_flops_per_example": 3e6}}}
+  data = _assemble({"cnn_b32/raw": [_run(100.0)]}, flops,
+                   {"float32": {"gflops": 192.0}})
+  row = data["rows"][0]
+  assert row["gflops"] == pytest.approx(100 * 32 * 3e6 / 1e9)
+  assert row["pct_of_fp32_peak"] == pytest.approx(100 * 9.6 / 192.0)
+
+
+def test_skipped_and_failed_rows_are_reported_not_counted():
+  data = _assemble({
+      "cnn_w1/pinned": [{"skipped": "launch.local not available"}],
+      "cnn_w2/pinned": [{"error": "exit 1: boom", "wall_s": 1.0}],
+  })
+  by = {r["name"]: r for r in data["rows"]}
+  assert by["cnn_w1/pinned"]["status"].startswith("skipped: launch.local")
+  assert by["cnn_w2/pinned"]["status"].startswith("error: exit 1")
+  goal = [g for g in data["goals"] if "workers" in g["goal"]][0]
+  assert goal["met"] is None and goal["ratio"] is None
+  text = report.terminal({**data, "run": {
+      "started": "now", "duration_s": 1, "mode": "test", "repeats": 1,
+      "min_seconds": 5, "min_intervals": 3, "warmup_intervals": 2,
+      "machine": {}}})
+  assert "skipped: launch.local not available" in text
+
+
+def test_accuracy_goal_in_points():
+  acc = lambda a: {"final": {"eval_accuracy": a}, "wall_s": 1.0,  # noqa: E731
+                   "foreign_load": 0.0}
+  data = _assemble({"accuracy/fp32": [acc(0.9800)],
+                    "accuracy/bf16": [acc(0.9770)],
+                    "accuracy/xla": [acc(0.9790)]})
+  goals = {g["goal"]: g for g in data["goals"]}
+  bf16 = goals["bf16 eval accuracy within 0.5 points of fp32"]
+  xla = goals["xla eval accuracy within 0.5 points of fp32"]
+  assert bf16["diff_points"] == pytest.approx(-0.3) and bf16["met"]
+  assert xla["met"]
+
+
+def test_row_selection_by_name_and_group():
+  class A:
+    rows, quick = "cnn_b32/raw,cnn_w2/pinned,cnn_b128", False
+  names = [r.name for r in run_lib.select_rows(A)]   # in catalog order
+  assert "cnn_b32/raw" in names and "cnn_w2/pinned" in names
+  assert "cnn_w2/pinned_accum4" not in names
+  rest = set(names) - {"cnn_b32/raw", "cnn_w2/pinned"}
+  assert rest and {n.split("/")[0] for n in rest} == {"cnn_b128"}
+  class Full:
+    rows, quick = "", False
+  full = run_lib.select_rows(Full)
+  assert full and not any(r.extra for r in full)
+  class Q:
+    rows, quick = "", True
+  assert all(r.quick for r in run_lib.select_rows(Q))
+  class Bad:
+    rows, quick = "nope", False
+  with pytest.raises(SystemExit):
+    run_lib.select_rows(Bad)
+
+
+def test_framework_steps_cover_warmup_and_steady_state():
+  class Args:
+    min_intervals, min_seconds, quiet_budget, keep_tmp = 3, 5.0, 0, False
+  bench = run_lib.Bench(Args)
+  try:
+    row = rows_lib.by_name()["cnn_b32/fw_default"]
+    steps = bench._train_steps(row)
+    assert steps % row.interval == 0
+    steady = steps // row.interval - common.WARMUP_INTERVALS
+    assert steady >= 3 and steady * row.interval / row.prior >= 5.0
+  finally:
+    bench.close()
+    assert not os.path.exists(bench.tmp)
+
+
+def test_event_reader_rates(tmp_path):
+  tf = pytest.importorskip("tensorflow")
+  from bench import events
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  with writer.as_default():
+    for step, rate in ((50, 10.0), (100, 20.0), (150, 30.0)):
+      tf.summary.scalar("steps_per_sec", rate, step=step)
+      tf.summary.text("config", "not a number", step=step)
+  writer.flush()
+  logged, wall = events.interval_rates(str(tmp_path))
+  assert logged == [10.0, 20.0, 30.0]
+  assert wall[0] is None and len(wall) == 3
