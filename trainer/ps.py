@@ -179,7 +179,7 @@ class Steps(step_lib.Steps):
 
   def _make_buffers(self, variables):
     # ps-hosted buffers would be shared by all workers: micro-batch
-    # gradients are summed in tensors instead (_one_update).
+    # gradients are summed in tensors instead (_reduced_gradients).
     del variables
     return None
 
@@ -207,27 +207,14 @@ class Steps(step_lib.Steps):
     values = self._micro_first(batch)
     return [a + b for a, b in zip(totals, values)]
 
-  def _one_update(self, iterator):
+  def _reduced_gradients(self, iterator):
     if self.accum_steps == 1:
-      return super()._one_update(iterator)
+      return super()._reduced_gradients(iterator)
     strategy = self.strategy
     totals = strategy.run(self._micro_first, args=(next(iterator),))
     for _ in range(self.accum_steps - 1):
       totals = strategy.run(self._micro_add, args=(next(iterator), totals))
-    result = strategy.run(lambda t: self._reduce(t[:-1], t[-1]),
-                          args=(totals,))
-    grads, grads_finite, loss_finite = result
-    first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
-    grads_finite, loss_finite = first(grads_finite), first(loss_finite)
-    ok = tf.logical_and(grads_finite, loss_finite)
-
-    def apply():
-      strategy.run(self._apply, args=(grads,))
-      return tf.constant(True)
-
-    tf.cond(ok, apply, lambda: tf.constant(False))
-    self._count(ok, grads_finite, loss_finite)
-    return None
+    return strategy.run(lambda t: self._reduce(t[:-1], t[-1]), args=(totals,))
 
 
 class _ShardedUpdates:

@@ -182,13 +182,21 @@ class Steps:
 
   # ---- cross-replica context (inside tf.function) ----------------------
   def _one_update(self, iterator):
+    self._guarded_apply(self._reduced_gradients(iterator))
+
+  def _reduced_gradients(self, iterator):
+    """Consumes one update's micro-batches; returns the per-replica
+    (reduced grads, grads finite, loss finite)."""
     strategy = self.strategy
     if self._buffers is None:
-      result = strategy.run(self._compute_and_reduce, args=(next(iterator),))
-    else:
-      for _ in tf.range(self.accum_steps):
-        strategy.run(self._accumulate, args=(next(iterator),))
-      result = strategy.run(self._reduce_buffers)
+      return strategy.run(self._compute_and_reduce, args=(next(iterator),))
+    for _ in tf.range(self.accum_steps):
+      strategy.run(self._accumulate, args=(next(iterator),))
+    return strategy.run(self._reduce_buffers)
+
+  def _guarded_apply(self, result):
+    """Applies the update only if it is finite; counts it either way."""
+    strategy = self.strategy
     grads, grads_finite, loss_finite = result
     # Reduced values are identical on every replica: read the first.
     first = lambda v: strategy.experimental_local_results(v)[0]  # noqa: E731
