@@ -174,13 +174,10 @@ def test_killed_worker_restarts_and_resumes_exactly(uninterrupted, tmp_path):
   assert max_rel_diff(resumed, reference) <= 1e-6
 
 
-def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
-  """No launcher: two trainers with their own TF_CONFIG; SIGKILL worker 1
-  mid-training. Worker 0 exits 4 with one error line, within
-  --peer_timeout_s (plus slack for a loaded machine)."""
-  peer_timeout_s = 15
+def _start_two_workers(tmp_path, model_dir, *flags):
+  """Two trainers with their own TF_CONFIG (no launcher); returns (procs,
+  logs) once the first checkpoint exists. The caller stops the procs."""
   cluster = launch_cluster.make_cluster(2, 0, launch_cluster.free_ports(2))
-  model_dir = tmp_path / "model"
   procs, logs = [], []
   try:
     for index in (0, 1):
@@ -188,8 +185,8 @@ def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
                                                       index))
       logs.append(tmp_path / f"worker{index}.log")
       procs.append(subprocess.Popen(
-          trainer_cmd(*FLAGS, "--train_steps=100000", "--strategy=multiworker",
-                      f"--peer_timeout_s={peer_timeout_s}",
+          trainer_cmd(*FLAGS, "--train_steps=100000",
+                      "--strategy=multiworker", *flags,
                       f"--model_dir={model_dir}"),
           cwd=REPO, env=env(TF_CONFIG=tf_config, **LOG_ENV),
           stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT,
@@ -200,6 +197,29 @@ def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
       assert procs[0].poll() is None and procs[1].poll() is None, \
           logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
       time.sleep(0.1)
+  except BaseException:
+    _kill_all(procs)          # the caller never gets them: stop them here
+    raise
+  return procs, logs
+
+
+def _kill_all(procs):
+  for proc in procs:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
+  """No launcher: two trainers with their own TF_CONFIG; SIGKILL worker 1
+  mid-training. Worker 0 exits 4 with one error line, within
+  --peer_timeout_s (plus slack for a loaded machine)."""
+  peer_timeout_s = 15
+  model_dir = tmp_path / "model"
+  procs = []
+  try:
+    procs, logs = _start_two_workers(tmp_path, model_dir,
+                                     f"--peer_timeout_s={peer_timeout_s}")
     os.killpg(procs[1].pid, signal.SIGKILL)
     killed_at = time.monotonic()
     try:
@@ -209,10 +229,7 @@ def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
                   f"peer died\n{logs[0].read_text()[-3000:]}")
     took = time.monotonic() - killed_at
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait(timeout=30)
+    _kill_all(procs)
   text = logs[0].read_text()
   assert code == 4, text[-3000:]
   errors = [l for l in text.splitlines() if "error:" in l]
@@ -226,35 +243,15 @@ def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
 
 def test_sigterm_to_one_worker_makes_every_worker_save(tmp_path):
   """Preemption of ONE worker (no launcher forwarding): the workers agree
-  at the next chunk boundary, all save at that step and exit 75; the same
-  command resumes from it."""
-  cluster = launch_cluster.make_cluster(2, 0, launch_cluster.free_ports(2))
+  at the next chunk boundary, all save at that step and exit 75."""
   model_dir = tmp_path / "model"
-  procs, logs = [], []
+  procs = []
   try:
-    for index in (0, 1):
-      tf_config = json.dumps(launch_cluster.tf_config(cluster, "worker",
-                                                      index))
-      logs.append(tmp_path / f"worker{index}.log")
-      procs.append(subprocess.Popen(
-          trainer_cmd(*FLAGS, "--train_steps=100000", "--strategy=multiworker",
-                      f"--model_dir={model_dir}"),
-          cwd=REPO, env=env(TF_CONFIG=tf_config, **LOG_ENV),
-          stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT,
-          start_new_session=True))
-    deadline = time.monotonic() + 200
-    while not (model_dir / "checkpoint").exists():
-      assert time.monotonic() < deadline, logs[0].read_text()[-3000:]
-      assert procs[0].poll() is None and procs[1].poll() is None, \
-          logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
-      time.sleep(0.1)
+    procs, logs = _start_two_workers(tmp_path, model_dir)
     procs[1].send_signal(signal.SIGTERM)          # worker 1 only
     codes = [p.wait(timeout=120) for p in procs]
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait(timeout=30)
+    _kill_all(procs)
   texts = [log.read_text() for log in logs]
   assert codes == [75, 75], [t[-2000:] for t in texts]
   steps = {json.loads([l for l in t.splitlines() if l.startswith("{")][-1])
