@@ -237,7 +237,7 @@ class Runner:
 
   def _train_chunks(self, stop, evaluate: bool) -> dict:
     config = self.config
-    state, steps = self.state, self.steps
+    state = self.state
     step = self.global_step
     if step >= config.train_steps:
       return {}
@@ -248,30 +248,16 @@ class Runner:
                    self.best.record.step)
       self._stopped_eval = self.evaluate()
       return {}
-    iterator = self._train_iterator()
+    iterator = self._start_training()
     interval_time, interval_start, last = 0.0, step, {}
     bad_seen = int(state.nonfinite_steps.numpy())
     rollbacks = 0
-    probe, profiler = self._wait_probe, self._profiler
     while step < config.train_steps:
-      todo = min(config.steps_per_loop, config.train_steps - step)
-      for every in (config.summary_every, config.checkpoint_every,
-                    config.eval_every, config.histograms_every):
-        if every > 0:
-          todo = min(todo, every - step % every)
-      # Windows of the instruments end chunks alike on every worker.
-      todo = profiler.limit(step, todo)
-      todo, timed = probe.plan(step, todo)
-      profiler.before_chunk(step)
       began = time.perf_counter()
-      steps.train_loop(probe.wrap(iterator) if timed else iterator,
-                       tf.constant(todo, tf.int64))
+      self._run_chunk(iterator, step)
       before, step = step, self.global_step
       elapsed = time.perf_counter() - began
       interval_time += elapsed
-      if timed:
-        probe.after_chunk()
-      profiler.after_chunk(step)
       self.progress.tick(step, (step - before) / max(elapsed, 1e-9),
                          config.global_batch_size)
       bad = int(state.nonfinite_steps.numpy())
@@ -279,7 +265,7 @@ class Runner:
         rollbacks += self._on_nonfinite(bad, bad_seen, rollbacks)
         bad_seen = bad
         if config.nonfinite == "rollback":
-          iterator = self._train_iterator()
+          iterator = self._iterator_after_rollback(iterator)
           step = self.global_step
           interval_start, interval_time = step, 0.0
           continue
@@ -308,6 +294,38 @@ class Runner:
           self._stopped_eval = metrics
           break
     return last
+
+  # The three places where strategies differ in how chunks run (the
+  # parameter-server coordinator overrides them; the bookkeeping around
+  # them in _train_chunks is shared).
+  def _start_training(self):
+    """The training iterator, at the restored data position."""
+    return self._train_iterator()
+
+  def _run_chunk(self, iterator, step: int) -> None:
+    """Runs the updates up to the next boundary (summary, checkpoint,
+    evaluation, histogram, or --steps_per_loop), at most."""
+    config = self.config
+    todo = min(config.steps_per_loop, config.train_steps - step)
+    for every in (config.summary_every, config.checkpoint_every,
+                  config.eval_every, config.histograms_every):
+      if every > 0:
+        todo = min(todo, every - step % every)
+    probe, profiler = self._wait_probe, self._profiler
+    # Windows of the instruments end chunks alike on every worker.
+    todo = profiler.limit(step, todo)
+    todo, timed = probe.plan(step, todo)
+    profiler.before_chunk(step)
+    self.steps.train_loop(probe.wrap(iterator) if timed else iterator,
+                          tf.constant(todo, tf.int64))
+    if timed:
+      probe.after_chunk()
+    profiler.after_chunk(self.global_step)
+
+  def _iterator_after_rollback(self, iterator):
+    """After a rollback the data position moved past the bad batch."""
+    del iterator
+    return self._train_iterator()
 
   def _early_stop(self, step: int, metrics: dict) -> bool:
     """Updates best/; True if early stopping triggers. Every worker decides

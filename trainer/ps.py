@@ -57,7 +57,6 @@ import tensorflow as tf
 
 from trainer import cluster
 from trainer import loop
-from trainer.loop import _crossed  # noqa: PLC2701 - the same boundaries
 from trainer import step as step_lib
 from trainer import summary
 from trainer.accumulators import Sums
@@ -412,66 +411,16 @@ class Runner(loop.Runner):
         target = min(target, (step // every + 1) * every)
     return target
 
-  def _train_chunks(self, stop, evaluate: bool) -> dict:
-    config, state = self.config, self.state
-    step = self.global_step
-    if step >= config.train_steps:
-      return {}
-    if self.best is not None and self.best.should_stop(step):
-      logging.info("early stopping: no improvement of eval %s in %d "
-                   "evaluations since step %d; not training.",
-                   self.best.metric, config.early_stopping_patience,
-                   self.best.record.step)
-      self._stopped_eval = self.evaluate()
-      return {}
+  def _start_training(self):
     self.steps.reset_progress()
-    iterator = self._per_worker_iterator()
-    interval_time, interval_start, last = 0.0, step, {}
-    bad_seen = int(state.nonfinite_steps.numpy())
-    rollbacks = 0
-    while step < config.train_steps:
-      todo = self._next_boundary(step) - step
-      began = time.perf_counter()
-      self._round(iterator, todo)
-      before, step = step, self.global_step
-      elapsed = time.perf_counter() - began
-      interval_time += elapsed
-      self.progress.tick(step, (step - before) / max(elapsed, 1e-9),
-                         config.global_batch_size)
-      bad = int(state.nonfinite_steps.numpy())
-      if bad > bad_seen:
-        rollbacks += self._on_nonfinite(bad, bad_seen, rollbacks)
-        bad_seen = bad
-        if config.nonfinite == "rollback":
-          # The workers' streams go on past the bad batch by themselves.
-          step = self.global_step
-          interval_start, interval_time = step, 0.0
-          continue
-      done = step >= config.train_steps
-      summarized = _crossed(before, step, config.summary_every) or done
-      if summarized:
-        last = self._write_train_summary(step, interval_start, interval_time)
-        interval_start, interval_time = step, 0.0
-      if _crossed(before, step, config.histograms_every):
-        self.writers.histograms(self.writers.train, step,
-                                self._histograms.values(step))
-      if stop.raised:
-        self.save()
-        raise loop.Preempted(step)
-      saved = _crossed(before, step, config.checkpoint_every) or done
-      if saved:
-        self.save()
-      if evaluate and not done and _crossed(before, step, config.eval_every):
-        metrics = self.evaluate()
-        if self._early_stop(step, metrics):
-          if not summarized:
-            last = self._write_train_summary(step, interval_start,
-                                             interval_time)
-          if not saved:
-            self.save()
-          self._stopped_eval = metrics
-          break
-    return last
+    return self._per_worker_iterator()
+
+  def _run_chunk(self, iterator, step: int) -> None:
+    self._round(iterator, self._next_boundary(step) - step)
+
+  def _iterator_after_rollback(self, iterator):
+    # The workers' streams go on past the bad batch by themselves.
+    return iterator
 
   # ---- evaluation on the coordinator ----------------------------------
   def _local_copy(self):
