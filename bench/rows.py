@@ -53,7 +53,8 @@ class Row:
             f"{self.batch} {flags}").strip()
 
 
-_CORE = ("raw", "keras_spe1", "keras_spe50", "fw_default", "fw_accum4")  # cnn
+_CORE = ("raw", "raw_fused", "keras_spe1", "keras_spe50", "fw_default",
+         "fw_accum4")  # cnn
 
 
 def _group(model: str, batch: int, interval: int, prior: float,
@@ -67,6 +68,9 @@ def _group(model: str, batch: int, interval: int, prior: float,
 
   rows = [
       row("raw", "raw"),
+      # The same loop with the framework's (fused) Adam: framework /
+      # raw_fused is the cost of everything around the optimizer.
+      row("raw_fused", "raw", ["--fused_optimizer"]),
       row("keras_spe1", "keras", ["--steps_per_execution=1"]),
       # The tuned setting: one execution per timed interval (50 for the
       # cnn; resnet20's 0.2 s steps gain nothing from more than 10).
@@ -96,10 +100,11 @@ def catalog() -> list[Row]:
   # Raw bf16 / XLA loops once, at cnn_b128: the framework's bf16 and XLA
   # rows are compared with them there.
   rows += _group("cnn", 32, 50, 130.0,
-                 quick_variants=("raw", "keras_spe1", "keras_spe50",
-                                 "fw_default"),
+                 quick_variants=("raw", "raw_fused", "keras_spe1",
+                                 "keras_spe50", "fw_default"),
                  skip=("raw_bf16", "raw_xla"))
-  rows += _group("cnn", 128, 50, 35.0, quick_variants=("raw", "fw_default"))
+  rows += _group("cnn", 128, 50, 35.0,
+                 quick_variants=("raw", "raw_fused", "fw_default"))
   rows += _group("resnet20", 128, 10, 4.0, core=(),
                  skip=("fw_accum4", "raw_bf16", "raw_xla"))
   # Multi-worker scaling: 64 examples per worker, one core per worker.
@@ -110,6 +115,17 @@ def catalog() -> list[Row]:
       Row("cnn_w2/pinned", "launch", "cnn", 2 * per_worker,
           ("--strategy=multiworker",), 50, 55.0, core=True, workers=2,
           ref="cnn_w1/pinned"),
+  ]
+  # The same scaling for resnet20 (CIFAR shapes): ~16x the compute of the
+  # cnn per example for a gradient 0.65x its size, i.e. the compute-bound
+  # case where data parallelism pays, next to the cnn's communication-bound
+  # one.
+  rows += [
+      Row("resnet20_w1/pinned", "launch", "resnet20", per_worker,
+          ("--strategy=multiworker",), 10, 6.0, core=True, workers=1),
+      Row("resnet20_w2/pinned", "launch", "resnet20", 2 * per_worker,
+          ("--strategy=multiworker",), 10, 5.5, core=True, workers=2,
+          ref="resnet20_w1/pinned"),
   ]
   # Diagnosis (--rows=cnn_w1,cnn_w2 runs them): the same scaling with fewer
   # all-reduces per example (K=4 micro-batches of 64 per update), and with

@@ -2,7 +2,8 @@
 
   raw     the minimal hand-written loop: one tf.function with a tf.range
           inner loop over an in-memory tf.data pipeline, GradientTape,
-          optimizer.apply_gradients. The practical speed limit of TF.
+          optimizer.apply_gradients. The practical speed limit of TF with
+          Keras' optimizer; --fused_optimizer: with the framework's.
   keras   Keras Model.fit(steps_per_execution=N) on the same data.
   matmul  the machine's ceiling: GFLOP/s of a large square matmul.
   flops   forward FLOPs per example of a model (TF profiler + analytic).
@@ -62,8 +63,17 @@ def raw(args) -> dict:
   import numpy as np
   import tensorflow as tf
   model = _model(args)
-  optimizer = keras.optimizers.Adam(learning_rate=1e-3)
-  optimizer.build(model.trainable_variables)
+  if args.fused_optimizer:
+    # The framework's Adam (TF's fused ResourceApplyAdam kernel): the raw
+    # loop with the same optimizer isolates the framework's own overhead.
+    from trainer import optim
+    from trainer.config import Config
+    optimizer = optim.build(Config(optimizer="adam", learning_rate=1e-3),
+                            tf.Variable(0, dtype=tf.int64),
+                            model.trainable_variables)
+  else:
+    optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+    optimizer.build(model.trainable_variables)
   ds = _data(args, tf, np)
 
   def step(x, y):
@@ -178,6 +188,8 @@ def main(argv=None) -> int:
   p.add_argument("--examples", type=int, default=4096)
   p.add_argument("--precision", default="float32")
   p.add_argument("--jit_compile", action="store_true")
+  p.add_argument("--fused_optimizer", action="store_true",
+                 help="raw: the framework's optimizer instead of Keras'")
   p.add_argument("--steps_per_execution", type=int, default=1)
   p.add_argument("--interval", type=int, default=50)
   p.add_argument("--min_seconds", type=float, default=5.0)

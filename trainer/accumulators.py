@@ -8,34 +8,45 @@ import tensorflow as tf
 
 
 class Sums:
-  """Named float32 sums, one copy per replica (sync on read, SUM)."""
+  """Named float32 sums, one copy per replica (sync on read, SUM).
+
+  All the sums live in ONE vector variable: an update adds them with one
+  op (a step's metric bookkeeping is per-step overhead, measured in
+  bench/), and a read is one packed reduction."""
 
   def __init__(self, strategy, names):
     self.names = list(names)
     self._strategy = strategy
     with strategy.scope():
-      self._vars = [
-          tf.Variable(0.0, trainable=False, name=f"sum_{n}",
-                      synchronization=tf.VariableSynchronization.ON_READ,
-                      aggregation=tf.VariableAggregation.SUM)
-          for n in self.names]
+      self._var = tf.Variable(
+          tf.zeros([len(self.names)], tf.float32), trainable=False,
+          name="sums", synchronization=tf.VariableSynchronization.ON_READ,
+          aggregation=tf.VariableAggregation.SUM)
     self._read = tf.function(self._read_and_reset)
 
+  @property
+  def variables(self):
+    return [self._var]
+
   def add(self, values: dict):
-    """Adds `values[name]` to each sum. Call in replica context."""
-    for name, var in zip(self.names, self._vars):
-      if name in values:
-        var.assign_add(tf.cast(values[name], tf.float32))
+    """Adds `values[name]` (scalars) to each sum; missing names add 0.
+    Call in replica context."""
+    unknown = set(values) - set(self.names)
+    if unknown:
+      raise KeyError(f"no sums named {sorted(unknown)}; have {self.names}")
+    zero = tf.zeros([], tf.float32)
+    self._var.assign_add(tf.stack(
+        [tf.cast(values[n], tf.float32) if n in values else zero
+         for n in self.names]))
+
+  def _local_read_and_reset(self):
+    value = self._var.read_value()
+    with tf.control_dependencies([value]):
+      self._var.assign(tf.zeros_like(value))
+    return tf.identity(value)
 
   def _read_and_reset(self):
-    def local():
-      value = tf.stack([v.read_value() for v in self._vars])
-      with tf.control_dependencies([value]):
-        for v in self._vars:
-          v.assign(0.0)
-      return tf.identity(value)
-    per_replica = self._strategy.run(local)
-    # One packed reduction for all the sums.
+    per_replica = self._strategy.run(self._local_read_and_reset)
     return self._strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
                                  axis=None)
 

@@ -254,7 +254,7 @@ class Runner:
     rollbacks = 0
     while step < config.train_steps:
       began = time.perf_counter()
-      self._run_chunk(iterator, step)
+      iterator = self._run_chunk(iterator, step)
       before, step = step, self.global_step
       elapsed = time.perf_counter() - began
       interval_time += elapsed
@@ -302,9 +302,10 @@ class Runner:
     """The training iterator, at the restored data position."""
     return self._train_iterator()
 
-  def _run_chunk(self, iterator, step: int) -> None:
+  def _run_chunk(self, iterator, step: int):
     """Runs the updates up to the next boundary (summary, checkpoint,
-    evaluation, histogram, or --steps_per_loop), at most."""
+    evaluation, histogram, or --steps_per_loop), at most. Returns the
+    iterator to continue with."""
     config = self.config
     todo = min(config.steps_per_loop, config.train_steps - step)
     for every in (config.summary_every, config.checkpoint_every,
@@ -316,11 +317,30 @@ class Runner:
     todo = profiler.limit(step, todo)
     todo, timed = probe.plan(step, todo)
     profiler.before_chunk(step)
-    self.steps.train_loop(probe.wrap(iterator) if timed else iterator,
-                          tf.constant(todo, tf.int64))
+    iterator = self._train_chunk(iterator, todo, probe.wrap if timed else None)
     if timed:
       probe.after_chunk()
     profiler.after_chunk(self.global_step)
+    return iterator
+
+  def _train_chunk(self, iterator, todo: int, wrap=None):
+    """`todo` updates. Through the per-chunk guard when the steps have it:
+    a non-finite update makes every worker restore the chunk's start and
+    replay it guarded per update, from a new iterator at the chunk's first
+    position. Returns the iterator to continue with."""
+    steps, num = self.steps, tf.constant(todo, tf.int64)
+    wrapped = wrap(iterator) if wrap else iterator
+    if not steps.chunk_guard:
+      steps.train_loop(wrapped, num)
+      return iterator
+    if bool(steps.fast_loop(wrapped, num)):
+      return iterator
+    steps.restore_chunk_start()
+    logging.info("non-finite update in the chunk at step %d: replaying it "
+                 "with the per-update guard.", self.global_step)
+    iterator = self._train_iterator()
+    steps.train_loop(wrap(iterator) if wrap else iterator, num)
+    return iterator
 
   def _iterator_after_rollback(self, iterator):
     """After a rollback the data position moved past the bad batch."""

@@ -154,11 +154,7 @@ class _Sums(Sums):
   for the coordinator."""
 
   def _read_and_reset(self):
-    value = tf.stack([v.read_value() for v in self._vars])
-    with tf.control_dependencies([value]):
-      for v in self._vars:
-        v.assign(0.0)
-    return tf.identity(value)
+    return self._local_read_and_reset()
 
 
 class Steps(step_lib.Steps):
@@ -166,6 +162,9 @@ class Steps(step_lib.Steps):
   made idempotent per slot (see the module doc: exact global step)."""
 
   sums_class = _Sums
+  # Workers update the ps-hosted variables concurrently: a shadow copy of
+  # them could not be restored per worker. The guard stays per update.
+  chunk_guard = False
 
   def __init__(self, strategy, task, model, optimizer, state, config):
     super().__init__(strategy, task, model, optimizer, state, config)
@@ -415,8 +414,9 @@ class Runner(loop.Runner):
     self.steps.reset_progress()
     return self._per_worker_iterator()
 
-  def _run_chunk(self, iterator, step: int) -> None:
+  def _run_chunk(self, iterator, step: int):
     self._round(iterator, self._next_boundary(step) - step)
+    return iterator
 
   def _iterator_after_rollback(self, iterator):
     # The workers' streams go on past the bad batch by themselves.
