@@ -112,6 +112,11 @@ def goals(summary: dict) -> list[dict]:
     g.append(_goal(f"2 workers pinned vs 1 worker pinned, {model} "
                    "(examples/sec)", 1.8, ">=", f"{model}_w2/pinned",
                    f"{model}_w1/pinned", summary))
+  g.append(_goal("machine ceiling: 2 independent pinned raw loops vs 1, cnn "
+                 "(examples/sec)", 1.8, ">=", "cnn_w2/raw_pinned",
+                 "cnn_w1/raw_pinned", summary,
+                 "no communication at all: the most any 2-worker job can "
+                 "scale on this machine"))
   for variant in ("fw_mnist", "fw_tfrecord"):
     g.append(_goal(f"input pipeline {variant} vs in-memory, cnn_b128", 0.95,
                    ">=", f"cnn_b128/{variant}", "cnn_b128/fw_default", summary))

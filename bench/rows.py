@@ -11,7 +11,8 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class Row:
   name: str                 # "<group>/<variant>"
-  kind: str                 # raw | keras | framework | launch | accuracy
+  kind: str                 # raw | raw_pinned | keras | framework | launch
+                            # | accuracy
   model: str
   batch: int                # examples per update, all replicas and workers
   args: tuple = ()          # extra worker / trainer flags
@@ -39,6 +40,10 @@ class Row:
     flags = " ".join(self.args)
     if self.kind == "raw":
       return f"raw tf.function loop, batch {self.batch} {flags}".strip()
+    if self.kind == "raw_pinned":
+      return (f"{self.workers} independent raw loop process(es), each pinned "
+              f"to its own core, batch {self.batch // self.workers} each "
+              "(no communication: the machine's scaling ceiling)")
     if self.kind == "keras":
       return f"Keras fit, batch {self.batch} {flags}".strip()
     if self.kind == "launch":
@@ -115,6 +120,15 @@ def catalog() -> list[Row]:
       Row("cnn_w2/pinned", "launch", "cnn", 2 * per_worker,
           ("--strategy=multiworker",), 50, 55.0, core=True, workers=2,
           ref="cnn_w1/pinned"),
+  ]
+  # The machine's own ceiling for that scaling: 1 and 2 independent raw
+  # loops (64 examples each), each pinned to its core, no communication.
+  # Rate = updates/sec per process, so ex/s counts all processes.
+  rows += [
+      Row("cnn_w1/raw_pinned", "raw_pinned", "cnn", per_worker, (), 50, 100.0,
+          core=True, workers=1),
+      Row("cnn_w2/raw_pinned", "raw_pinned", "cnn", 2 * per_worker, (), 50,
+          90.0, core=True, workers=2, ref="cnn_w1/raw_pinned"),
   ]
   # The same scaling for resnet20 (CIFAR shapes): ~16x the compute of the
   # cnn per example for a gradient 0.65x its size, i.e. the compute-bound

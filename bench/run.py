@@ -15,6 +15,7 @@ to the terminal and bench/results/latest.{md,json}.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -189,6 +190,8 @@ class Bench:
       self.quiet_budget -= time.monotonic() - t0
     if row.kind in ("raw", "keras"):
       return self._run_worker(row)
+    if row.kind == "raw_pinned":
+      return self._run_raw_pinned(row)
     if row.kind == "framework":
       return self._run_framework(row, repeat)
     if row.kind == "launch":
@@ -218,6 +221,49 @@ class Bench:
               "wall_s": m["wall_s"], "foreign_load": m["foreign_load"]}
     return self._finish(row, result["rates"], m,
                         {"threads": result.get("threads")})
+
+  def _run_raw_pinned(self, row: Row) -> dict:
+    """`row.workers` independent raw loops at once, process i pinned to
+    core i, no communication: the machine's own ceiling for data-parallel
+    scaling over its cores (shared memory bandwidth and caches). The row's
+    rate is the sum of the processes' updates/sec."""
+    ncpu = len(os.sched_getaffinity(0))
+    if row.workers > ncpu:
+      return {"skipped": f"{row.workers} processes need {row.workers} cores; "
+                         f"{ncpu} available"}
+    per_process = dataclasses.replace(row, kind="raw",
+                                      batch=row.batch // row.workers)
+    argv = self._worker_argv(per_process)
+    timeout = STARTUP_S * 3 + self.args.min_seconds * 8 + 60
+    procs, t0 = [], time.monotonic()
+    for core in range(row.workers):
+      procs.append(subprocess.Popen(
+          argv, cwd=REPO, env=common.quiet_env(), stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE, text=True,
+          preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    outs = []
+    try:
+      for p in procs:
+        left = max(1.0, timeout - (time.monotonic() - t0))
+        outs.append(p.communicate(timeout=left))
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+        p.wait()
+      return {"error": "timeout", "wall_s": time.monotonic() - t0,
+              "foreign_load": None}
+    m = {"wall_s": time.monotonic() - t0, "foreign_load": None,
+         "stderr": outs[-1][1]}
+    results = [common.parse_result(out) for out, _ in outs]
+    if any(p.returncode != 0 for p in procs) or None in results:
+      return {"error": f"exit {[p.returncode for p in procs]}: "
+                       f"{_tail(outs[-1][1])}", "wall_s": m["wall_s"],
+              "foreign_load": None}
+    # Interval i of every process ran at about the same time: sum them.
+    n = min(len(r["rates"]) for r in results)
+    rates = [sum(r["rates"][i] for r in results) / row.workers
+             for i in range(n)]
+    return self._finish(row, rates, m)
 
   def _framework_result(self, row, m, model_dir) -> dict:
     from bench import events

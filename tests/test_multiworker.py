@@ -22,11 +22,13 @@ pytestmark = pytest.mark.timeout(400)
 STEPS = 200
 EVERY = 40
 # Global batch 64: 32 per worker, 32 per replica under --cpu_replicas=2.
+# --augment: each worker crops and flips only its own rows (drawn for the
+# whole global batch), as one process with 2 replicas crops them all.
 FLAGS = ["--dataset=digits", "--model=cnn", "--optimizer=sgd",
          "--learning_rate=0.05", "--global_batch_size=64",
          f"--train_steps={STEPS}", "--steps_per_loop=10", "--summary_every=40",
          f"--checkpoint_every={EVERY}", "--eval_every=0", "--mode=train",
-         "--seed=3"]
+         "--seed=3", "--augment"]
 # TF's warnings (level 1) stay on: the auto-shard warning is one of them.
 LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1"}
 AUTO_SHARD = re.compile(r"AutoShardPolicy|auto-shard|auto sharding|"

@@ -127,10 +127,21 @@ class Runner:
       self.writers = summary.Writers(self.config.model_dir, self.role.is_chief)
 
   def _train_iterator(self):
+    config, task = self.config, self.task
     position = int(self.state.position.numpy())
-    ds = pipeline.train_dataset(self.task, self.config.train_split,
-                                self.config.micro_batch_size, self.config.seed,
-                                position)
+    args = (task, config.train_split, config.micro_batch_size, config.seed,
+            position)
+    if self.role.num_workers > 1 and getattr(task, "train_dataset",
+                                             None) is None:
+      # Each worker builds only its own rows of every global micro-batch.
+      def dataset_fn(context):
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        return pipeline.worker_train_dataset(
+            *args, num_replicas=context.num_replicas_in_sync,
+            first_replica=context.input_pipeline_id * local,
+            local_replicas=local)
+      return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+    ds = pipeline.train_dataset(*args)
     return iter(self.strategy.experimental_distribute_dataset(ds))
 
   def _agree(self, flag: bool) -> bool:

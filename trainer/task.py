@@ -30,11 +30,15 @@ class Task:
     raise NotImplementedError
 
   def preprocess(self, features, labels, meta: dict, training: bool):
-    """Maps one GLOBAL micro-batch, before it is split across replicas, so
-    the result does not depend on the topology. `meta["pos"]` (int64 [B]) is
-    each example's stream position and `meta["start"]` the batch's first one:
-    derive augmentation seeds from them (stateless ops) to keep resume exact.
-    Returns (features, labels)."""
+    """Maps consecutive rows of a GLOBAL micro-batch: all of it on one
+    machine (before the split across its replicas), a replica's share of
+    it on each worker under multi-worker (each worker builds only its own
+    rows). Keep it per-example so the result does not depend on the
+    topology. `meta["pos"]` (int64 [b]) is each example's stream position
+    and `meta["start"]` the global batch's first one: derive augmentation
+    seeds from them (stateless ops) to keep resume exact, e.g. draw for the
+    whole global batch from (seed, start) and keep rows pos - start, as
+    trainer.data.augment.crop_and_flip does. Returns (features, labels)."""
     del meta, training
     return features, labels
 
@@ -87,7 +91,9 @@ class ClassificationTask(Task):
       seed = tf.stack([tf.constant(self.config.seed, tf.int64),
                        meta["start"][0]])
       images = augment.crop_and_flip(
-          images, seed, flip=self.config.dataset == "cifar10")
+          images, seed, flip=self.config.dataset == "cifar10",
+          first_row=meta["pos"][0] - meta["start"][0],
+          global_batch=self.config.micro_batch_size)
     return images, labels
 
   def build_model(self, input_spec) -> keras.Model:

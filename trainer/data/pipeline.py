@@ -4,9 +4,15 @@ Training reads an endless stream of example positions p = 0, 1, 2, ...;
 position p is example index_shuffle(p mod N, seed=(seed, p div N)) of the
 split: epoch e's order is a pure function of (seed, e). Resuming at position
 P is `range(P, ...)`: no example before P is read or decoded. Batches are
-GLOBAL micro-batches (all replicas together), split across replicas by
-experimental_distribute_dataset, so the sequence of global batches does not
-depend on the number of replicas or workers.
+GLOBAL micro-batches (all replicas together), so the sequence of global
+batches does not depend on the number of replicas or workers.
+
+On one machine the pipeline builds each whole global micro-batch and
+experimental_distribute_dataset splits it across the local replicas. Under
+multi-worker, each worker builds only its own rows (worker_train_dataset,
+for distribute_datasets_from_function): with auto-sharding every worker
+would gather, decode and preprocess the whole global batch and keep 1/W of
+it, on cores its compute needs.
 """
 
 import tensorflow as tf
@@ -31,7 +37,8 @@ def _options(shard_policy) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   # In-memory sets cannot shard by FILE; say DATA explicitly so that workers
-  # take distinct slices of every global batch and no warning is logged.
+  # take distinct slices of every global batch and no warning is logged
+  # (OFF: a worker's own pipeline that must not be sharded again).
   options.experimental_distribute.auto_shard_policy = shard_policy
   return options
 
@@ -43,22 +50,53 @@ def train_dataset(task, split: str, batch_size: int, seed: int,
   custom = getattr(task, "train_dataset", None)
   if custom is not None:
     return _custom_train_dataset(custom, batch_size, seed, start_position)
+  load = _training_loader(task, split, seed)
+  ds = tf.data.Dataset.range(start_position, _ENDLESS)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(lambda positions: load(positions, positions[0]),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options(tf.data.experimental.AutoShardPolicy.DATA))
+
+
+def worker_train_dataset(task, split: str, batch_size: int, seed: int,
+                         start_position: int, num_replicas: int,
+                         first_replica: int, local_replicas: int):
+  """One worker's share of train_dataset's stream, for
+  distribute_datasets_from_function: for each global micro-batch b (first
+  position s_b), `local_replicas` consecutive per-replica batches; the one
+  for global replica g holds positions s_b + g * B/R + [0, B/R). meta
+  "start" stays s_b, so the row offset pos - start (dropout, augmentation)
+  is the same as in the whole-batch pipeline."""
+  load = _training_loader(task, split, seed)
+  rows = batch_size // num_replicas
+
+  def piece(k):
+    start = start_position + (k // local_replicas) * batch_size
+    first = start + (first_replica + k % local_replicas) * rows
+    return load(first + tf.range(rows, dtype=tf.int64), start)
+
+  ds = tf.data.Dataset.range(_ENDLESS)
+  ds = ds.map(piece, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options(tf.data.experimental.AutoShardPolicy.OFF))
+
+
+def _training_loader(task, split: str, seed: int):
+  """positions (int64 [b]), start (int64: the global micro-batch's first
+  position) -> (features, labels, meta) of those stream positions."""
   source = task.source(split)
   n = source.num_examples
 
-  def load(positions):
+  def load(positions, start):
+    rows = positions.shape[0]
     features, labels = source.gather(example_indices(positions, n, seed))
     meta = {"pos": positions,
-            "start": tf.fill([batch_size], positions[0]),
-            "weight": tf.ones([batch_size], tf.float32)}
+            "start": tf.fill([rows], start),
+            "weight": tf.ones([rows], tf.float32)}
     features, labels = task.preprocess(features, labels, meta, True)
     return features, labels, meta
-
-  ds = tf.data.Dataset.range(start_position, _ENDLESS)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options(tf.data.experimental.AutoShardPolicy.DATA))
+  return load
 
 
 def _custom_train_dataset(make, batch_size, seed, start_position):
