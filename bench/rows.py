@@ -114,33 +114,27 @@ def catalog() -> list[Row]:
                  skip=("fw_accum4", "raw_bf16", "raw_xla"))
   # Multi-worker scaling: 64 examples per worker, one core per worker.
   per_worker = 64
-  rows += [
-      Row("cnn_w1/pinned", "launch", "cnn", per_worker,
-          ("--strategy=multiworker",), 50, 60.0, core=True, workers=1),
-      Row("cnn_w2/pinned", "launch", "cnn", 2 * per_worker,
-          ("--strategy=multiworker",), 50, 55.0, core=True, workers=2,
-          ref="cnn_w1/pinned"),
-  ]
+
+  def scaling(model, variant, kind, interval, rate, args=()):
+    """1 and 2 pinned processes; the 2's ratio is taken against the 1."""
+    one, two = f"{model}_w1/{variant}", f"{model}_w2/{variant}"
+    return [Row(one, kind, model, per_worker, args, interval, rate,
+                core=True, workers=1),
+            Row(two, kind, model, 2 * per_worker, args, interval, 0.9 * rate,
+                core=True, workers=2, ref=one)]
+
+  rows += scaling("cnn", "pinned", "launch", 50, 60.0,
+                  ("--strategy=multiworker",))
   # The machine's own ceiling for that scaling: 1 and 2 independent raw
   # loops (64 examples each), each pinned to its core, no communication.
   # Rate = updates/sec per process, so ex/s counts all processes.
-  rows += [
-      Row("cnn_w1/raw_pinned", "raw_pinned", "cnn", per_worker, (), 50, 100.0,
-          core=True, workers=1),
-      Row("cnn_w2/raw_pinned", "raw_pinned", "cnn", 2 * per_worker, (), 50,
-          90.0, core=True, workers=2, ref="cnn_w1/raw_pinned"),
-  ]
+  rows += scaling("cnn", "raw_pinned", "raw_pinned", 50, 100.0)
   # The same scaling for resnet20 (CIFAR shapes): ~16x the compute of the
   # cnn per example for a gradient 0.65x its size, i.e. the compute-bound
   # case where data parallelism pays, next to the cnn's communication-bound
   # one.
-  rows += [
-      Row("resnet20_w1/pinned", "launch", "resnet20", per_worker,
-          ("--strategy=multiworker",), 10, 6.0, core=True, workers=1),
-      Row("resnet20_w2/pinned", "launch", "resnet20", 2 * per_worker,
-          ("--strategy=multiworker",), 10, 5.5, core=True, workers=2,
-          ref="resnet20_w1/pinned"),
-  ]
+  rows += scaling("resnet20", "pinned", "launch", 10, 6.0,
+                  ("--strategy=multiworker",))
   # Diagnosis (--rows=cnn_w1,cnn_w2 runs them): the same scaling with fewer
   # all-reduces per example (K=4 micro-batches of 64 per update), and with
   # twice the compute per all-reduce (128 per worker).

@@ -1,10 +1,13 @@
 """`python -m bench.run` (`make bench`): framework vs raw loop vs Keras fit.
 
-  python -m bench.run                  all rows, --repeats=2 (~15 min)
+  python -m bench.run                  all rows, --repeats=2 (~20 min)
   python -m bench.run --quick          a ~3 minute subset, one repeat
   python -m bench.run --rows=cnn_b32/raw,cnn_b32/fw_default --repeats=3
   python -m bench.run --rows=cnn_b32   every row of a group (prefix match)
   python -m bench.run --list           the rows and what they run
+
+For the framework's own cost, `python -m bench.paired` (one process,
+contenders interleaved chunk by chunk) is far less noisy than these rows.
 
 Every row runs in a fresh subprocess (raw loop and Keras fit included) with
 the same environment and thread settings (TF defaults); repeats of the rows

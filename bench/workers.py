@@ -58,23 +58,27 @@ def _enough(rates, times, args) -> bool:
       len(rates) >= common.WARMUP_INTERVALS + args.max_intervals
 
 
-def raw(args) -> dict:
+def make_optimizer(args, model):
+  """Keras' Adam, or with --fused_optimizer the framework's (TF's fused
+  ResourceApplyAdam kernel): the raw loop with the same optimizer isolates
+  the framework's own overhead."""
   import keras
-  import numpy as np
   import tensorflow as tf
-  model = _model(args)
   if args.fused_optimizer:
-    # The framework's Adam (TF's fused ResourceApplyAdam kernel): the raw
-    # loop with the same optimizer isolates the framework's own overhead.
     from trainer import optim
     from trainer.config import Config
-    optimizer = optim.build(Config(optimizer="adam", learning_rate=1e-3),
-                            tf.Variable(0, dtype=tf.int64),
-                            model.trainable_variables)
-  else:
-    optimizer = keras.optimizers.Adam(learning_rate=1e-3)
-    optimizer.build(model.trainable_variables)
-  ds = _data(args, tf, np)
+    return optim.build(Config(optimizer="adam", learning_rate=1e-3),
+                       tf.Variable(0, dtype=tf.int64),
+                       model.trainable_variables)
+  optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+  optimizer.build(model.trainable_variables)
+  return optimizer
+
+
+def make_step(model, optimizer):
+  """The hand-written update: tape, mean loss, apply_gradients."""
+  import keras
+  import tensorflow as tf
 
   def step(x, y):
     with tf.GradientTape() as tape:
@@ -86,6 +90,16 @@ def raw(args) -> dict:
     grads = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     return loss
+  return step
+
+
+def raw(args) -> dict:
+  import numpy as np
+  import tensorflow as tf
+  model = _model(args)
+  optimizer = make_optimizer(args, model)
+  ds = _data(args, tf, np)
+  step = make_step(model, optimizer)
 
   if args.jit_compile:
     step = tf.function(step, jit_compile=True)

@@ -50,6 +50,23 @@ def test_ratios_use_examples_per_sec_and_medians_of_runs():
   assert g["paired_ratios"] == pytest.approx([0.99, 108.9 / 120.0])
 
 
+def test_scaling_goals_per_model_and_the_machine_ceiling():
+  data = _assemble({
+      "cnn_w1/pinned": [_run(100.0)], "cnn_w2/pinned": [_run(70.0)],
+      "resnet20_w1/pinned": [_run(6.0)], "resnet20_w2/pinned": [_run(5.7)],
+      "cnn_w1/raw_pinned": [_run(100.0)], "cnn_w2/raw_pinned": [_run(95.0)],
+  })
+  goals = {g["goal"].split(" (")[0]: g for g in data["goals"]}
+  # Twice the examples per update: ratio = 2 x the updates/sec ratio.
+  cnn = goals["2 workers pinned vs 1 worker pinned, cnn"]
+  assert cnn["ratio"] == pytest.approx(1.4) and cnn["met"] is False
+  resnet = goals["2 workers pinned vs 1 worker pinned, resnet20"]
+  assert resnet["ratio"] == pytest.approx(1.9) and resnet["met"] is True
+  ceiling = goals["machine ceiling: 2 independent pinned raw loops vs 1, cnn"]
+  assert ceiling["ratio"] == pytest.approx(1.9)
+  assert ceiling["rows"] == ["cnn_w2/raw_pinned", "cnn_w1/raw_pinned"]
+
+
 def test_gflops_from_counted_flops_and_ceiling():
   flops = {"models": {"cnn": {"train_flops_per_example": 3e6}}}
   data = _assemble({"cnn_b32/raw": [_run(100.0)]}, flops,
@@ -137,3 +154,16 @@ def test_event_reader_rates(tmp_path):
   logged, wall = events.interval_rates(str(tmp_path))
   assert logged == [10.0, 20.0, 30.0]
   assert wall[0] is None and len(wall) == 3
+
+
+def test_paired_runs_every_contender_interleaved(capsys):
+  """bench.paired end to end on a tiny setting (no timing is asserted): the
+  four contenders are measured and the raw loop is its own reference."""
+  from bench import paired
+  assert paired.main(["--batch=8", "--interval=2", "--rounds=4"]) == 0
+  lines = [l.split() for l in capsys.readouterr().out.splitlines()[1:]]
+  assert [l[0] for l in lines] == ["raw", "raw_fused", "framework",
+                                   "framework_guarded"]
+  by = {l[0]: l for l in lines}
+  assert by["raw"][4] == "1.000"
+  assert all(float(l[1]) > 0 for l in lines)   # ms/update
