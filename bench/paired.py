@@ -74,9 +74,18 @@ def main(argv=None) -> int:
   p.add_argument("--interval", type=int, default=50)
   p.add_argument("--rounds", type=int, default=60)
   args = p.parse_args(argv)
-  import tensorflow as tf
   from absl import logging
+  # Quiet while the runners are built; restored after (tests call main()).
+  previous = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
+  try:
+    return _measure(args)
+  finally:
+    logging.set_verbosity(previous)
+
+
+def _measure(args) -> int:
+  import tensorflow as tf
   contenders = {
       "raw": _raw(args, fused=False),
       "raw_fused": _raw(args, fused=True),

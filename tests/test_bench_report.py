@@ -159,8 +159,12 @@ def test_event_reader_rates(tmp_path):
 def test_paired_runs_every_contender_interleaved(capsys):
   """bench.paired end to end on a tiny setting (no timing is asserted): the
   four contenders are measured and the raw loop is its own reference."""
+  from absl import logging
   from bench import paired
+  verbosity = logging.get_verbosity()
   assert paired.main(["--batch=8", "--interval=2", "--rounds=4"]) == 0
+  # Global logging is left as it was (later tests in this process log).
+  assert logging.get_verbosity() == verbosity
   lines = [l.split() for l in capsys.readouterr().out.splitlines()[1:]]
   assert [l[0] for l in lines] == ["raw", "raw_fused", "framework",
                                    "framework_guarded"]
