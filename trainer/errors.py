@@ -1,7 +1,22 @@
-"""The one exception type that means "the user gave us something wrong"."""
+"""The one exception type that means "the user gave us something wrong",
+and the one way the command-line entry points report an error and exit."""
+
+import os
+import sys
 
 
 class UserError(Exception):
   """A problem the user can fix: bad flag values, missing files, a model_dir
   holding a different model. `trainer.main` prints str(error) as ONE line on
   stderr and exits 2; the message must name the problem and the fix."""
+
+
+def fail(program: str, message: str, code: int = 2, hard: bool = False):
+  """Writes `program: error: message` as one stderr line and exits `code`.
+  hard: os._exit, skipping interpreter teardown (which can block on a TF
+  runtime still waiting for a lost peer)."""
+  sys.stderr.write(f"{program}: error: {message}\n")
+  sys.stderr.flush()
+  if hard:
+    os._exit(code)
+  sys.exit(code)

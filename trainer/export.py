@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -33,6 +32,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from trainer import errors
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -203,20 +203,17 @@ def _replace(staging: str, target: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+    errors.fail("trainer.export", f"unexpected arguments {argv[1:]}; flags "
+                "look like --name=value.")
   if not FLAGS.model_dir or not FLAGS.export_dir:
-    _fail("--model_dir and --export_dir are required.")
+    errors.fail("trainer.export",
+                "--model_dir and --export_dir are required.")
   try:
     info = export(FLAGS.model_dir, FLAGS.export_dir, FLAGS.checkpoint,
                   FLAGS.tflite)
   except UserError as e:
-    _fail(str(e))
+    errors.fail("trainer.export", str(e))
   print(json.dumps(info), flush=True)
-
-
-def _fail(message: str):
-  sys.stderr.write(f"trainer.export: error: {message}\n")
-  sys.exit(2)
 
 
 def run():

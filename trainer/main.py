@@ -19,6 +19,7 @@ from absl import logging  # noqa: E402
 
 from trainer import cluster  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
+from trainer import errors  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -30,9 +31,7 @@ EXIT_PEER_LOST = 4
 
 
 def _fail(code: int, message: str):
-  sys.stderr.write(f"trainer.main: error: {message}\n")
-  sys.stderr.flush()
-  os._exit(code) if code == EXIT_PEER_LOST else sys.exit(code)
+  errors.fail("trainer.main", message, code, hard=code == EXIT_PEER_LOST)
 
 
 # Lines of a TF error message that say what went wrong, in order of interest.

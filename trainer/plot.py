@@ -13,11 +13,11 @@ matplotlib: pip install 'tf-trainer[plot]'.
 
 import logging as std_logging
 import os
-import sys
 
 from absl import app
 from absl import flags
 
+from trainer import errors
 from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -144,20 +144,16 @@ def _default_labels(model_dirs):
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
+    errors.fail("trainer.plot", f"unexpected arguments {argv[1:]}; flags "
+                "look like --name=value.")
   # TensorBoard's reader logs every file it opens at INFO.
   std_logging.getLogger("tensorboard").setLevel(std_logging.WARNING)
   try:
     path = plot(FLAGS.model_dir, FLAGS.out, FLAGS.metrics, FLAGS.labels,
                 FLAGS.width, FLAGS.height)
   except UserError as e:
-    _fail(str(e))
+    errors.fail("trainer.plot", str(e))
   print(path)
-
-
-def _fail(message: str):
-  sys.stderr.write(f"trainer.plot: error: {message}\n")
-  sys.exit(2)
 
 
 def run():
