@@ -42,14 +42,8 @@ def _raw(args, fused: bool):
   model = workers._model(worker_args)  # noqa: SLF001
   optimizer = workers.make_optimizer(worker_args, model)
   step = workers.make_step(model, optimizer)
-  iterator = iter(workers._data(worker_args, tf, np))  # noqa: SLF001
-
-  @tf.function
-  def chunk(n):
-    for _ in tf.range(n):
-      x, y = next(iterator)
-      step(x, y)
-  return lambda n: chunk(n)
+  return workers.make_loop(
+      step, iter(workers._data(worker_args, tf, np)))  # noqa: SLF001
 
 
 def _framework(args, guarded: bool):

@@ -93,6 +93,21 @@ def make_step(model, optimizer):
   return step
 
 
+def make_loop(step, iterator):
+  """One tf.function of `n` updates (a tensor) with a tf.range inner loop
+  over `iterator`; returns the last loss."""
+  import tensorflow as tf
+
+  @tf.function
+  def train_loop(n):
+    loss = tf.constant(0.0)
+    for _ in tf.range(n):
+      x, y = next(iterator)
+      loss = step(x, y)
+    return loss
+  return train_loop
+
+
 def raw(args) -> dict:
   import numpy as np
   import tensorflow as tf
@@ -104,20 +119,12 @@ def raw(args) -> dict:
   if args.jit_compile:
     step = tf.function(step, jit_compile=True)
 
-  @tf.function
-  def train_loop(iterator, n):
-    loss = tf.constant(0.0)
-    for _ in tf.range(n):
-      x, y = next(iterator)
-      loss = step(x, y)
-    return loss
-
-  iterator = iter(ds)
+  train_loop = make_loop(step, iter(ds))
   n = tf.constant(args.interval, tf.int32)
   rates, times = [], []
   while not _enough(rates, times, args):
     began = time.perf_counter()
-    loss = float(train_loop(iterator, n))
+    loss = float(train_loop(n))
     dt = time.perf_counter() - began
     rates.append(args.interval / dt)
     times.append(dt)
