@@ -46,14 +46,14 @@ def _raw(args, fused: bool):
       step, iter(workers._data(worker_args, tf, np)))  # noqa: SLF001
 
 
-def _framework(args, guarded: bool):
+def _framework(args, guarded: bool, model_dir: str):
   import tensorflow as tf
   from trainer import loop
   from trainer.config import Config
   shape = ",".join(str(d) for d in common.SHAPES[args.model])
   config = Config(model=args.model, dataset="synthetic",
                   synthetic_shape=shape, global_batch_size=args.batch,
-                  optimizer="adam", model_dir=tempfile.mkdtemp())
+                  optimizer="adam", model_dir=model_dir)
   runner = loop.Runner(config)
   iterator = runner._train_iterator()  # noqa: SLF001
   steps = runner.steps
@@ -73,18 +73,21 @@ def main(argv=None) -> int:
   previous = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
   try:
-    return _measure(args)
+    # Nothing is written there (no training outputs); removed even so.
+    with tempfile.TemporaryDirectory(prefix="bench_paired_") as tmp:
+      return _measure(args, tmp)
   finally:
     logging.set_verbosity(previous)
 
 
-def _measure(args) -> int:
+def _measure(args, tmp: str) -> int:
   import tensorflow as tf
   contenders = {
       "raw": _raw(args, fused=False),
       "raw_fused": _raw(args, fused=True),
-      "framework": _framework(args, guarded=False),
-      "framework_guarded": _framework(args, guarded=True),
+      "framework": _framework(args, False, os.path.join(tmp, "fast")),
+      "framework_guarded": _framework(args, True,
+                                      os.path.join(tmp, "guarded")),
   }
   n = tf.constant(args.interval)
   for run in contenders.values():   # trace and warm up
