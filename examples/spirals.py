@@ -59,7 +59,7 @@ class ResidualMLP(keras.Model):
 class Spirals(trainer.Task):
 
   def train_dataset(self, batch_size, seed, start_position):
-    positions = tf.data.Dataset.range(start_position, 2 ** 62)
+    positions = tf.data.Dataset.counter(start_position)
     return positions.batch(batch_size, drop_remainder=True).map(
         lambda p: spiral_points(p, seed), num_parallel_calls=tf.data.AUTOTUNE)
 

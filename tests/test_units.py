@@ -43,6 +43,38 @@ def test_stream_started_midway_continues_the_same_sequence():
     np.testing.assert_array_equal(a[2]["pos"], b[2]["pos"])
 
 
+def test_training_streams_are_endless_for_tf_distribute():
+  """A finite (even 2**62-long) stream makes multi-worker iterators
+  all-reduce a has-data flag on every batch (get_next_as_optional): the
+  training streams must have INFINITE cardinality."""
+  from trainer.task import ClassificationTask
+  import layers
+  task = ClassificationTask(Config(), layers.get("cnn"))
+  whole = pipeline.train_dataset(task, "train", 32, seed=1, start_position=64)
+  share = pipeline.worker_train_dataset(
+      task, "train", 32, seed=1, start_position=64, num_replicas=2,
+      first_replica=1, local_replicas=1)
+  for ds in (whole, share):
+    assert ds.cardinality().numpy() == tf.data.INFINITE_CARDINALITY
+  # Worker 1's rows of the global batch starting at 64: positions 80..95.
+  rows = next(iter(share))[2]["pos"].numpy()
+  np.testing.assert_array_equal(rows, np.arange(80, 96))
+
+  def custom(limit):
+    def make(batch_size, seed, start_position):
+      del seed
+      positions = tf.data.Dataset.range(start_position, limit)
+      return positions.batch(batch_size, drop_remainder=True).map(
+          lambda p: (tf.cast(p, tf.float32)[:, None], p % 2))
+    return pipeline._custom_train_dataset(make, 4, 0, 8)  # noqa: SLF001
+  huge = custom(2 ** 62)   # finite by tf.data's count, endless in practice
+  assert huge.cardinality().numpy() == tf.data.INFINITE_CARDINALITY
+  np.testing.assert_array_equal(next(iter(huge))[2]["pos"].numpy(),
+                                [8, 9, 10, 11])
+  with pytest.raises(tf.errors.FailedPreconditionError, match="infinite"):
+    list(custom(16).take(5))   # a stream that ends is an error, not reused
+
+
 def test_eval_dataset_pads_with_zero_weight():
   from trainer.task import ClassificationTask
   import layers

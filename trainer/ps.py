@@ -65,7 +65,7 @@ from trainer.errors import UserError
 from trainer.strategy import Role
 
 # Worker w's stream starts at w * _WORKER_STRIDE: disjoint stream regions
-# (positions are int64; the stream is 2**62 long).
+# (positions are int64: a worker can read 2**40 examples before the next one's region).
 _WORKER_STRIDE = 1 << 40
 # Scheduled functions between two joins share a ps vector of this many
 # progress slots; the coordinator joins when they are used up.
