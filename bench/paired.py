@@ -17,6 +17,22 @@ Contenders, all on the same model, batch and Adam:
   framework_guarded  Steps.train_loop: the per-update guard (tf.cond)
 Summaries, checkpoints and the input-wait probe run between chunks in the
 trainer and are not part of a chunk; bench.run's rows include them.
+
+Multi-worker (each process one worker of a MultiWorkerMirroredStrategy):
+
+  python -m launch.local --workers=2 --pin_cores --trainer_module=bench.paired \
+      -- --strategy=multiworker --batch=128 --rounds=30
+
+--batch is then the GLOBAL batch, and the contenders are
+  raw          the hand-written loop under the same strategy: strategy.run of
+               the step, Keras' Adam all-reducing the gradients (x raw = 1)
+  framework    Steps.fast_loop, as above
+  raw_local    the hand-written loop on this worker's share of the batch,
+               outside the strategy: no communication at all (each worker
+               runs it at the same time as the others)
+so raw / raw_local is what TF's collectives cost, and framework / raw what
+the framework costs on top. How far 2 workers can scale on the machine at
+all: raw_local at 2 workers against a 1-worker run's raw_local.
 """
 
 import argparse
@@ -46,15 +62,53 @@ def _raw(args, fused: bool):
       step, iter(workers._data(worker_args, tf, np)))  # noqa: SLF001
 
 
-def _framework(args, guarded: bool, model_dir: str):
+def _raw_distributed(args, strategy):
+  """bench.workers' raw loop under `strategy`: each replica's loss is
+  divided by the global batch and Keras' Adam all-reduces the gradients
+  (its own _all_reduce_sum_gradients), as a hand-written tf.distribute
+  loop does."""
+  import keras
+  import numpy as np
   import tensorflow as tf
+  from bench import workers
+  replicas = strategy.num_replicas_in_sync
+  worker_args = argparse.Namespace(
+      model=args.model, batch=args.batch // replicas, examples=4096,
+      precision="float32", jit_compile=False, fused_optimizer=False)
+  with strategy.scope():
+    model = workers._model(worker_args)  # noqa: SLF001
+    optimizer = workers.make_optimizer(worker_args, model)
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: workers._data(worker_args, tf, np)))  # noqa: SLF001
+
+  def step(x, y):
+    with tf.GradientTape() as tape:
+      logits = model(x, training=True)
+      loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+          y, logits, from_logits=True)) / args.batch
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+  @tf.function
+  def train_loop(n):
+    for _ in tf.range(n):
+      strategy.run(step, args=next(iterator))
+  return train_loop
+
+
+def _runner(args, model_dir: str):
   from trainer import loop
   from trainer.config import Config
   shape = ",".join(str(d) for d in common.SHAPES[args.model])
-  config = Config(model=args.model, dataset="synthetic",
-                  synthetic_shape=shape, global_batch_size=args.batch,
-                  optimizer="adam", model_dir=model_dir)
-  runner = loop.Runner(config)
+  return loop.Runner(Config(
+      model=args.model, dataset="synthetic", synthetic_shape=shape,
+      global_batch_size=args.batch, optimizer="adam", model_dir=model_dir,
+      strategy=args.strategy))
+
+
+def _framework(args, guarded: bool, model_dir: str, runner=None):
+  import tensorflow as tf
+  runner = runner or _runner(args, model_dir)
   iterator = runner._train_iterator()  # noqa: SLF001
   steps = runner.steps
   fn = steps.train_loop if guarded else steps.fast_loop
@@ -67,6 +121,9 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--interval", type=int, default=50)
   p.add_argument("--rounds", type=int, default=60)
+  p.add_argument("--strategy", default="default",
+                 choices=("default", "multiworker"),
+                 help="multiworker: run under launch.local (module doc)")
   args = p.parse_args(argv)
   from absl import logging
   # Quiet while the runners are built; restored after (tests call main()).
@@ -80,15 +137,32 @@ def main(argv=None) -> int:
     logging.set_verbosity(previous)
 
 
+def _contenders(args, tmp: str) -> dict:
+  if args.strategy == "default":
+    return {
+        "raw": _raw(args, fused=False),
+        "raw_fused": _raw(args, fused=True),
+        "framework": _framework(args, False, os.path.join(tmp, "fast")),
+        "framework_guarded": _framework(args, True,
+                                        os.path.join(tmp, "guarded")),
+    }
+  # One MultiWorkerMirroredStrategy per process: the framework's Runner
+  # builds it from TF_CONFIG and the raw loop shares it.
+  runner = _runner(args, os.path.join(tmp, "fast"))
+  strategy = runner.strategy
+  args.replicas = strategy.num_replicas_in_sync
+  local = argparse.Namespace(**{
+      **vars(args), "batch": args.batch // strategy.num_replicas_in_sync})
+  return {
+      "raw": _raw_distributed(args, strategy),
+      "framework": _framework(args, False, "", runner=runner),
+      "raw_local": _raw(local, fused=False),
+  }
+
+
 def _measure(args, tmp: str) -> int:
   import tensorflow as tf
-  contenders = {
-      "raw": _raw(args, fused=False),
-      "raw_fused": _raw(args, fused=True),
-      "framework": _framework(args, False, os.path.join(tmp, "fast")),
-      "framework_guarded": _framework(args, True,
-                                      os.path.join(tmp, "guarded")),
-  }
+  contenders = _contenders(args, tmp)
   n = tf.constant(args.interval)
   for run in contenders.values():   # trace and warm up
     run(n)
@@ -99,7 +173,10 @@ def _measure(args, tmp: str) -> int:
       began = time.perf_counter()
       run(n)   # an eager call of a tf.function returns when it has run
       times[name].append(time.perf_counter() - began)
-  print(f"{args.model} batch {args.batch}: {args.rounds} rounds of "
+  replicas = getattr(args, "replicas", 1)
+  print(f"{args.model} {args.strategy} ({replicas} replicas) global batch "
+        f"{args.batch}: "
+        f"{args.rounds} rounds of "
         f"{args.interval} updates each; x raw = median over rounds of "
         "raw time / contender time [quartiles]")
   for name, ts in times.items():

@@ -171,3 +171,28 @@ def test_paired_runs_every_contender_interleaved(capsys):
   by = {l[0]: l for l in lines}
   assert by["raw"][5] == "1.000"   # "raw 3.5 ms/update x raw 1.000 [...]"
   assert all(float(l[1]) > 0 for l in lines)   # ms/update
+
+
+@pytest.mark.timeout(240)
+def test_paired_multiworker_under_launch_local():
+  """bench.paired as the module of 2 local workers (no timing asserted):
+  both workers measure the raw loop under the strategy, the framework and
+  the communication-free local loop, in the same order, and exit 0."""
+  import subprocess
+  import sys
+  from tests.conftest import REPO, env
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.local", "--workers=2",
+       "--trainer_module=bench.paired", "--timeout_s=180", "--",
+       "--strategy=multiworker", "--batch=16", "--interval=2", "--rounds=2"],
+      cwd=REPO, env=env(), capture_output=True, text=True, timeout=220)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for worker in (0, 1):
+    assert f"[worker {worker}] cnn multiworker (2 replicas) global batch 16" \
+        in proc.stdout, proc.stdout[-2000:]
+    lines = [l.split()[2:] for l in proc.stdout.splitlines()
+             if l.startswith(f"[worker {worker}]   ")]
+    assert [l[0] for l in lines] == ["raw", "framework", "raw_local"], \
+        proc.stdout[-2000:]
+    assert all(float(l[1]) > 0 for l in lines)
+    assert dict((l[0], l[5]) for l in lines)["raw"] == "1.000"
