@@ -151,8 +151,8 @@ def _contenders(args, tmp: str) -> dict:
   runner = _runner(args, os.path.join(tmp, "fast"))
   strategy = runner.strategy
   args.replicas = strategy.num_replicas_in_sync
-  local = argparse.Namespace(**{
-      **vars(args), "batch": args.batch // strategy.num_replicas_in_sync})
+  local = argparse.Namespace(**{**vars(args),
+                                "batch": args.batch // args.replicas})
   return {
       "raw": _raw_distributed(args, strategy),
       "framework": _framework(args, False, "", runner=runner),
@@ -174,10 +174,10 @@ def _measure(args, tmp: str) -> int:
       run(n)   # an eager call of a tf.function returns when it has run
       times[name].append(time.perf_counter() - began)
   replicas = getattr(args, "replicas", 1)
-  print(f"{args.model} {args.strategy} ({replicas} replicas) global batch "
-        f"{args.batch}: "
-        f"{args.rounds} rounds of "
-        f"{args.interval} updates each; x raw = median over rounds of "
+  print(f"{args.model} {args.strategy} ({replicas} replica"
+        f"{'s' if replicas > 1 else ''}) global batch "
+        f"{args.batch}: {args.rounds} rounds of {args.interval} updates "
+        "each; x raw = median over rounds of "
         "raw time / contender time [quartiles]")
   for name, ts in times.items():
     ratios = [r / t for r, t in zip(times["raw"], ts)]
