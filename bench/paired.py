@@ -106,9 +106,8 @@ def _runner(args, model_dir: str):
       strategy=args.strategy))
 
 
-def _framework(args, guarded: bool, model_dir: str, runner=None):
+def _framework(runner, guarded: bool):
   import tensorflow as tf
-  runner = runner or _runner(args, model_dir)
   iterator = runner._train_iterator()  # noqa: SLF001
   steps = runner.steps
   fn = steps.train_loop if guarded else steps.fast_loop
@@ -142,9 +141,10 @@ def _contenders(args, tmp: str) -> dict:
     return {
         "raw": _raw(args, fused=False),
         "raw_fused": _raw(args, fused=True),
-        "framework": _framework(args, False, os.path.join(tmp, "fast")),
-        "framework_guarded": _framework(args, True,
-                                        os.path.join(tmp, "guarded")),
+        "framework": _framework(_runner(args, os.path.join(tmp, "fast")),
+                                guarded=False),
+        "framework_guarded": _framework(
+            _runner(args, os.path.join(tmp, "guarded")), guarded=True),
     }
   # One MultiWorkerMirroredStrategy per process: the framework's Runner
   # builds it from TF_CONFIG and the raw loop shares it.
@@ -155,7 +155,7 @@ def _contenders(args, tmp: str) -> dict:
                                 "batch": args.batch // args.replicas})
   return {
       "raw": _raw_distributed(args, strategy),
-      "framework": _framework(args, False, "", runner=runner),
+      "framework": _framework(runner, guarded=False),
       "raw_local": _raw(local, fused=False),
   }
 

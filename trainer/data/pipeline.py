@@ -3,7 +3,7 @@
 Training reads an endless stream of example positions p = 0, 1, 2, ...;
 position p is example index_shuffle(p mod N, seed=(seed, p div N)) of the
 split: epoch e's order is a pure function of (seed, e). Resuming at position
-P is `range(P, ...)`: no example before P is read or decoded. Batches are
+P is `counter(P)`: no example before P is read or decoded. Batches are
 GLOBAL micro-batches (all replicas together), so the sequence of global
 batches does not depend on the number of replicas or workers.
 
@@ -74,7 +74,8 @@ def worker_train_dataset(task, split: str, batch_size: int, seed: int,
     first = start + (first_replica + k % local_replicas) * rows
     return load(first + tf.range(rows, dtype=tf.int64), start)
 
-  ds = _positions(0).map(piece, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = _positions(0).map(piece, num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options(tf.data.experimental.AutoShardPolicy.OFF))
 
