@@ -12,9 +12,9 @@ per-round ratio raw time / contender time (with its quartiles).
 Contenders, all on the same model, batch and Adam:
   raw          bench.workers' hand-written loop, Keras' Adam
   raw_fused    the same loop with the framework's optimizer (fused kernels)
-  framework    trainer Steps.fast_loop: the chunk the trainer runs (per-chunk
+  framework    trainer Steps.unguarded_chunk: the chunk the trainer runs (per-chunk
                non-finite guard), on the framework's own input pipeline
-  framework_guarded  Steps.train_loop: the per-update guard (tf.cond)
+  framework_guarded  Steps.guarded_loop: the per-update guard (tf.cond)
 Summaries, checkpoints and the input-wait probe run between chunks in the
 trainer and are not part of a chunk; bench.run's rows include them.
 
@@ -26,7 +26,7 @@ Multi-worker (each process one worker of a MultiWorkerMirroredStrategy):
 --batch is then the GLOBAL batch, and the contenders are
   raw          the hand-written loop under the same strategy: strategy.run of
                the step, Keras' Adam all-reducing the gradients (x raw = 1)
-  framework    Steps.fast_loop, as above
+  framework    Steps.unguarded_chunk, as above
   raw_local    the hand-written loop on this worker's share of the batch,
                outside the strategy: no communication at all (each worker
                runs it at the same time as the others)
@@ -97,10 +97,10 @@ def _raw_distributed(args, strategy):
 
 
 def _runner(args, model_dir: str):
-  from trainer import loop
+  from trainer import controller
   from trainer.config import Config
   shape = ",".join(str(d) for d in common.SHAPES[args.model])
-  return loop.Runner(Config(
+  return controller.create(Config(
       model=args.model, dataset="synthetic", synthetic_shape=shape,
       global_batch_size=args.batch, optimizer="adam", model_dir=model_dir,
       strategy=args.strategy))
@@ -108,9 +108,9 @@ def _runner(args, model_dir: str):
 
 def _framework(runner, guarded: bool):
   import tensorflow as tf
-  iterator = runner._train_iterator()  # noqa: SLF001
+  iterator = runner.executor.train_iterator()  # noqa: SLF001
   steps = runner.steps
-  fn = steps.train_loop if guarded else steps.fast_loop
+  fn = steps.guarded_loop if guarded else steps.unguarded_chunk
   return lambda n: fn(iterator, tf.cast(n, tf.int64))
 
 

@@ -35,11 +35,11 @@ def _reference(model_dir, checkpoint):
   """Inputs (eval images as the model sees them) and the probabilities of
   the training code's own model restored from `checkpoint`."""
   import tensorflow as tf
-  from trainer import loop
+  from trainer import controller
   from trainer.config import Config
   from trainer.data import pipeline
   config = Config(**json.loads((model_dir / "config.json").read_text()))
-  runner = loop.Runner(config)
+  runner = controller.create(config)
   assert runner.checkpointer.restore(config, str(checkpoint))
   ds, _, _ = pipeline.eval_dataset(runner.task, config.eval_split, 16)
   images = next(iter(ds))[0].numpy()

@@ -292,7 +292,7 @@ def test_missing_tf_config_is_one_line_exit_2(tmp_path):
     ("{not json", "not valid JSON"),
 ])
 def test_bad_tf_config_is_a_user_error(monkeypatch, tf_config, says):
-  from trainer import ps
+  from trainer.executors import ps
   from trainer.config import Config
   from trainer.errors import UserError
   monkeypatch.setenv("TF_CONFIG", tf_config)
@@ -302,7 +302,7 @@ def test_bad_tf_config_is_a_user_error(monkeypatch, tf_config, says):
 
 def test_servers_that_never_start_end_the_wait(monkeypatch):
   from launch.cluster import free_ports
-  from trainer import ps
+  from trainer.executors import ps
   worker, server = free_ports(2)
   config = {"cluster": {"chief": ["127.0.0.1:1"],
                         "worker": [f"127.0.0.1:{worker}"],
@@ -315,7 +315,7 @@ def test_servers_that_never_start_end_the_wait(monkeypatch):
 
 
 def test_chunk_sizes_keep_every_worker_busy():
-  from trainer.ps import _chunk_sizes
+  from trainer.executors.ps import _chunk_sizes
   assert _chunk_sizes(100, 20, 2) == [20] * 5
   assert _chunk_sizes(50, 20, 2) == [17, 17, 16]
   assert _chunk_sizes(20, 20, 2) == [10, 10]     # both workers get work
@@ -328,7 +328,7 @@ def test_chunk_sizes_keep_every_worker_busy():
 def test_lost_ps_errors_become_one_clear_error():
   import tensorflow as tf
   from tensorflow.python.distribute.coordinator import cluster_coordinator
-  from trainer import ps
+  from trainer.executors import ps
   raw = tf.errors.UnavailableError(
       None, None, "failed to connect to all addresses\nAdditional GRPC error "
       "information from remote target /job:ps/replica:0/task:1/device:CPU:0")

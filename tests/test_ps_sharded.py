@@ -36,7 +36,7 @@ def sharded_variable():
 def test_gradients_of_a_sharded_variable(sharded_variable):
   import keras
   import tensorflow as tf
-  from trainer.step import _gradients
+  from trainer.compat import gradients as _gradients
   v = sharded_variable(np.arange(12).reshape(4, 3))
   plain = keras.Variable(np.ones(3, np.float32))
   x = tf.constant(np.arange(8, dtype=np.float32).reshape(2, 4))
@@ -57,9 +57,9 @@ def test_gradients_of_a_sharded_variable(sharded_variable):
 def test_sgd_updates_a_sharded_variable(sharded_variable):
   import keras
   import tensorflow as tf
-  from trainer import ps
+  from trainer import compat
   v = sharded_variable(np.ones((4, 3)))
-  optimizer = ps._with_sharded_updates(  # noqa: SLF001
+  optimizer = compat.with_sharded_updates(
       keras.optimizers.SGD(learning_rate=0.5))
   optimizer.build([v])
   tf.function(lambda: optimizer.apply([tf.ones((4, 3))], [v]))()
@@ -70,10 +70,10 @@ def test_checkpoint_holds_the_whole_value_and_restores_it(sharded_variable,
                                                          tmp_path):
   import keras
   import tensorflow as tf
-  from trainer import ps
+  from trainer import compat
   value = np.arange(12, dtype=np.float32).reshape(4, 3)
   v = sharded_variable(value)
-  assert ps._save_sharded_whole([v, keras.Variable(1.0)]) == 1  # noqa: SLF001
+  assert ps.save_sharded_whole([v, keras.Variable(1.0)]) == 1  # noqa: SLF001
   path = tf.train.Checkpoint(w=v).write(str(tmp_path / "ckpt"))
   reader = tf.train.load_checkpoint(path)
   np.testing.assert_array_equal(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import loop, optim
+from trainer import controller, guard, optim
 from trainer.config import Config
 
 import plugin_tasks  # noqa: F401  (tests/ is on sys.path: the NaN task)
@@ -21,10 +21,10 @@ def _nan_run(tmp_path, nonfinite: str, chunk_guard: bool):
                   summary_every=100, checkpoint_every=100, eval_every=0,
                   mode="train", nonfinite=nonfinite, input_wait_steps=0,
                   model_dir=str(tmp_path / f"{nonfinite}_{chunk_guard}"))
-  runner = loop.Runner(config)
+  runner = controller.create(config)
   runner.steps.chunk_guard = chunk_guard
   if nonfinite == "fail":
-    with pytest.raises(loop.NonFiniteError, match="position 96"):
+    with pytest.raises(guard.NonFiniteError, match="position 96"):
       runner.train(evaluate=False)
   else:
     runner.train(evaluate=False)
@@ -48,8 +48,8 @@ def test_chunk_guard_equals_the_per_update_guard(tmp_path, nonfinite):
   fast = _nan_run(tmp_path, nonfinite, chunk_guard=True)
   guarded = _nan_run(tmp_path, nonfinite, chunk_guard=False)
   # The chunk with the NaN ran unguarded, was undone and replayed.
-  assert fast.steps.fast_loop.experimental_get_tracing_count() == 1
-  assert fast.steps.train_loop.experimental_get_tracing_count() == 1
+  assert fast.steps.unguarded_chunk.experimental_get_tracing_count() == 1
+  assert fast.steps.guarded_loop.experimental_get_tracing_count() == 1
   assert int(fast.state.nonfinite_steps.numpy()) == 1
   assert int(fast.state.last_bad_position.numpy()) == 96
   a, b = _everything(fast), _everything(guarded)

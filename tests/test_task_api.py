@@ -80,7 +80,7 @@ def test_multi_output_weighted_losses_converge(tmp_path):
 def _one_step_reference(model_dir_name, tmp_path, task_cls, clip_flag=0.0):
   """Runs ONE update in-process; returns (w0, b0, w1, b1, x, y)."""
   import tensorflow as tf
-  from trainer import loop
+  from trainer import controller
   from trainer.config import Config
   from trainer.data import pipeline
   config = Config(task="plugin_tasks:" + task_cls.__name__, optimizer="sgd",
@@ -88,7 +88,7 @@ def _one_step_reference(model_dir_name, tmp_path, task_cls, clip_flag=0.0):
                   steps_per_loop=1, summary_every=1, checkpoint_every=1,
                   eval_every=0, mode="train", clip_norm=clip_flag, seed=2,
                   model_dir=str(tmp_path / model_dir_name))
-  runner = loop.Runner(config, task_cls(config))
+  runner = controller.create(config, task_cls(config))
   w0, b0 = (v.numpy() for v in runner.model.trainable_variables)
   runner.train(evaluate=False)
   w1, b1 = (v.numpy() for v in runner.model.trainable_variables)

@@ -106,18 +106,18 @@ def test_train_loop_does_not_retrace_when_chunk_size_changes(
     tmp_path, wait_steps, traces):
   """Chunks of 7, 7, 6 (and the probe's cuts) reuse one trace; the input
   wait probe adds exactly one (timed) trace of its own."""
-  from trainer import loop
+  from trainer import controller
   config = Config(train_steps=20, steps_per_loop=7, summary_every=10,
                   checkpoint_every=100, eval_every=0, mode="train",
                   global_batch_size=16, input_wait_steps=wait_steps,
                   model_dir=str(tmp_path / "run"))
-  runner = loop.Runner(config)
+  runner = controller.create(config)
   runner.train(evaluate=False)
   assert runner.global_step == 20
   # The per-chunk guard's loop runs every chunk; the per-update one only
   # replays a chunk with a non-finite update (none here).
-  assert runner.steps.fast_loop.experimental_get_tracing_count() == traces
-  assert runner.steps.train_loop.experimental_get_tracing_count() == 0
+  assert runner.steps.unguarded_chunk.experimental_get_tracing_count() == traces
+  assert runner.steps.guarded_loop.experimental_get_tracing_count() == 0
 
 
 @pytest.mark.parametrize("spec, sizes, expected", [

@@ -124,18 +124,18 @@ def test_gradient_histogram_is_the_applied_gradient(tmp_path):
   """The gradient the histograms show (computed apart from the step) is the
   all-reduced gradient the next update applies: w - w' = lr * g for SGD."""
   import tensorflow as tf
-  from trainer import loop, watch
+  from trainer import controller, watch
   from trainer.config import Config
   lr = 0.5
-  runner = loop.Runner(Config(model_dir=str(tmp_path / "run"), model="mlp",
+  runner = controller.create(Config(model_dir=str(tmp_path / "run"), model="mlp",
                               optimizer="sgd", learning_rate=lr,
                               global_batch_size=32, train_steps=5))
-  iterator = runner._train_iterator()
-  runner.steps.train_loop(iterator, tf.constant(2, tf.int64))
+  iterator = runner.executor.train_iterator()
+  runner.steps.guarded_loop(iterator, tf.constant(2, tf.int64))
   values = watch.Histograms(runner).values(2)
   variables = runner.model.trainable_variables
   before = [v.numpy() for v in variables]
-  runner.steps.train_loop(iterator, tf.constant(1, tf.int64))
+  runner.steps.guarded_loop(iterator, tf.constant(1, tf.int64))
   for v, old in zip(variables, before):
     np.testing.assert_allclose(values[f"gradients/{v.path}"].numpy(),
                                (old - v.numpy()) / lr, atol=2e-6,

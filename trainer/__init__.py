@@ -21,14 +21,14 @@ _EXPORTS = {
 def train(config, task=None) -> dict:
   """Trains `task` (default: the one the config names), resuming from
   config.model_dir; returns the summary dict the CLI prints as JSON."""
-  from trainer import loop
-  return loop.train(config, task)
+  from trainer import controller
+  return controller.train(config, task)
 
 
 def evaluate(config, task=None, checkpoint: str | None = None) -> dict:
   """Evaluates the latest (or given) checkpoint; returns the metrics dict."""
-  from trainer import loop
-  return loop.evaluate(config, task, checkpoint)
+  from trainer import controller
+  return controller.evaluate(config, task, checkpoint)
 
 
 def __getattr__(name):

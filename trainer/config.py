@@ -38,6 +38,7 @@ class Config:
   ps_shard_min_bytes: int = 256 << 10
   # What to train.
   task: str = ""
+  task_args: str = ""
   model: str = "cnn"
   dataset: str = "digits"
   data_dir: str = ""
@@ -63,6 +64,7 @@ class Config:
   momentum: float = 0.9
   weight_decay: float = 1e-4
   clip_norm: float = 0.0
+  ema_decay: float = 0.0
   # Reproducibility.
   seed: int = 0
   deterministic: bool = False
@@ -111,6 +113,12 @@ class Config:
     return first, last
 
   @property
+  def task_kwargs(self) -> dict:
+    """--task_args as a dict of strings."""
+    pairs = [p for p in self.task_args.split(",") if p.strip()]
+    return dict(p.split("=", 1) for p in pairs)
+
+  @property
   def tracks_best(self) -> bool:
     return self.keep_best or self.early_stopping_patience > 0
 
@@ -140,6 +148,9 @@ _HELP = {
                           "sharded across the ps tasks.",
     "task": "A user task 'package.module:Name' (a trainer.Task subclass or a "
             "function config -> Task); replaces --model/--dataset.",
+    "task_args": "Settings for the --task, 'key=value,key=value' (e.g. "
+                 "teacher_dir=runs/teacher); the task reads them from "
+                 "config.task_kwargs.",
     "model": f"Built-in model, one of {', '.join(MODELS)}, or "
              "'package.module:fn' with fn(input_spec, num_classes) -> "
              "keras.Model.",
@@ -172,6 +183,11 @@ _HELP = {
     "momentum": "Momentum of --optimizer=momentum.",
     "weight_decay": "Decoupled weight decay of --optimizer=adamw.",
     "clip_norm": "Clip the all-reduced gradient to this global norm (0: off).",
+    "ema_decay": "Keep an exponential moving average of the trainable "
+                 "weights with this decay (e.g. 0.999), updated after every "
+                 "update, checkpointed under `ema`; evaluation, best/ and "
+                 "trainer.export use it, and eval/raw/* in TensorBoard "
+                 "shows the raw weights (0: off).",
     "seed": "Seed of initialization, data order, dropout and augmentation.",
     "deterministic": "TF op determinism: two fresh runs give bit-identical "
                      "checkpoints (slower).",
@@ -273,6 +289,11 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   if config.model not in MODELS and ":" not in config.model:
     raise UserError(f"--model={config.model!r} is not one of: "
                     f"{', '.join(MODELS)} (or 'package.module:fn').")
+  if config.task_args and not all(
+      "=" in p and p.split("=", 1)[0].strip()
+      for p in config.task_args.split(",") if p.strip()):
+    raise UserError(f"--task_args={config.task_args!r} must be "
+                    "'key=value,key=value'.")
   if config.task and ":" not in config.task:
     raise UserError(f"--task={config.task!r} must be 'package.module:Name'.")
   for name in ("global_batch_size", "grad_accum_steps", "train_steps",
@@ -288,6 +309,9 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   for name in ("learning_rate", "peer_timeout_s"):
     if not getattr(config, name) > 0:
       raise UserError(f"--{name}={getattr(config, name)} must be > 0.")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise UserError(f"--ema_decay={config.ema_decay} must be in [0, 1) "
+                    "(0: off; e.g. 0.999).")
   if config.clip_norm < 0:
     raise UserError(f"--clip_norm={config.clip_norm} must be >= 0 (0: off).")
   if config.global_batch_size % config.grad_accum_steps:

@@ -94,12 +94,12 @@ def restore_model(model_dir: str, checkpoint: str = ""):
   """(model, input spec, checkpoint path, config) rebuilt from a run."""
   import keras
   import tensorflow as tf
-  from trainer import tasks
+  from trainer import task as task_lib
   from trainer.data import pipeline
   config = load_config(model_dir)
   path = find_checkpoint(model_dir, checkpoint)
   keras.mixed_precision.set_global_policy("float32")
-  task = tasks.from_config(config)
+  task = task_lib.from_config(config)
   spec = pipeline.input_spec(task, config.train_split)
   if not isinstance(spec, tf.TensorSpec):
     raise UserError(f"the task's features are {spec}, not one image tensor: "

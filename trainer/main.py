@@ -71,17 +71,17 @@ def main(argv):
   # Imported after validation: flag mistakes are reported in well under a
   # second instead of after TensorFlow's multi-second import.
   import tensorflow as tf
-  from trainer import loop
+  from trainer import controller
   try:
-    result = loop.run(config)
+    result = controller.run(config)
   except UserError as e:
     _fail(EXIT_USAGE, str(e))
-  except loop.Preempted as e:
+  except controller.Preempted as e:
     logging.warning("%s", e)
-    print(loop.summary_line({"global_step": e.step, "preempted": True}),
+    print(controller.summary_line({"global_step": e.step, "preempted": True}),
           flush=True)
-    sys.exit(loop.PREEMPTED_EXIT_CODE)
-  except loop.NonFiniteError as e:
+    sys.exit(controller.PREEMPTED_EXIT_CODE)
+  except controller.NonFiniteError as e:
     _fail(EXIT_NONFINITE, str(e))
   except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
           tf.errors.CancelledError, tf.errors.AbortedError) as e:
@@ -89,7 +89,7 @@ def main(argv):
     _fail(EXIT_PEER_LOST, f"lost contact with a peer task ({type(e).__name__}: "
           f"{_cause(str(e))}); relaunch all tasks to resume from the last "
           "checkpoint.")
-  print(loop.summary_line(result), flush=True)
+  print(controller.summary_line(result), flush=True)
 
 
 def run():

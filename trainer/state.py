@@ -33,3 +33,8 @@ class TrainState(tf.Module):
     self.last_bad_position = _counter("last_bad_position", value=-1)
     self.loss_scale = _counter("loss_scale", tf.float32, 2.0 ** 15)
     self.good_steps = _counter("good_steps")
+
+  def variables_of_an_update(self) -> list:
+    """Every counter an update may change (for the chunk's shadow copy)."""
+    return [self.global_step, self.position, self.nonfinite_steps,
+            self.last_bad_position, self.loss_scale, self.good_steps]

@@ -223,7 +223,7 @@ def build(config: Config):
     return strategy, Role(strategy.extended.should_checkpoint, index,
                           num_workers)
   if name == "parameter_server":
-    from trainer import ps  # only this strategy needs it
+    from trainer.executors import ps  # only this strategy needs it
     return ps.build_strategy(config)
   if name == "tpu":
     from trainer import tpu

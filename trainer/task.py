@@ -3,6 +3,8 @@
 Subclass `Task` (or `ClassificationTask`) and override what differs. Each
 hook says where it runs; the framework owns distribution, loss scaling,
 accumulation, the single cross-replica reduction, checkpoints and resume.
+The built-in supervised step is itself `Task.train_step`, written with the
+same public StepContext (trainer.step.context) a user's step gets.
 """
 
 from typing import Callable
@@ -10,8 +12,11 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+import layers
+from trainer import plugins
 from trainer.config import Config
 from trainer.data.source import Source
+from trainer.errors import UserError
 
 MetricFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
@@ -43,11 +48,55 @@ class Task:
     return features, labels
 
   # ---- model (built once, inside strategy.scope()) ---------------------
-  def build_model(self, input_spec) -> keras.Model:
+  def build_model(self, input_spec):
     """`input_spec`: tf.TensorSpec (or nest) of one example's features after
-    preprocess. Return a Keras model; use layers.Dropout for dropout that is
-    exact across replica counts and restarts."""
+    preprocess. Return a Keras model, or a dict of named Keras models (each
+    is checkpointed under model/NAME; the one named "model" is the main
+    one, which evaluation and export use by default). Use layers.Dropout
+    for dropout that is exact across replica counts and restarts. A model
+    with trainable=False (e.g. a frozen teacher) is never updated."""
     raise NotImplementedError
+
+  def optimizers(self):
+    """None (default): the optimizer the --optimizer flags describe. Or a
+    Keras 3 optimizer instance (any class, a user subclass included), or a
+    dict name -> optimizer, applied in that order. Built inside
+    strategy.scope(); see optimizer_variables for what each updates."""
+    return None
+
+  def optimizer_variables(self, name: str, models: dict) -> list | None:
+    """The variables optimizer `name` updates, or None (default) for: with
+    one optimizer, every trainable variable of every model; with several,
+    the trainable variables of the model of the same name."""
+    del name, models
+    return None
+
+  # ---- the step (replica context, inside tf.function) ------------------
+  def train_step(self, batch, ctx) -> dict:
+    """One micro-batch: `batch` = (features, labels) after preprocess,
+    this replica's rows; `ctx` a trainer.step.context.StepContext. Hand
+    gradients to ctx (ctx.minimize / ctx.apply_gradients) and return
+    per-example metrics by name. The default is supervised learning with
+    loss() and metrics() on the main model."""
+    features, labels = batch
+    model = ctx.model
+    with tf.GradientTape() as tape:
+      outputs = model(features, training=True)
+      per_example = tf.cast(self.loss(labels, outputs), tf.float32)
+      loss = ctx.scale_loss(per_example, model)
+    ctx.minimize(tape, loss)
+    return {"loss": per_example, **self.metric_values(labels, outputs)}
+
+  def eval_step(self, batch, ctx) -> dict:
+    """Per-example eval metrics of one batch (replica context). Default:
+    loss() and metrics() of the main model."""
+    features, labels = batch
+    outputs = ctx.model(features, training=False)
+    return {"loss": self.loss(labels, outputs),
+            **self.metric_values(labels, outputs)}
+
+  def metric_values(self, labels, outputs) -> dict:
+    return {name: fn(labels, outputs) for name, fn in self.metrics().items()}
 
   # ---- objective (replica context, inside tf.function) -----------------
   def loss(self, labels, outputs) -> tf.Tensor:
@@ -112,3 +161,23 @@ def accuracy(labels, logits):
   """Per-example 0/1: is the arg-max class the label."""
   predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
   return tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
+
+
+def from_config(config: Config) -> Task:
+  """Config -> Task: a plug-in task (--task), or the built-in classification
+  task on --model and --dataset."""
+  if config.task:
+    factory = plugins.load(config.task, "task")
+    if not callable(factory):
+      raise UserError(f"--task={config.task!r} is a {type(factory).__name__}, "
+                      "not a Task class or a function config -> Task.")
+    task = factory(config)
+    if not isinstance(task, Task):
+      raise UserError(f"--task={config.task!r} made a {type(task).__name__}, "
+                      "not a trainer.Task; subclass trainer.Task.")
+    return task
+  if ":" in config.model:
+    model_fn = plugins.load(config.model, "model")
+  else:
+    model_fn = layers.get(config.model)
+  return ClassificationTask(config, model_fn)

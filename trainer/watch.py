@@ -190,11 +190,13 @@ class Histograms:
     """name -> tensor. Every worker calls it at the same step."""
     runner = self._runner
     out = {f"weights/{v.path}": tf.convert_to_tensor(v)
-           for v in runner.model.trainable_variables}
+           for m in runner.models.values() for v in m.trainable_variables}
     if self._supported:
       grads = self._gradients()
-      for v, g in zip(runner.model.trainable_variables, grads):
-        out[f"gradients/{v.path}"] = g
+      variables = runner.steps.optimizer_variables
+      for name, values in grads.items():
+        for v, g in zip(variables[name], values):
+          out[f"gradients/{v.path}"] = g
     return out
 
   def _gradients(self):
@@ -216,11 +218,14 @@ class Histograms:
     def replica(batch):
       features, labels, meta = batch
       # The step's own loss scaling: divided by the update's global batch.
-      grads, _, _ = steps._compute_fn(features, labels, meta)  # noqa: SLF001
+      handed, _ = steps._micro_fn(features, labels, meta)  # noqa: SLF001
       scale = accum / steps.state.loss_scale if steps.fp16 else accum
       context = tf.distribute.get_replica_context()
-      return context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                [g * scale for g in grads])
+      return context.all_reduce(
+          tf.distribute.ReduceOp.SUM,
+          {name: [g * scale for g in grads]
+           for name, (grads, _) in handed.items()})
 
     per_replica = strategy.run(replica, args=(next(iterator),))
-    return [strategy.experimental_local_results(g)[0] for g in per_replica]
+    return {name: [strategy.experimental_local_results(g)[0] for g in grads]
+            for name, grads in per_replica.items()}

@@ -9,7 +9,7 @@ import sys
 
 import tensorflow as tf
 
-from trainer import loop
+from trainer import controller
 from trainer.config import Config
 
 model_dir, replicas, accum, updates = sys.argv[1], *map(int, sys.argv[2:])
@@ -33,7 +33,7 @@ config = Config(strategy="mirrored" if replicas > 1 else "default",
                 train_steps=updates, steps_per_loop=updates,
                 summary_every=updates, checkpoint_every=updates,
                 eval_every=0, mode="train", model_dir=model_dir)
-runner = loop.Runner(config)
+runner = controller.create(config)
 with tf.device("/cpu:0"):
   counter = tf.Variable(0, dtype=tf.int64, trainable=False)
 runner.train(evaluate=False)

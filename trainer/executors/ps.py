@@ -1,4 +1,4 @@
-"""--strategy=parameter_server: the coordinator's loop (ClusterCoordinator).
+"""--strategy=parameter_server: the executor on the coordinator (ClusterCoordinator).
 
 The process running trainer.main is the TF_CONFIG `chief`: the coordinator.
 Workers and parameter servers are plain `tf.distribute.Server`s in their own
@@ -55,13 +55,11 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from trainer import cluster
-from trainer import loop
-from trainer import step as step_lib
-from trainer import summary
-from trainer.accumulators import Sums
+from trainer import build, cluster, compat
 from trainer.data import pipeline
 from trainer.errors import UserError
+from trainer.step.metric_sums import MetricSums
+from trainer.step.steps import Steps
 from trainer.strategy import Role
 
 # Worker w's stream starts at w * _WORKER_STRIDE: disjoint stream regions
@@ -148,7 +146,7 @@ def build_strategy(config):
   return strategy, Role(is_chief=True, worker_index=0, num_workers=1)
 
 
-class _Sums(Sums):
+class _Sums(MetricSums):
   """Sums on the ps tasks (workers add atomically), read by the coordinator
   directly: strategy.run outside ClusterCoordinator.schedule is not meant
   for the coordinator."""
@@ -157,7 +155,7 @@ class _Sums(Sums):
     return self._local_read_and_reset()
 
 
-class Steps(step_lib.Steps):
+class PSSteps(Steps):
   """The scheduled function: up to --steps_per_loop updates on one worker,
   made idempotent per slot (see the module doc: exact global step)."""
 
@@ -165,9 +163,11 @@ class Steps(step_lib.Steps):
   # Workers update the ps-hosted variables concurrently: a shadow copy of
   # them could not be restored per worker. The guard stays per update.
   chunk_guard = False
+  is_parameter_server = True
 
-  def __init__(self, strategy, task, model, optimizer, state, config):
-    super().__init__(strategy, task, model, optimizer, state, config)
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    strategy, state = self.strategy, self.state
     with strategy.scope(), strategy.extended.colocate_vars_with(
         state.global_step):
       # Next to the global step (colocated variables are never sharded).
@@ -175,10 +175,9 @@ class Steps(step_lib.Steps):
                                   trainable=False, name="ps_chunk_progress")
     self.train_chunk = tf.function(self._train_chunk)
 
-  def _make_buffers(self, variables):
+  def _make_buffers(self):
     # ps-hosted buffers would be shared by all workers: micro-batch
     # gradients are summed in tensors instead (_reduced_gradients).
-    del variables
     return None
 
   def _train_chunk(self, iterator, num_updates, slot):
@@ -196,14 +195,15 @@ class Steps(step_lib.Steps):
 
   # K > 1 micro-batches: worker-local sums in tensors (unrolled K times).
   def _micro_first(self, batch):
-    features, labels, meta = batch
-    grads, loss, stats = self._compute_fn(features, labels, meta)
+    handed, stats = self._micro_fn(*batch)
     self.train_sums.add(stats)
-    return list(grads) + [loss]
+    return {name: list(grads) + [loss]
+            for name, (grads, loss) in handed.items()}
 
   def _micro_add(self, batch, totals):
     values = self._micro_first(batch)
-    return [a + b for a, b in zip(totals, values)]
+    return {name: [a + b for a, b in zip(totals[name], values[name])]
+            for name in totals}
 
   def _reduced_gradients(self, iterator):
     if self.accum_steps == 1:
@@ -212,70 +212,9 @@ class Steps(step_lib.Steps):
     totals = strategy.run(self._micro_first, args=(next(iterator),))
     for _ in range(self.accum_steps - 1):
       totals = strategy.run(self._micro_add, args=(next(iterator), totals))
-    return strategy.run(lambda t: self._reduce(t[:-1], t[-1]), args=(totals,))
-
-
-class _ShardedUpdates:
-  """Optimizer mixin: Keras 3 updates each variable through
-  strategy.extended.update(var), which cannot colocate with a
-  ShardedVariable; those (and only those) are updated directly: their
-  assign ops go to each shard's ps task."""
-
-  def _distributed_tf_update_step(self, distribution, grads_and_vars,
-                                  learning_rate):
-    sharded = tf.__internal__.distribute.ShardedVariable
-    pairs = list(grads_and_vars)
-    super()._distributed_tf_update_step(
-        distribution, [(g, v) for g, v in pairs if not isinstance(v, sharded)],
-        learning_rate)
-    for grad, var in pairs:
-      if isinstance(var, sharded):
-        self.update_step(grad, var, learning_rate)
-
-  def _apply_weight_decay(self, variables):
-    sharded = tf.__internal__.distribute.ShardedVariable
-
-    def is_sharded(variable):
-      return isinstance(getattr(variable, "value", variable), sharded)
-
-    super()._apply_weight_decay([v for v in variables if not is_sharded(v)])
-    if self.weight_decay is None:
-      return
-    for variable in variables:
-      if is_sharded(variable) and self._use_weight_decay(variable):
-        value = variable.value
-        lr = tf.cast(self.learning_rate, value.dtype)
-        wd = tf.cast(self.weight_decay, value.dtype)
-        value.assign_sub(tf.convert_to_tensor(value) * wd * lr)
-
-
-def _with_sharded_updates(optimizer):
-  """Gives `optimizer` the _ShardedUpdates behaviour (same state)."""
-  cls = type(optimizer)
-  optimizer.__class__ = type(f"Sharded{cls.__name__}", (_ShardedUpdates, cls),
-                             {})
-  return optimizer
-
-
-def _save_sharded_whole(variables) -> int:
-  """Keras 3 variables held as ShardedVariables cannot be saved as they are
-  (the saver wants one device per value). Each such variable saves its
-  whole value instead (read from all shards by the coordinator) and
-  restores by assigning it (split over the shards): the checkpoint is the
-  one any other strategy writes and reads. Returns how many are sharded."""
-  sharded = tf.__internal__.distribute.ShardedVariable
-  count = 0
-  for variable in variables:
-    if not isinstance(getattr(variable, "value", None), sharded):
-      continue
-    count += 1
-    # Instance attributes: the saver honours obj.__dict__ first.
-    variable._serialize_to_tensors = (
-        lambda v=variable: {"VARIABLE_VALUE": tf.convert_to_tensor(v.value)})
-    variable._restore_from_tensors = (
-        lambda tensors, v=variable: v.value.assign(
-            tf.reshape(tensors["VARIABLE_VALUE"], v.shape)))
-  return count
+    return strategy.run(
+        lambda t: self._reduce({n: (v[:-1], v[-1]) for n, v in t.items()}),
+        args=(totals,))
 
 
 def _chunk_sizes(todo: int, steps_per_loop: int, workers: int) -> list[int]:
@@ -310,16 +249,23 @@ def _translate(error):
       "the variables it held are lost, so training stops")
 
 
-class Runner(loop.Runner):
-  """loop.Runner whose loop schedules functions through ClusterCoordinator."""
+def create(config, task=None):
+  parts = build.parts(config, task, steps_class=PSSteps)
+  return parts, PSExecutor(parts)
 
-  steps_class = Steps
 
-  def __init__(self, config, task=None):
-    super().__init__(config, task)
-    _with_sharded_updates(self.optimizer)
-    sharded = _save_sharded_whole(
-        list(self.model.weights) + list(self.optimizer.variables))
+class PSExecutor:
+  """Schedules rounds of functions through ClusterCoordinator."""
+
+  def __init__(self, parts):
+    self.parts = parts
+    config = parts.config
+    self.config = config
+    for optimizer in parts.optimizers.values():
+      compat.with_sharded_updates(optimizer)
+    sharded = compat.save_sharded_whole(
+        [v for m in parts.models.values() for v in m.weights] +
+        [v for o in parts.optimizers.values() for v in o.variables])
     if sharded:
       logging.info("parameter_server: %d variables sharded over the ps tasks "
                    "(--ps_shard_min_bytes=%d)", sharded,
@@ -327,41 +273,29 @@ class Runner(loop.Runner):
     self.num_workers = len(cluster.env_tf_config(need_ps=True)["cluster"]
                            ["worker"])
     self.coordinator = tf.distribute.coordinator.ClusterCoordinator(
-        self.strategy)
-    self._local = None   # (model, Steps, eval data) on the coordinator
+        parts.strategy)
+    self._local = None   # (models, Steps, eval data) on the coordinator
+    self.probe = self.profiler = None
     if config.profile_steps:
       logging.warning("--profile_steps: not supported with "
                       "--strategy=parameter_server (the work runs on the "
                       "workers); ignored.")
 
-  # ---- errors -----------------------------------------------------------
-  def train(self, evaluate: bool = True) -> dict:
-    try:
-      return super().train(evaluate)
-    except Exception as e:   # noqa: BLE001 - translated, re-raised
-      translated = _translate(e)
-      if translated is e:
-        raise
-      raise translated from None
+  def translate(self, error):
+    return _translate(error)
 
-  def evaluate_checkpoint(self, path=None) -> dict:
-    try:
-      return super().evaluate_checkpoint(path)
-    except tf.errors.OpError as e:
-      translated = _translate(e)
-      if translated is e:
-        raise
-      raise translated from None
+  def agree(self, flag: bool) -> bool:
+    return flag   # one coordinator decides
 
   def _join(self):
     self.coordinator.join()
 
   # ---- data -----------------------------------------------------------
   def _per_worker_iterator(self):
-    config = self.config
-    task, split, seed = self.task, config.train_split, config.seed
+    config, parts = self.config, self.parts
+    task, split, seed = parts.task, config.train_split, config.seed
     micro = config.micro_batch_size
-    position = int(self.state.position.numpy())
+    position = int(parts.state.position.numpy())
     # Each worker resumes at the mean per-worker position (micro-batch
     # aligned): in asynchronous training no worker's own count is recorded.
     base = position // self.num_workers // micro * micro
@@ -376,18 +310,18 @@ class Runner(loop.Runner):
 
     @tf.function
     def per_worker_dataset_fn():
-      return self.strategy.distribute_datasets_from_function(dataset_fn)
+      return parts.strategy.distribute_datasets_from_function(dataset_fn)
 
     dataset = self.coordinator.create_per_worker_dataset(per_worker_dataset_fn)
     return iter(dataset)
 
-  def _train_iterator(self):
+  def train_iterator(self):
     return self._per_worker_iterator()
 
   # ---- the coordinator's loop -----------------------------------------
   def _round(self, iterator, todo: int) -> None:
     """Schedules `todo` updates and joins; re-run functions are idempotent."""
-    steps = self.steps
+    steps = self.parts.steps
     sizes = _chunk_sizes(todo, self.config.steps_per_loop, self.num_workers)
     for i, size in enumerate(sizes):
       slot = i % _SLOTS
@@ -401,61 +335,48 @@ class Runner(loop.Runner):
     self._join()
     steps.reset_progress()
 
-  def _next_boundary(self, step: int) -> int:
-    config = self.config
-    target = config.train_steps
-    for every in (config.summary_every, config.checkpoint_every,
-                  config.eval_every, config.histograms_every):
-      if every > 0:
-        target = min(target, (step // every + 1) * every)
-    return target
-
-  def _start_training(self):
-    self.steps.reset_progress()
+  def start(self):
+    self.parts.steps.reset_progress()
     return self._per_worker_iterator()
 
-  def _run_chunk(self, iterator, step: int):
-    self._round(iterator, self._next_boundary(step) - step)
+  def run(self, iterator, step: int, todo: int):
+    """A round: `todo` updates up to the next boundary, then a join."""
+    del step
+    self._round(iterator, todo)
     return iterator
 
-  def _iterator_after_rollback(self, iterator):
+  def after_rollback(self, iterator):
     # The workers' streams go on past the bad batch by themselves.
     return iterator
 
   # ---- evaluation on the coordinator ----------------------------------
   def _local_copy(self):
-    """A coordinator-local model (same architecture, same variable order),
-    its eval Steps under the default strategy, and the eval data."""
+    """Coordinator-local models (same architecture, same variable order),
+    their eval Steps under the default strategy, and the eval data."""
     if self._local is None:
-      config = self.config
+      parts, config = self.parts, self.config
       default = tf.distribute.get_strategy()
-      spec = pipeline.input_spec(self.task, config.train_split)
-      model = self.task.build_model(spec)
-      names = [(v.path, tuple(v.shape)) for v in model.weights]
-      theirs = [(v.path, tuple(v.shape)) for v in self.model.weights]
-      if [s for _, s in names] != [s for _, s in theirs]:
+      spec = pipeline.input_spec(parts.task, config.train_split)
+      models = build.models_of(parts.task, spec)
+      mine = [tuple(v.shape) for m in models.values() for v in m.weights]
+      theirs = [tuple(v.shape) for m in parts.models.values()
+                for v in m.weights]
+      if mine != theirs:
         raise RuntimeError("parameter_server: the coordinator's eval copy of "
                            "the model does not match the trained model.")
-      steps = step_lib.Steps(default, self.task, model, None, self.state,
-                             config.replace(grad_accum_steps=1))
+      steps = Steps(default, parts.task, models, {}, {}, parts.state,
+                    config.replace(grad_accum_steps=1))
       ds, batches, _ = pipeline.eval_dataset(
-          self.task, config.eval_split, config.effective_eval_batch_size)
-      self._local = (model, steps, ds, batches)
+          parts.task, config.eval_split, config.effective_eval_batch_size)
+      self._local = (models, steps, ds, batches)
     return self._local
 
-  def evaluate(self) -> dict:
-    config = self.config
-    model, steps, ds, batches = self._local_copy()
+  def eval_sums(self) -> dict:
+    models, steps, ds, batches = self._local_copy()
     # One read of every weight from the ps tasks per evaluation.
-    for mine, theirs in zip(model.weights, self.model.weights):
-      mine.assign(tf.convert_to_tensor(theirs))
+    for name, model in models.items():
+      for mine, theirs in zip(model.weights,
+                              self.parts.models[name].weights):
+        mine.assign(tf.convert_to_tensor(theirs))
     steps.eval_loop(iter(ds), tf.constant(batches, tf.int64))
-    sums = steps.eval_sums.read_and_reset()
-    weight = max(sums.pop("weight"), 1.0)
-    metrics = {name: value / weight for name, value in sums.items()}
-    step = self.global_step
-    self._open_outputs()
-    self.writers.scalars(self.writers.eval, step, metrics)
-    logging.info("%s", summary.progress_line("eval", step, config.train_steps,
-                                             metrics))
-    return {**metrics, "examples": int(weight)}
+    return steps.eval_sums.read_and_reset()

@@ -1,4 +1,5 @@
-"""Replica-local running sums, reduced across replicas only when read.
+"""Replica-local running sums of metrics, reduced across replicas only when
+read.
 
 Every cross-replica reduction is a collective round trip (see tf-traps.md);
 metrics therefore accumulate per replica and cost one reduction per summary.
@@ -6,20 +7,25 @@ metrics therefore accumulate per replica and cost one reduction per summary.
 
 import tensorflow as tf
 
+# Room for the names a step reports; a user's train_step may return any
+# metrics, registered when it is traced (no variable is created then).
+CAPACITY = 64
 
-class Sums:
+
+class MetricSums:
   """Named float32 sums, one copy per replica (sync on read, SUM).
 
   All the sums live in ONE vector variable: an update adds them with one
   op (a step's metric bookkeeping is per-step overhead, measured in
-  bench/), and a read is one packed reduction."""
+  bench/), and a read is one packed reduction. Names given here are
+  always reported; others join the first time a traced step adds them."""
 
-  def __init__(self, strategy, names):
+  def __init__(self, strategy, names=()):
     self.names = list(names)
     self._strategy = strategy
     with strategy.scope():
       self._var = tf.Variable(
-          tf.zeros([len(self.names)], tf.float32), trainable=False,
+          tf.zeros([CAPACITY], tf.float32), trainable=False,
           name="sums", synchronization=tf.VariableSynchronization.ON_READ,
           aggregation=tf.VariableAggregation.SUM)
     self._read = tf.function(self._read_and_reset)
@@ -28,16 +34,21 @@ class Sums:
   def variables(self):
     return [self._var]
 
+  def register(self, names) -> None:
+    for name in names:
+      if name not in self.names:
+        if len(self.names) >= CAPACITY:
+          raise ValueError(f"more than {CAPACITY} metrics: {self.names}")
+        self.names.append(name)
+
   def add(self, values: dict):
     """Adds `values[name]` (scalars) to each sum; missing names add 0.
     Call in replica context."""
-    unknown = set(values) - set(self.names)
-    if unknown:
-      raise KeyError(f"no sums named {sorted(unknown)}; have {self.names}")
+    self.register(values)
     zero = tf.zeros([], tf.float32)
-    self._var.assign_add(tf.stack(
-        [tf.cast(values[n], tf.float32) if n in values else zero
-         for n in self.names]))
+    packed = tf.stack([tf.cast(values[n], tf.float32) if n in values
+                       else zero for n in self.names])
+    self._var.assign_add(tf.pad(packed, [[0, CAPACITY - len(self.names)]]))
 
   def _local_read_and_reset(self):
     value = self._var.read_value()

@@ -1,6 +1,8 @@
-"""The outer loop (Orbit's Controller role): chunks of --steps_per_loop
-updates inside one tf.function call, then summaries, checkpoints,
-evaluation, the non-finite guard and preemption between chunks.
+"""The outer loop (Orbit's Controller): chunks of updates, and between
+them summaries, checkpoints, evaluation, the non-finite policy, early
+stopping and preemption. It is GIVEN the run's parts (trainer.build) and an
+executor (trainer.executors) that knows how a chunk runs on the strategy;
+it never builds anything and never touches a strategy itself.
 """
 
 import json
@@ -10,17 +12,12 @@ import threading
 import time
 
 from absl import logging
-import keras
 import tensorflow as tf
-
 from trainer import best as best_lib
-from trainer import checkpoint as ckpt_lib
-from trainer import optim, strategy as strategy_lib, summary, tasks, watch
-from trainer.config import Config, check_divisible
-from trainer.data import pipeline
+from trainer import executors, guard, optim, summary, watch
+from trainer.config import Config
 from trainer.errors import UserError
-from trainer.state import TrainState
-from trainer.step import Steps
+from trainer.guard import NonFiniteError  # noqa: F401  (re-exported)
 
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL: saved; run the same command again
 
@@ -32,10 +29,6 @@ class Preempted(Exception):
     super().__init__(f"preempted: checkpoint saved at step {step}; run the "
                      "same command to resume.")
     self.step = step
-
-
-class NonFiniteError(Exception):
-  """--nonfinite=fail, or --max_rollbacks exhausted."""
 
 
 class _StopSignal:
@@ -70,47 +63,27 @@ def _crossed(previous: int, current: int, every: int) -> bool:
   return every > 0 and current // every > previous // every
 
 
-class Runner:
-  """One configured run: strategy, task, model, optimizer, state, steps."""
+class Controller:
+  """The outer loop of one run, over its parts and executor."""
 
-  steps_class = Steps
-
-  def __new__(cls, config: Config, task=None):
-    del task
-    if cls is Runner and config.strategy == "parameter_server":
-      from trainer import ps  # the coordinator's loop (ClusterCoordinator)
-      cls = ps.Runner
-    return super().__new__(cls)
-
-  def __init__(self, config: Config, task=None):
-    strategy_lib.configure_devices(config)
-    self.strategy, self.role = strategy_lib.build(config)
-    check_divisible(config, self.strategy.num_replicas_in_sync)
-    self.config = config
-    keras.utils.set_random_seed(config.seed)
-    keras.mixed_precision.set_global_policy(config.mixed_precision)
-    self.task = task if task is not None else tasks.from_config(config)
-    # Data first: a missing file is reported before model_dir is touched.
-    spec = pipeline.input_spec(self.task, config.train_split)
-    with self.strategy.scope():
-      self.model = self.task.build_model(spec)
-      self.state = TrainState()
-      self.optimizer = optim.build(config, self.state.global_step,
-                                   self.model.trainable_variables)
-    self.steps = self.steps_class(self.strategy, self.task, self.model,
-                                  self.optimizer, self.state, config)
-    self.checkpointer = ckpt_lib.Checkpointer(
-        config.model_dir,
-        {"model": self.model, "optimizer": self.optimizer,
-         "global_step": self.state.global_step, "state": self.state,
-         "config": tf.Variable(config.to_json(), trainable=False)},
-        keep=config.keep_checkpoints, is_chief=self.role.is_chief,
-        worker_index=self.role.worker_index)
+  def __init__(self, parts, executor):
+    self.parts = parts
+    self.executor = executor
+    self.config = parts.config
+    self.role = parts.role
+    self.checkpointer = parts.checkpointer
     self.writers = None
-    self._eval_data = None
-    self._vote = None
     self.progress = None
     self.best = None
+
+  # The parts tests and instruments read (the controller only reads them).
+  strategy = property(lambda self: self.parts.strategy)
+  task = property(lambda self: self.parts.task)
+  models = property(lambda self: self.parts.models)
+  model = property(lambda self: self.parts.model)
+  optimizer = property(lambda self: self.parts.optimizer)
+  state = property(lambda self: self.parts.state)
+  steps = property(lambda self: self.parts.steps)
 
   # ---- helpers ----------------------------------------------------------
   @property
@@ -126,62 +99,45 @@ class Runner:
           f.write(self.config.to_json() + "\n")
       self.writers = summary.Writers(self.config.model_dir, self.role.is_chief)
 
-  def _train_iterator(self):
-    config, task = self.config, self.task
-    position = int(self.state.position.numpy())
-    args = (task, config.train_split, config.micro_batch_size, config.seed,
-            position)
-    if self.role.num_workers > 1 and getattr(task, "train_dataset",
-                                             None) is None:
-      # Each worker builds only its own rows of every global micro-batch.
-      def dataset_fn(context):
-        local = context.num_replicas_in_sync // context.num_input_pipelines
-        return pipeline.worker_train_dataset(
-            *args, num_replicas=context.num_replicas_in_sync,
-            first_replica=context.input_pipeline_id * local,
-            local_replicas=local)
-      return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
-    ds = pipeline.train_dataset(*args)
-    return iter(self.strategy.experimental_distribute_dataset(ds))
-
-  def _agree(self, flag: bool) -> bool:
-    """True if any worker says so (collective under multiworker)."""
-    if self.role.num_workers <= 1:
-      return flag
-    if self._vote is None:
-      def vote(flag):
-        value = self.strategy.run(lambda: tf.identity(flag))
-        # ReduceOp has no MAX: a SUM of 0/1 flags is > 0 iff any is set.
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value,
-                                    axis=None)
-      self._vote = tf.function(vote)
-    return float(self._vote(tf.constant(1.0 if flag else 0.0))) > 0
-
   def save(self) -> None:
     path = self.checkpointer.save(self.global_step)
     if path:
       logging.info("saved checkpoint %s", path)
 
   # ---- evaluation -----------------------------------------------------
-  def evaluate(self) -> dict:
-    config = self.config
-    if self._eval_data is None:
-      ds, batches, examples = pipeline.eval_dataset(
-          self.task, config.eval_split, config.effective_eval_batch_size)
-      self._eval_data = (self.strategy.experimental_distribute_dataset(ds),
-                         batches, examples)
-    dist, batches, _ = self._eval_data
-    self.steps.eval_loop(iter(dist), tf.constant(batches, tf.int64))
-    sums = self.steps.eval_sums.read_and_reset()
+  def _eval_metrics(self) -> dict:
+    sums = self.executor.eval_sums()
     weight = max(sums.pop("weight"), 1.0)
-    metrics = {name: value / weight for name, value in sums.items()}
+    return {**{name: value / weight for name, value in sums.items()},
+            "examples": int(weight)}
+
+  def evaluate(self) -> dict:
+    """Metrics of the eval split: with --ema_decay, of the moving average
+    (and the raw weights' under raw/ in TensorBoard), else of the weights."""
+    config = self.config
+    ema = self.parts.ema
+    raw = None
+    if ema is not None:
+      raw = self._eval_metrics()
+      with ema.swapped_in():
+        metrics = self._eval_metrics()
+    else:
+      metrics = self._eval_metrics()
+    examples = metrics.pop("examples")
     step = self.global_step
     self._open_outputs()
-    self.writers.scalars(self.writers.eval, step, metrics)
+    scalars = dict(metrics)
+    if raw is not None:
+      raw.pop("examples")
+      scalars.update({f"raw/{k}": v for k, v in raw.items()})
+    self.writers.scalars(self.writers.eval, step, scalars)
     if self.role.is_chief:
       logging.info("%s", summary.progress_line("eval", step,
-                                               config.train_steps, metrics))
-    return {**metrics, "examples": int(weight)}
+                                               config.train_steps, scalars))
+    result = {**metrics, "examples": examples}
+    if raw is not None:
+      result.update({f"raw_{k}": v for k, v in raw.items()})
+    return result
 
   # ---- training -------------------------------------------------------
   def train(self, evaluate: bool = True) -> dict:
@@ -201,6 +157,11 @@ class Runner:
     stop = _StopSignal().install()
     try:
       result.update(self._train_chunks(stop, evaluate))
+    except Exception as e:   # noqa: BLE001 - translated, re-raised
+      translated = self.executor.translate(e)
+      if translated is e:
+        raise
+      raise translated from None
     finally:
       stop.uninstall()
       self._profiler.stop()
@@ -245,6 +206,8 @@ class Runner:
                                     os.path.join(config.model_dir, "train"),
                                     self.role.is_chief)
     self._histograms = watch.Histograms(self)
+    self.executor.probe, self.executor.profiler = (self._wait_probe,
+                                                   self._profiler)
 
   def _train_chunks(self, stop, evaluate: bool) -> dict:
     config = self.config
@@ -259,13 +222,14 @@ class Runner:
                    self.best.record.step)
       self._stopped_eval = self.evaluate()
       return {}
-    iterator = self._start_training()
+    iterator = self.executor.start()
     interval_time, interval_start, last = 0.0, step, {}
     bad_seen = int(state.nonfinite_steps.numpy())
     rollbacks = 0
     while step < config.train_steps:
       began = time.perf_counter()
-      iterator = self._run_chunk(iterator, step)
+      iterator = self.executor.run(iterator, step,
+                                   self._next_boundary(step) - step)
       before, step = step, self.global_step
       elapsed = time.perf_counter() - began
       interval_time += elapsed
@@ -273,10 +237,11 @@ class Runner:
                          config.global_batch_size)
       bad = int(state.nonfinite_steps.numpy())
       if bad > bad_seen:
-        rollbacks += self._on_nonfinite(bad, bad_seen, rollbacks)
+        rollbacks += guard.on_nonfinite(config, state, self.checkpointer,
+                                        bad, bad_seen, rollbacks)
         bad_seen = bad
         if config.nonfinite == "rollback":
-          iterator = self._iterator_after_rollback(iterator)
+          iterator = self.executor.after_rollback(iterator)
           step = self.global_step
           interval_start, interval_time = step, 0.0
           continue
@@ -288,7 +253,7 @@ class Runner:
       if _crossed(before, step, config.histograms_every):
         self.writers.histograms(self.writers.train, step,
                                 self._histograms.values(step))
-      if self._agree(stop.raised):
+      if self.executor.agree(stop.raised):
         self.save()
         raise Preempted(step)
       saved = _crossed(before, step, config.checkpoint_every) or done
@@ -306,57 +271,15 @@ class Runner:
           break
     return last
 
-  # The three places where strategies differ in how chunks run (the
-  # parameter-server coordinator overrides them; the bookkeeping around
-  # them in _train_chunks is shared).
-  def _start_training(self):
-    """The training iterator, at the restored data position."""
-    return self._train_iterator()
-
-  def _run_chunk(self, iterator, step: int):
-    """Runs the updates up to the next boundary (summary, checkpoint,
-    evaluation, histogram, or --steps_per_loop), at most. Returns the
-    iterator to continue with."""
+  def _next_boundary(self, step: int) -> int:
+    """The next step at which something happens between chunks."""
     config = self.config
-    todo = min(config.steps_per_loop, config.train_steps - step)
+    target = config.train_steps
     for every in (config.summary_every, config.checkpoint_every,
                   config.eval_every, config.histograms_every):
       if every > 0:
-        todo = min(todo, every - step % every)
-    probe, profiler = self._wait_probe, self._profiler
-    # Windows of the instruments end chunks alike on every worker.
-    todo = profiler.limit(step, todo)
-    todo, timed = probe.plan(step, todo)
-    profiler.before_chunk(step)
-    iterator = self._train_chunk(iterator, todo, probe.wrap if timed else None)
-    if timed:
-      probe.after_chunk()
-    profiler.after_chunk(self.global_step)
-    return iterator
-
-  def _train_chunk(self, iterator, todo: int, wrap=None):
-    """`todo` updates. Through the per-chunk guard when the steps have it:
-    a non-finite update makes every worker restore the chunk's start and
-    replay it guarded per update, from a new iterator at the chunk's first
-    position. Returns the iterator to continue with."""
-    steps, num = self.steps, tf.constant(todo, tf.int64)
-    wrapped = wrap(iterator) if wrap else iterator
-    if not steps.chunk_guard:
-      steps.train_loop(wrapped, num)
-      return iterator
-    if bool(steps.fast_loop(wrapped, num)):
-      return iterator
-    steps.restore_chunk_start()
-    logging.info("non-finite update in the chunk at step %d: replaying it "
-                 "with the per-update guard.", self.global_step)
-    iterator = self._train_iterator()
-    steps.train_loop(wrap(iterator) if wrap else iterator, num)
-    return iterator
-
-  def _iterator_after_rollback(self, iterator):
-    """After a rollback the data position moved past the bad batch."""
-    del iterator
-    return self._train_iterator()
+        target = min(target, (step // every + 1) * every)
+    return target
 
   def _early_stop(self, step: int, metrics: dict) -> bool:
     """Updates best/; True if early stopping triggers. Every worker decides
@@ -372,37 +295,6 @@ class Runner:
                  self.config.early_stopping_patience)
     return True
 
-  def _on_nonfinite(self, bad: int, bad_seen: int, rollbacks: int) -> int:
-    """Acts on new non-finite updates; returns 1 if it rolled back."""
-    config, state = self.config, self.state
-    where = int(state.last_bad_position.numpy())
-    logging.warning("%d non-finite update(s) dropped (latest at example "
-                    "position %d); --nonfinite=%s.", bad - bad_seen, where,
-                    config.nonfinite)
-    if config.nonfinite == "fail":
-      raise NonFiniteError(
-          f"non-finite loss or gradient at example position {where} (step "
-          f"{self.global_step}); the weights are unchanged. Use "
-          "--nonfinite=skip or rollback to continue past it.")
-    if config.nonfinite == "skip":
-      return 0
-    if rollbacks >= config.max_rollbacks:
-      raise NonFiniteError(
-          f"non-finite loss or gradient again after {rollbacks} rollback(s) "
-          f"(--max_rollbacks={config.max_rollbacks}); latest at example "
-          f"position {where}. Lower --learning_rate or check the data.")
-    restored = self.checkpointer.restore(config)
-    # Move past the bad batch: the restored position would replay it.
-    resume_at = max(int(state.position.numpy()),
-                    where + config.global_batch_size)
-    state.position.assign(resume_at)
-    state.nonfinite_steps.assign(bad)
-    state.last_bad_position.assign(where)
-    logging.warning("rolled back to %s (step %d); training resumes at example "
-                    "position %d.", restored or "the current weights",
-                    self.global_step, resume_at)
-    return 1
-
   def _write_train_summary(self, step, interval_start, interval_time) -> dict:
     config = self.config
     sums = self.steps.train_sums.read_and_reset()
@@ -414,7 +306,7 @@ class Runner:
     rate = done / interval_time if interval_time > 0 else 0.0
     scalars = {
         **metrics,
-        "learning_rate": float(optim.learning_rate_at(step, config)),
+        **self._learning_rates(step),
         "steps_per_sec": rate,
         "examples_per_sec": rate * config.global_batch_size,
         "grad_norm": grad_norm,
@@ -429,18 +321,41 @@ class Runner:
     return {**_prefixed("train", metrics), "steps_per_sec": rate,
             "examples_per_sec": rate * config.global_batch_size}
 
+  def _learning_rates(self, step: int) -> dict:
+    """learning_rate (the --lr_schedule), or each task optimizer's own."""
+    if not self.parts.flag_optimizer:
+      optimizers = self.parts.optimizers
+      rates = {name: float(o.learning_rate) for name, o in optimizers.items()}
+      if len(rates) == 1:
+        return {"learning_rate": next(iter(rates.values()))}
+      return {f"learning_rate/{name}": v for name, v in rates.items()}
+    return {"learning_rate": float(optim.learning_rate_at(step, self.config))}
+
   # ---- evaluation-only modes ------------------------------------------
   def evaluate_checkpoint(self, path: str | None = None) -> dict:
     if path and os.path.isdir(path):   # e.g. --checkpoint=MODEL_DIR/best
       path = tf.train.latest_checkpoint(path) or path
-    restored = self.checkpointer.restore(self.config, path)
+    try:
+      restored = self.checkpointer.restore(self.config, path)
+    except tf.errors.OpError as e:
+      translated = self.executor.translate(e)
+      if translated is e:
+        raise
+      raise translated from None
     if restored is None:
       raise UserError(f"--mode=eval: no checkpoint in --model_dir="
                       f"{self.config.model_dir}; train first or pass "
                       "--checkpoint=PATH.")
     logging.info("evaluating %s (step %d)", restored, self.global_step)
+    try:
+      metrics = self.evaluate()
+    except tf.errors.OpError as e:
+      translated = self.executor.translate(e)
+      if translated is e:
+        raise
+      raise translated from None
     return {"global_step": self.global_step, "checkpoint": restored,
-            **_prefixed("eval", self.evaluate())}
+            **_prefixed("eval", metrics)}
 
   def continuous_eval(self, poll_s: float = 1.0) -> dict:
     """Evaluates each new checkpoint in --model_dir until the one at
@@ -470,26 +385,30 @@ def _prefixed(prefix: str, values: dict) -> dict:
   return {f"{prefix}_{k}": v for k, v in values.items()}
 
 
+def create(config: Config, task=None) -> Controller:
+  """The Controller of a run: its parts and the strategy's executor."""
+  return Controller(*executors.for_config(config, task))
+
+
 def train(config: Config, task=None) -> dict:
   """Trains `task` (default: the one --task/--model/--dataset name) under
   `config`, resuming from --model_dir; returns the JSON summary dict."""
-  runner = Runner(config, task)
-  return runner.train(evaluate=config.mode == "train_and_eval")
+  return create(config, task).train(evaluate=config.mode == "train_and_eval")
 
 
 def evaluate(config: Config, task=None, checkpoint: str | None = None) -> dict:
   """Evaluates the latest (or given) checkpoint in --model_dir."""
-  return Runner(config, task).evaluate_checkpoint(checkpoint)
+  return create(config, task).evaluate_checkpoint(checkpoint)
 
 
 def run(config: Config, task=None) -> dict:
   """Dispatches on --mode."""
-  runner = Runner(config, task)
+  controller = create(config, task)
   if config.mode == "eval":
-    return runner.evaluate_checkpoint(config.checkpoint or None)
+    return controller.evaluate_checkpoint(config.checkpoint or None)
   if config.mode == "continuous_eval":
-    return runner.continuous_eval()
-  return runner.train(evaluate=config.mode == "train_and_eval")
+    return controller.continuous_eval()
+  return controller.train(evaluate=config.mode == "train_and_eval")
 
 
 def summary_line(result: dict) -> str:

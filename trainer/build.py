@@ -1,0 +1,158 @@
+"""Config -> the parts of one run: strategy, task, models, optimizers,
+state, moving average, steps, checkpointer. The composition root: it
+builds, it never loops (trainer.controller does, through an executor).
+"""
+
+import dataclasses
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from trainer import checkpoint as ckpt_lib
+from trainer import optim, strategy as strategy_lib
+from trainer.config import Config, check_divisible
+from trainer.data import pipeline
+from trainer.errors import UserError
+from trainer.state import TrainState
+from trainer.step.steps import Steps, make_ema
+from trainer.task import Task, from_config
+
+# A Task's single model (build_model returned one model) has this name.
+MAIN = "model"
+
+
+@dataclasses.dataclass
+class Parts:
+  """Everything a run is made of. `model` is the main model (the only one,
+  or the one named "model"); `optimizer` the only optimizer, if one."""
+  config: Config
+  strategy: tf.distribute.Strategy
+  role: strategy_lib.Role
+  task: Task
+  models: dict
+  optimizers: dict
+  state: TrainState
+  steps: Steps
+  checkpointer: ckpt_lib.Checkpointer
+  ema: object = None
+  flag_optimizer: bool = True   # the --optimizer flags made the optimizer
+
+  @property
+  def model(self):
+    return self.steps.main_model()
+
+  @property
+  def optimizer(self):
+    return next(iter(self.optimizers.values())) if len(
+        self.optimizers) == 1 else None
+
+  @property
+  def is_parameter_server(self) -> bool:
+    return self.config.strategy == "parameter_server"
+
+
+def models_of(task: Task, spec) -> dict:
+  """Task.build_model's model, or dict of named models, as a dict."""
+  built = task.build_model(spec)
+  if isinstance(built, keras.Model):
+    return {MAIN: built}
+  if isinstance(built, dict) and built and all(
+      isinstance(k, str) and k.isidentifier() and isinstance(m, keras.Model)
+      for k, m in built.items()):
+    return dict(built)
+  raise UserError(
+      f"{type(task).__name__}.build_model returned {type(built).__name__}: "
+      "return a keras.Model or a dict of them keyed by identifier names.")
+
+
+def optimizers_of(task: Task, config: Config, state: TrainState,
+                  models: dict) -> tuple[dict, dict, bool]:
+  """({name: prepared optimizer}, {name: its variables}, whether the
+  --optimizer flags made it). Inside strategy.scope()."""
+  given = task.optimizers()
+  from_flags = given is None
+  if from_flags:
+    given = {"optimizer": optim.from_flags(config, state.global_step)}
+  elif not isinstance(given, dict):
+    given = {"optimizer": given}
+  if not given:
+    raise UserError(f"{type(task).__name__}.optimizers() returned no "
+                    "optimizer.")
+  variables = {}
+  for name in given:
+    chosen = task.optimizer_variables(name, models)
+    if chosen is None:
+      if len(given) == 1:
+        chosen = [v for m in models.values() for v in m.trainable_variables]
+      elif name in models:
+        chosen = list(models[name].trainable_variables)
+      else:
+        raise UserError(
+            f"optimizer {name!r} has no model of the same name (models: "
+            f"{sorted(models)}); name them alike or override "
+            "Task.optimizer_variables to say what it updates.")
+    if not chosen:
+      raise UserError(f"optimizer {name!r} has no trainable variables.")
+    variables[name] = list(chosen)
+  seen = {}
+  for name, chosen in variables.items():
+    for v in chosen:
+      other = seen.setdefault(id(v), name)
+      if other != name:
+        raise UserError(f"variable {v.path} is updated by both optimizer "
+                        f"{other!r} and {name!r}; give each variable to one.")
+  prepared = {}
+  for name, optimizer in given.items():
+    if name.count("/") or not name:
+      raise UserError(f"optimizer name {name!r} must be a non-empty name "
+                      "without '/'.")
+    prepared[name] = optim.prepare(optimizer, variables[name])
+  return prepared, variables, from_flags
+
+
+def _trackable(named: dict, name: str):
+  """One object for the checkpoint: the only one as itself (the layout
+  every earlier checkpoint has), several under their names."""
+  if list(named) == [name]:
+    return named[name]
+  module = tf.Module(name=name)
+  for key, value in named.items():
+    setattr(module, key, value)
+  return module
+
+
+def parts(config: Config, task: Task | None = None,
+          steps_class=Steps) -> Parts:
+  """Builds a run's parts. `steps_class`: the executor's Steps."""
+  strategy_lib.configure_devices(config)
+  strategy, role = strategy_lib.build(config)
+  check_divisible(config, strategy.num_replicas_in_sync)
+  keras.utils.set_random_seed(config.seed)
+  keras.mixed_precision.set_global_policy(config.mixed_precision)
+  task = task if task is not None else from_config(config)
+  # Data first: a missing file is reported before model_dir is touched.
+  spec = pipeline.input_spec(task, config.train_split)
+  with strategy.scope():
+    models = models_of(task, spec)
+    state = TrainState()
+    optimizers, variables, flag_optimizer = optimizers_of(task, config,
+                                                          state, models)
+  ema = make_ema(strategy, models, config.ema_decay)
+  steps = steps_class(strategy, task, models, optimizers, variables, state,
+                      config, ema)
+  objects = {"model": _trackable(models, MAIN),
+             "optimizer": _trackable(optimizers, "optimizer"),
+             "global_step": state.global_step, "state": state,
+             "config": tf.Variable(config.to_json(), trainable=False)}
+  if ema is not None:
+    objects["ema"] = ema
+  checkpointer = ckpt_lib.Checkpointer(
+      config.model_dir, objects, keep=config.keep_checkpoints,
+      is_chief=role.is_chief, worker_index=role.worker_index)
+  if len(models) > 1 or len(optimizers) > 1:
+    logging.info("models: %s; optimizers: %s", ", ".join(models),
+                 ", ".join(f"{n} ({type(o).__bases__[-1].__name__})"
+                           for n, o in optimizers.items()))
+  return Parts(config, strategy, role, task, models, optimizers, state, steps,
+               checkpointer, ema, flag_optimizer)

@@ -1,0 +1,257 @@
+"""Every use of a Keras 3 / TensorFlow private, in one place, behind one
+version check.
+
+The framework needs a few things Keras' public API does not give:
+  * optimizers that do NOT sum gradients across replicas themselves (the
+    step reduces once per update, so clipping and the finite check see the
+    global gradient): `_all_reduce_sum_gradients`;
+  * TF's fused optimizer kernels (one op per variable instead of Keras 3's
+    ~15-20): `_distributed_tf_update_step`, `_get_variable_index`, the
+    slot lists `_momentums`, `_velocities`, `momentums`;
+  * Keras variables held as ShardedVariables (the parameter-server
+    partitioner): differentiated shard by shard, updated shard by shard,
+    and saved as one whole value (`_serialize_to_tensors` hooks).
+These names are private and change between releases. They were verified
+on the versions in TESTED; any other version fails at start with one line
+(set TRAINER_UNTESTED_VERSIONS=1 to try anyway, at your own risk).
+"""
+
+import os
+
+import keras
+import tensorflow as tf
+
+from trainer.errors import UserError
+
+TESTED = {"tensorflow": ("2.21",), "keras": ("3.15",)}
+
+
+def check_versions() -> None:
+  """Refuses a TensorFlow or Keras release the overrides were not tested on."""
+  found = {"tensorflow": tf.__version__, "keras": keras.__version__}
+  for name, version in found.items():
+    if ".".join(version.split(".")[:2]) in TESTED[name]:
+      continue
+    if os.environ.get("TRAINER_UNTESTED_VERSIONS") == "1":
+      continue
+    raise UserError(
+        f"{name} {version} is not a version this trainer was tested on "
+        f"({', '.join(TESTED[name])}.x): it overrides private Keras/TF "
+        "internals (trainer/compat.py). Install the versions in setup.cfg, "
+        "or set TRAINER_UNTESTED_VERSIONS=1 to try anyway.")
+
+
+check_versions()
+
+_SHARDED = tf.__internal__.distribute.ShardedVariable
+
+
+def is_sharded(variable) -> bool:
+  """A tf ShardedVariable, or a Keras variable whose value is one."""
+  return isinstance(variable, _SHARDED) or isinstance(
+      getattr(variable, "value", None), _SHARDED)
+
+
+# ---- gradients ----------------------------------------------------------
+def gradients(tape, target, variables, output_gradients=None):
+  """tape.gradient; a Keras variable held as a ShardedVariable is
+  differentiated shard by shard and its gradient concatenated: Keras 3
+  variables hand the tape `.handle` of their value, which a ShardedVariable
+  lacks. Missing gradients come back as None."""
+  if not any(is_sharded(v) for v in variables):
+    return tape.gradient(target, variables, output_gradients=output_gradients)
+  groups = [v.value.variables if is_sharded(v) else None for v in variables]
+  flat = tape.gradient(target, [s for v, g in zip(variables, groups)
+                                for s in (g if g is not None else [v])],
+                       output_gradients=output_gradients)
+  grads = []
+  for group in groups:
+    if group is None:
+      grads.append(flat.pop(0))
+      continue
+    parts = [flat.pop(0) for _ in group]
+    grads.append(None if all(p is None for p in parts) else tf.concat(
+        [tf.zeros(s.shape, s.dtype) if p is None else tf.convert_to_tensor(p)
+         for p, s in zip(parts, group)], axis=0))
+  return grads
+
+
+# ---- optimizers ---------------------------------------------------------
+class _PreReduced:
+  """The step all-reduces gradients itself, exactly once per update, so that
+  clipping and the finite check see the global gradient (Keras' own clipnorm
+  runs before its reduction, on per-replica gradients). Keras must not SUM
+  them across replicas a second time."""
+
+  def _all_reduce_sum_gradients(self, grads_and_vars):
+    return list(grads_and_vars)
+
+
+def _handle(variable):
+  """The resource handle of a Keras or tf variable (in an update() call:
+  the current device's copy of a mirrored one)."""
+  if isinstance(variable, keras.Variable):
+    variable = variable.value
+  return variable.handle
+
+
+class _Fused:
+  """Updates each variable with TF's fused training kernel (one op per
+  variable: ResourceApplyAdam, ResourceApplyKerasMomentum,
+  ResourceApplyGradientDescent) instead of Keras 3's ~15-20 element-wise
+  ops per variable. Same formulas as Keras' update_step (Keras 2 used
+  these kernels); on a small model's CPU step the per-op overhead of the
+  unfused update is a measurable share of the step (bench/, README Speed).
+  Parameter-server shards (ShardedVariable) keep Keras' own update."""
+
+  def _distributed_tf_update_step(self, distribution, grads_and_vars,
+                                  learning_rate):
+    pairs = list(grads_and_vars)
+    if any(is_sharded(v) for _, v in pairs) or not self._fusable():
+      return super()._distributed_tf_update_step(distribution, pairs,
+                                                  learning_rate)
+    shared = self._shared_scalars()
+
+    def apply(variable, gradient, lr):
+      cast = lambda x: tf.cast(x, variable.dtype)  # noqa: E731
+      scalars = {k: cast(v) for k, v in shared.items()}
+      scalars["lr"] = cast(lr)
+      return self._fused_update(variable, cast(gradient), scalars)
+
+    # The learning rate goes through `args` as Keras passes it: under a
+    # merge_call it is a per-replica value that update() unwraps per device.
+    for gradient, variable in pairs:
+      distribution.extended.update(variable, apply,
+                                   args=(gradient, learning_rate), group=False)
+    return None
+
+  def _fusable(self) -> bool:
+    return True
+
+  def _slot(self, slots, variable):
+    return _handle(slots[self._get_variable_index(variable)])
+
+
+class _FusedAdam(_Fused):
+
+  def _fusable(self):
+    return not self.amsgrad
+
+  def _shared_scalars(self):
+    # Keras' update_step computes these per variable; once per update here.
+    step = tf.cast(self.iterations + 1, tf.float32)
+    return {"beta1_power": tf.pow(tf.cast(self.beta_1, tf.float32), step),
+            "beta2_power": tf.pow(tf.cast(self.beta_2, tf.float32), step),
+            "beta1": self.beta_1, "beta2": self.beta_2,
+            "epsilon": self.epsilon}
+
+  def _fused_update(self, variable, gradient, s):
+    return tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=self._slot(self._momentums, variable),
+        v=self._slot(self._velocities, variable),
+        beta1_power=s["beta1_power"], beta2_power=s["beta2_power"],
+        lr=s["lr"], beta1=s["beta1"], beta2=s["beta2"],
+        epsilon=s["epsilon"], grad=gradient)
+
+
+class _FusedSGD(_Fused):
+
+  def _shared_scalars(self):
+    return {"momentum": self.momentum}
+
+  def _fused_update(self, variable, gradient, s):
+    if self.momentum == 0:
+      return tf.raw_ops.ResourceApplyGradientDescent(
+          var=variable.handle, alpha=s["lr"], delta=gradient)
+    # accum = accum * momentum - lr * grad; var += accum (Nesterov:
+    # var += accum * momentum - lr * grad): Keras' SGD exactly.
+    return tf.raw_ops.ResourceApplyKerasMomentum(
+        var=variable.handle, accum=self._slot(self.momentums, variable),
+        lr=s["lr"], grad=gradient, momentum=s["momentum"],
+        use_nesterov=self.nesterov)
+
+
+# Exact classes only: a user's subclass may change update_step, which the
+# fused kernel would silently bypass. (AdamW is Adam plus Keras' own
+# decoupled weight decay, applied before update_step: fusable too.)
+_FUSED = {keras.optimizers.SGD: _FusedSGD, keras.optimizers.Adam: _FusedAdam,
+          keras.optimizers.AdamW: _FusedAdam}
+
+
+def is_fused(optimizer) -> bool:
+  return isinstance(optimizer, _Fused)
+
+
+def prereduced(optimizer, fused: bool = True):
+  """Makes `optimizer` (any Keras 3 optimizer instance, a user subclass
+  included) take gradients that are already all-reduced; the built-in
+  Keras classes also get TF's fused kernels. Changes the instance's class
+  in place (same state, same checkpoint names) and returns it."""
+  cls = type(optimizer)
+  if isinstance(optimizer, _PreReduced):
+    return optimizer
+  if not isinstance(optimizer, keras.optimizers.Optimizer):
+    raise UserError(f"{cls.__module__}.{cls.__name__} is not a Keras 3 "
+                    "optimizer (keras.optimizers.Optimizer); return Keras "
+                    "optimizers from Task.optimizers().")
+  bases = (_PreReduced,)
+  if fused and cls in _FUSED:
+    bases += (_FUSED[cls],)
+  optimizer.__class__ = type(f"PreReduced{cls.__name__}", (*bases, cls), {})
+  return optimizer
+
+
+class _ShardedUpdates:
+  """Optimizer mixin for parameter servers: Keras 3 updates each variable
+  through strategy.extended.update(var), which cannot colocate with a
+  ShardedVariable; those (and only those) are updated directly: their
+  assign ops go to each shard's ps task."""
+
+  def _distributed_tf_update_step(self, distribution, grads_and_vars,
+                                  learning_rate):
+    pairs = list(grads_and_vars)
+    super()._distributed_tf_update_step(
+        distribution, [(g, v) for g, v in pairs if not is_sharded(v)],
+        learning_rate)
+    for grad, var in pairs:
+      if is_sharded(var):
+        self.update_step(grad, var, learning_rate)
+
+  def _apply_weight_decay(self, variables):
+    super()._apply_weight_decay([v for v in variables if not is_sharded(v)])
+    if self.weight_decay is None:
+      return
+    for variable in variables:
+      if is_sharded(variable) and self._use_weight_decay(variable):
+        value = variable.value
+        lr = tf.cast(self.learning_rate, value.dtype)
+        wd = tf.cast(self.weight_decay, value.dtype)
+        value.assign_sub(tf.convert_to_tensor(value) * wd * lr)
+
+
+def with_sharded_updates(optimizer):
+  """Gives `optimizer` the _ShardedUpdates behaviour (same state)."""
+  cls = type(optimizer)
+  optimizer.__class__ = type(f"Sharded{cls.__name__}", (_ShardedUpdates, cls),
+                             {})
+  return optimizer
+
+
+def save_sharded_whole(variables) -> int:
+  """Keras 3 variables held as ShardedVariables cannot be saved as they are
+  (the saver wants one device per value). Each such variable saves its
+  whole value instead (read from all shards by the coordinator) and
+  restores by assigning it (split over the shards): the checkpoint is the
+  one any other strategy writes and reads. Returns how many are sharded."""
+  count = 0
+  for variable in variables:
+    if not isinstance(getattr(variable, "value", None), _SHARDED):
+      continue
+    count += 1
+    # Instance attributes: the saver honours obj.__dict__ first.
+    variable._serialize_to_tensors = (
+        lambda v=variable: {"VARIABLE_VALUE": tf.convert_to_tensor(v.value)})
+    variable._restore_from_tensors = (
+        lambda tensors, v=variable: v.value.assign(
+            tf.reshape(tensors["VARIABLE_VALUE"], v.shape)))
+  return count
