@@ -73,7 +73,7 @@ def test_checkpoint_holds_the_whole_value_and_restores_it(sharded_variable,
   from trainer import compat
   value = np.arange(12, dtype=np.float32).reshape(4, 3)
   v = sharded_variable(value)
-  assert ps.save_sharded_whole([v, keras.Variable(1.0)]) == 1  # noqa: SLF001
+  assert compat.save_sharded_whole([v, keras.Variable(1.0)]) == 1
   path = tf.train.Checkpoint(w=v).write(str(tmp_path / "ckpt"))
   reader = tf.train.load_checkpoint(path)
   np.testing.assert_array_equal(
