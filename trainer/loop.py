@@ -5,8 +5,6 @@ evaluation, the non-finite guard and preemption between chunks.
 
 import json
 import os
-import signal
-import threading
 import time
 
 from absl import logging
@@ -16,6 +14,7 @@ import tensorflow as tf
 from trainer import best as best_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import optim, strategy as strategy_lib, summary, tasks, watch
+from trainer.preemption import StopSignal as _StopSignal
 from trainer.config import Config, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
@@ -36,33 +35,6 @@ class Preempted(Exception):
 
 class NonFiniteError(Exception):
   """--nonfinite=fail, or --max_rollbacks exhausted."""
-
-
-class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between chunks."""
-
-  def __init__(self):
-    self.raised = False
-    self._previous = {}
-
-  def install(self):
-    if threading.current_thread() is not threading.main_thread():
-      return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.raised and signum == signal.SIGINT:
-      raise KeyboardInterrupt   # a second Ctrl-C stops at once
-    logging.warning("signal %d: saving a checkpoint at the end of this chunk, "
-                    "then exiting with code %d.", signum, PREEMPTED_EXIT_CODE)
-    self.raised = True
-
-  def uninstall(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _crossed(previous: int, current: int, every: int) -> bool:
