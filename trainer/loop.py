@@ -15,7 +15,7 @@ from trainer import best as best_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import optim, strategy as strategy_lib, summary, tasks, watch
 from trainer.preemption import StopSignal as _StopSignal
-from trainer.config import Config, check_divisible
+from trainer.config import Config, check_batch_fits, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.state import TrainState
@@ -62,6 +62,7 @@ class Runner:
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.mixed_precision)
     self.task = task if task is not None else tasks.from_config(config)
+    check_batch_fits(config, self.task)
     # Data first: a missing file is reported before model_dir is touched.
     spec = pipeline.input_spec(self.task, config.train_split)
     with self.strategy.scope():
