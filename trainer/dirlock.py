@@ -23,6 +23,8 @@ from absl import logging
 from trainer.errors import UserError
 
 LOCK_NAME = ".trainer.lock"
+# Locks held by this process, for release_all() before an os._exit.
+_HELD = []
 
 
 class ModelDirLock:
@@ -82,11 +84,14 @@ class ModelDirLock:
       os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
       os.fsync(fd)
       self._fd = fd
+      _HELD.append(self)
       return
     raise UserError(f"could not lock --model_dir={self.model_dir}: the lock "
                     "file kept changing; is another trainer starting there?")
 
   def release(self) -> None:
+    if self in _HELD:
+      _HELD.remove(self)
     if self._fd is not None:
       try:
         os.unlink(self.path)   # before unlocking: nobody locks a dead file
@@ -120,6 +125,13 @@ class ModelDirLock:
       except OSError:
         break   # not empty: the run wrote something
     self._created = []
+
+
+def release_all() -> None:
+  """Releases every lock of this process: for exits that skip `finally`
+  (os._exit), so the next run finds no stale lock."""
+  for lock in list(_HELD):
+    lock.release()
 
 
 class _NoLock:

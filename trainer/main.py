@@ -64,15 +64,22 @@ def _parse_flags(argv):
     _fail(EXIT_USAGE, f"{e}. See --helpfull.")
 
 
+def checked_config(flag_values) -> config_lib.Config:
+  """The Config, after every check that needs no TensorFlow: flag values and
+  bounds, TF_CONFIG and its hosts. Raises UserError; writes nothing."""
+  config = config_lib.from_flags(flag_values)
+  config_lib.validate(config)
+  cluster.precheck(config.strategy, config.cluster_resolver,
+                   config.peer_timeout_s)
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(EXIT_USAGE, f"unexpected arguments {argv[1:]}; flags look like "
           "--name=value.")
   try:
-    config = config_lib.from_flags(FLAGS)
-    config_lib.validate(config)
-    cluster.precheck(config.strategy, config.cluster_resolver,
-                     config.peer_timeout_s)
+    config = checked_config(FLAGS)
     # One training run per model_dir, held until this process ends.
     lock = dirlock.for_run(config.model_dir, config.mode, cluster.is_chief(
         config.strategy, config.cluster_resolver))

@@ -39,7 +39,8 @@ split evenly so that every worker gets a function). What follows from that:
   the coordinator raises ParameterServerLost (an UnavailableError: exit 4
   with one line) and a relaunch resumes from the last checkpoint. Servers
   that do not answer at startup end the wait after --peer_timeout_s (exit
-  4). If every worker is lost, the coordinator waits for one to return.
+  4). If every worker is lost, the coordinator waits for one to return,
+  at most --peer_timeout_s (trainer/worker_watch.py: then exit 4).
 * SIGTERM/SIGINT to the coordinator saves at the end of the round and exits
   75, as in the other strategies (the servers must still be up to save).
 * Not available here: --profile_steps (the work runs on the workers),
@@ -59,6 +60,7 @@ from trainer import cluster
 from trainer import loop
 from trainer import step as step_lib
 from trainer import summary
+from trainer import worker_watch
 from trainer.accumulators import Sums
 from trainer.data import pipeline
 from trainer.errors import UserError
@@ -412,6 +414,8 @@ class Runner(loop.Runner):
 
   def _start_training(self):
     self.steps.reset_progress()
+    worker_watch.watch(cluster.env_tf_config(need_ps=True),
+                       self.config.peer_timeout_s)
     return self._per_worker_iterator()
 
   def _run_chunk(self, iterator, step: int):
