@@ -5,8 +5,9 @@ Why the second signal must be absorbed: the run saves at the end of the
 chunk and then exits 75. Restoring the default handlers when training ends
 (before the exit) let a second SIGTERM 50 ms after the first kill the
 process with 143 after the save, which a scheduler reads as a crash. So
-after the first signal the handler stays "absorbing" until the process
-exits: further signals are logged and ignored; SIGKILL still ends it.
+after the first signal further signals are logged and ignored while the
+chunk and the save finish, and ignored (SIG_IGN) from the end of training
+until the process exits; SIGKILL still ends it.
 """
 
 import signal
@@ -46,10 +47,15 @@ class StopSignal:
 
   def uninstall(self):
     """Restores the previous handlers, unless a signal already arrived: then
-    this handler stays and keeps absorbing further signals until the process
-    exits with 75 (see the module doc). In-process callers that go on after
-    catching Preempted call restore_handlers()."""
+    SIGTERM/SIGINT stay ignored until the process exits with 75 (see the
+    module doc). In-process callers that go on after catching Preempted
+    call restore_handlers()."""
     if self.raised:
+      # SIG_IGN, not this Python handler: interpreter shutdown resets Python
+      # handlers to SIG_DFL before TF's teardown ends, and a signal in that
+      # window killed the saved run with 143 (seen). Ignored ones stay so.
+      for sig in self._previous:
+        signal.signal(sig, signal.SIG_IGN)
       return
     self.restore_handlers()
 
