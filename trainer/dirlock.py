@@ -127,6 +127,17 @@ class ModelDirLock:
     self._created = []
 
 
+def held_paths() -> list[str]:
+  """What a process that SIGKILLs this one should remove for it (the start-up
+  watchdog): each held lock file, then the directories its lock created,
+  deepest first (removed only if empty)."""
+  paths = []
+  for lock in _HELD:
+    paths.append(lock.path)
+    paths.extend(reversed(lock._created))
+  return paths
+
+
 def release_all() -> None:
   """Releases every lock of this process: for exits that skip `finally`
   (os._exit), so the next run finds no stale lock."""
