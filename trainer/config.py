@@ -134,8 +134,10 @@ _HELP = {
     "cluster_resolver": "Where --strategy=multiworker finds the cluster: "
                         "TF_CONFIG, or Slurm's environment.",
     "collective": "MultiWorkerMirroredStrategy collective implementation.",
-    "peer_timeout_s": "Bound on any wait for a peer worker (collectives); a "
-                      "dead peer makes the others exit non-zero within it.",
+    "peer_timeout_s": "Bound on any wait for a peer: collectives, forming "
+                      "the cluster, resolving peers' host names, and "
+                      "(parameter_server) a coordinator without any worker; "
+                      "a dead peer makes the others exit non-zero within it.",
     "tpu": "TPU name or 'local' for --strategy=tpu.",
     "ps_shard_min_bytes": "parameter_server: variables larger than this are "
                           "sharded across the ps tasks.",
