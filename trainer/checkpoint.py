@@ -127,8 +127,8 @@ class Checkpointer:
         if restored is _VANISHED:
           break   # list again: newer ones may have appeared meanwhile
         if restored:
-          if not index_ok:
-            self._repair_index(restored)
+          if not index_ok and config.mode in ("train", "train_and_eval"):
+            self._repair_index(restored)   # readers (eval) never write
           return restored
       else:
         if candidates:
