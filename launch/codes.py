@@ -1,12 +1,11 @@
-"""Exit-code conventions shared by the launchers and the trainer they start."""
+"""Exit-code conventions shared by the launchers and the trainer they start.
 
-OK = 0
-USAGE = 2  # bad flags or config: one line on stderr; retrying cannot help
-PREEMPTED = 75  # EX_TEMPFAIL: the trainer was preempted and saved; resubmit, don't restart
-TIMEOUT = 124  # launch.local --timeout_s ran out (same code as coreutils `timeout`)
+The codes themselves live in trainer/exitcodes.py (the one table); this
+module re-exports what the launchers use and maps Popen return codes.
+"""
 
-# Codes a restart cannot fix: a config error repeats, a preemption must be rescheduled.
-NOT_RETRYABLE = frozenset({OK, USAGE, PREEMPTED})
+from trainer.exitcodes import (  # noqa: F401  (re-exported)
+    DISK_FULL, NOT_RETRYABLE, OK, PREEMPTED, TIMEOUT, USAGE)
 
 
 def exit_status(returncode):

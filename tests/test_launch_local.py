@@ -246,11 +246,13 @@ def test_sigkill_without_restarts_fails_with_137(child):
 
 
 @pytest.mark.timeout(120)
-def test_preempted_code_is_propagated_without_restart(child, capsys):
+@pytest.mark.parametrize("code", [codes.PREEMPTED, codes.DISK_FULL])
+def test_preempted_and_disk_full_codes_are_propagated_without_restart(child, capsys, code):
+  """75 (preempted: resubmit) and 74 (disk full: a restart meets the same full disk)."""
   cmd, out = child
-  rules = json.dumps({"worker 1": f"exit:{codes.PREEMPTED}", "*": "sleep"})
+  rules = json.dumps({"worker 1": f"exit:{code}", "*": "sleep"})
   rc = local.run(2, 0, [str(out), rules], command=cmd, max_restarts=2, timeout_s=60)
-  assert rc == 75
+  assert rc == code
   assert len(records(out, "worker1")) == 1  # no second attempt
   assert "restart" not in capsys.readouterr().err
 

@@ -26,11 +26,13 @@ class Cluster:
   """`python -m launch.local --workers=N --ps=M -- FLAGS` in the background,
   output in a log file; finds its server processes through /proc."""
 
-  def __init__(self, tmp_path, flags, workers=2, ps=1, name="launch"):
+  def __init__(self, tmp_path, flags, workers=2, ps=1, name="launch",
+               launcher_flags=()):
     self.log_path = tmp_path / f"{name}.log"
     self._log = open(self.log_path, "w")
     cmd = [sys.executable, "-m", "launch.local", f"--workers={workers}",
-           f"--ps={ps}", "--timeout_s=240", "--grace_s=5", "--", *flags]
+           f"--ps={ps}", "--timeout_s=240", "--grace_s=5", *launcher_flags,
+           "--", *flags]
     self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=self._log,
                                  stderr=subprocess.STDOUT,
                                  start_new_session=True)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from trainer import checkpoint as ckpt_lib
 from trainer import optim, strategy as strategy_lib
-from trainer.config import Config, check_divisible
+from trainer.config import Config, check_batch_fits, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.state import TrainState
@@ -131,6 +131,7 @@ def parts(config: Config, task: Task | None = None,
   keras.utils.set_random_seed(config.seed)
   keras.mixed_precision.set_global_policy(config.mixed_precision)
   task = task if task is not None else from_config(config)
+  check_batch_fits(config, task)
   # Data first: a missing file is reported before model_dir is touched.
   spec = pipeline.input_spec(task, config.train_split)
   with strategy.scope():

@@ -6,12 +6,24 @@ the others to a temporary directory they delete at once.
 CheckpointManager moves the `checkpoint` pointer only after the files are
 written, so the pointer never names a partial checkpoint; a checkpoint that
 is damaged anyway (a truncated file) is reported and the previous one used.
+
+The `checkpoint` index file is a convenience, not the truth: checkpoints are
+found from the `ckpt-N.index` files themselves, so a deleted or garbled index
+neither restarts the run from step 0 nor lets a fresh start overwrite
+ckpt-N files (when none is readable the run refuses). A checkpoint deleted
+between listing and restoring (an eval beside a live run with a small
+--keep_checkpoints) is re-listed, never blamed on the model. A save that
+runs out of space removes its partial files and raises DiskFull.
 """
 
+import errno
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 
 from absl import logging
 import tensorflow as tf
@@ -22,6 +34,13 @@ PREFIX = "ckpt"
 # Fields that define the variables in a checkpoint: restoring across a change
 # of any of them fails, so say so before touching anything.
 _IDENTITY = ("task", "model", "optimizer", "dataset")
+# How many times a restore re-lists after a checkpoint vanished under it.
+_VANISHED_RETRIES = 10
+
+
+class DiskFull(Exception):
+  """A checkpoint could not be written for lack of space (exit code
+  exitcodes.DISK_FULL: a restart into the same full disk cannot help)."""
 
 
 class Checkpointer:
@@ -40,53 +59,213 @@ class Checkpointer:
           self.checkpoint, model_dir, max_to_keep=keep, checkpoint_name=PREFIX)
 
   def save(self, step: int) -> str | None:
-    """Every worker calls this at the same step."""
+    """Every worker calls this at the same step. Out of space: the partial
+    files of this save are removed and DiskFull names the newest intact
+    checkpoint."""
     if self._is_chief:
-      return self._manager.save(checkpoint_number=step)
+      before = set(os.listdir(self.model_dir)) if os.path.isdir(
+          self.model_dir) else set()
+      try:
+        return self._manager.save(checkpoint_number=step)
+      except (OSError, tf.errors.OpError) as e:
+        if not is_disk_full(e):
+          raise
+        failed = os.path.join(self.model_dir, f"{PREFIX}-{step}")
+        _remove_partial(self.model_dir, f"{PREFIX}-{step}", before)
+        intact = [p for p in self.paths() if p != failed]
+        raise DiskFull(
+            f"no space left in --model_dir={self.model_dir} while saving "
+            f"{failed} (removed its partial files); the newest intact "
+            f"checkpoint is {intact[0] if intact else 'none'}. Free space "
+            "(or raise the quota), then run the same command to resume "
+            "from it.") from None
     scratch = tempfile.mkdtemp(prefix=f"trainer-worker{self._worker_index}-")
     try:
       self.checkpoint.write(os.path.join(scratch, PREFIX))
+    except (OSError, tf.errors.OpError) as e:
+      if not is_disk_full(e):
+        raise
+      raise DiskFull(
+          f"no space left in the temporary directory {scratch} where worker "
+          f"{self._worker_index} writes its copy of the checkpoint at step "
+          f"{step}; free space there (or set TMPDIR), then run the same "
+          "command to resume.") from None
     finally:
       shutil.rmtree(scratch, ignore_errors=True)
     return None
 
   def paths(self) -> list[str]:
-    """Checkpoints in --model_dir, newest first."""
-    state = tf.train.get_checkpoint_state(self.model_dir)
-    if state is None:
-      return []
-    paths = list(state.all_model_checkpoint_paths) or [
-        state.model_checkpoint_path]
-    paths = [p if os.path.isabs(p) else os.path.join(self.model_dir, p)
-             for p in paths]
-    return sorted(set(paths), key=_number, reverse=True)
+    """Checkpoints in --model_dir, newest first: those the `checkpoint`
+    index lists and every ckpt-N whose .index file exists."""
+    listed = [p for p in _listed(self.model_dir)
+              if os.path.exists(p + ".index")]
+    return sorted(set(listed) | set(_on_disk(self.model_dir)), key=_number,
+                  reverse=True)
 
   def restore(self, config, path: str | None = None) -> str | None:
     """Restores `path`, or the newest readable checkpoint; None if none.
 
     A different model or optimizer in --model_dir is a UserError (nothing is
-    written); a damaged checkpoint is skipped with a warning.
+    written); a damaged checkpoint is skipped with a warning; a checkpoint
+    that vanished meanwhile (deleted by a live run's keep policy) makes it
+    list again. ckpt-N files none of which is readable are a UserError: a
+    fresh start would overwrite them.
     """
-    candidates = [path] if path else self.paths()
-    for i, candidate in enumerate(candidates):
-      try:
-        saved = verified_config(candidate)
-      except Exception as e:  # noqa: BLE001 - any read failure is damage
-        _warn_damaged(candidate, e, candidates[i + 1:])
-        continue
-      check_compatible(saved, config, candidate)
-      try:
-        status = self.checkpoint.restore(candidate)
-        status.assert_existing_objects_matched()
-      except (ValueError, AssertionError, tf.errors.OpError) as e:
-        raise UserError(
-            f"--model_dir={self.model_dir} holds a checkpoint ({candidate}) "
-            f"that does not fit this model/optimizer ({_first_line(e)}); use "
-            "a new --model_dir or the flags that wrote it.") from None
-      return candidate
     if path:
-      raise UserError(f"--checkpoint={path} could not be read.")
-    return None
+      return self._restore_one(config, path, [], explicit=True)
+    for _ in range(_VANISHED_RETRIES):
+      candidates = self.paths()
+      index_ok = _index_readable(self.model_dir)
+      if candidates and not index_ok:
+        logging.warning(
+            "the `checkpoint` index file in %s is %s; looking for the "
+            "newest readable checkpoint among the ckpt-N files instead.",
+            self.model_dir, "unreadable" if os.path.exists(
+                os.path.join(self.model_dir, "checkpoint")) else "missing")
+      for i, candidate in enumerate(candidates):
+        restored = self._restore_one(config, candidate, candidates[i + 1:])
+        if restored is _VANISHED:
+          break   # list again: newer ones may have appeared meanwhile
+        if restored:
+          if not index_ok and config.mode in ("train", "train_and_eval"):
+            self._repair_index(restored)   # readers (eval) never write
+          return restored
+      else:
+        if candidates:
+          raise UserError(
+              f"--model_dir={self.model_dir} holds checkpoints "
+              f"({', '.join(os.path.basename(c) for c in candidates)}) but "
+              "none of them is readable; a fresh start would overwrite "
+              "them. Move them away (or use a new --model_dir) to start "
+              "over.")
+        return None
+    raise UserError(f"checkpoints in --model_dir={self.model_dir} kept "
+                    "vanishing while being restored (is a run with a small "
+                    "--keep_checkpoints writing there?); try again.")
+
+  def _restore_one(self, config, candidate: str, rest: list[str],
+                   explicit: bool = False):
+    """The path restored; None if damaged (warned); _VANISHED if deleted.
+    explicit: the user named it (--checkpoint, or continuous_eval's pick)."""
+    try:
+      saved = verified_config(candidate)
+    except Exception as e:  # noqa: BLE001 - any read failure is damage
+      if _vanished(candidate):
+        return self._vanished(candidate, explicit)
+      if explicit:
+        raise UserError(f"--checkpoint={candidate} could not be read "
+                        f"({_first_line(e)}).") from None
+      _warn_damaged(candidate, e, rest)
+      return None
+    check_compatible(saved, config, candidate)
+    try:
+      status = self.checkpoint.restore(candidate)
+      status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+      if _vanished(candidate):
+        return self._vanished(candidate, explicit)
+      raise UserError(
+          f"--model_dir={self.model_dir} holds a checkpoint ({candidate}) "
+          f"that does not fit this model/optimizer ({_first_line(e)}); use "
+          "a new --model_dir or the flags that wrote it.") from None
+    return candidate
+
+  def _vanished(self, candidate: str, explicit: bool):
+    if explicit:
+      raise UserError(f"checkpoint {candidate} no longer exists (deleted by "
+                      "the run's --keep_checkpoints policy?); pass a newer "
+                      "one, or omit --checkpoint for the newest.")
+    logging.warning("checkpoint %s vanished while being restored (a live "
+                    "run's --keep_checkpoints deleted it?); listing again.",
+                    candidate)
+    return _VANISHED
+
+  def _repair_index(self, restored: str) -> None:
+    """Rewrites the `checkpoint` index from the files (chief only), and
+    re-creates the manager so that its keep policy sees every ckpt-N."""
+    if not self._is_chief:
+      return
+    _write_index(self.model_dir, restored, self.paths())
+    self._manager = tf.train.CheckpointManager(
+        self.checkpoint, self.model_dir, max_to_keep=self._keep,
+        checkpoint_name=PREFIX)
+    logging.warning("rewrote the `checkpoint` index file in %s from the "
+                    "ckpt-N files (newest readable: %s).", self.model_dir,
+                    restored)
+
+
+_VANISHED = object()
+_CKPT_FILE = re.compile(re.escape(PREFIX) + r"-(\d+)\.index$")
+
+
+def _listed(model_dir: str) -> list[str]:
+  """Paths the `checkpoint` index names ([] if it is missing or garbled:
+  TF then only logs a ParseError and returns None)."""
+  try:
+    state = tf.train.get_checkpoint_state(model_dir)
+  except Exception:  # noqa: BLE001 - a damaged index is only a hint lost
+    return []
+  if state is None:
+    return []
+  paths = list(state.all_model_checkpoint_paths) or [
+      state.model_checkpoint_path]
+  return [p if os.path.isabs(p) else os.path.join(model_dir, p)
+          for p in paths if p]
+
+
+def _on_disk(model_dir: str) -> list[str]:
+  found = []
+  for index in glob.glob(os.path.join(glob.escape(model_dir),
+                                      f"{PREFIX}-*.index")):
+    if _CKPT_FILE.search(os.path.basename(index)):
+      found.append(index[:-len(".index")])
+  return found
+
+
+def _index_readable(model_dir: str) -> bool:
+  return bool(_listed(model_dir))
+
+
+def _vanished(path: str) -> bool:
+  return not os.path.exists(path + ".index")
+
+
+def _write_index(model_dir: str, latest: str, paths: list[str]) -> None:
+  """The `checkpoint` file CheckpointManager writes (text proto), atomically.
+  Timestamps are the files' mtimes, later than last_preserved_timestamp, so
+  the re-created manager's keep policy manages them."""
+  oldest_first = sorted(paths, key=_number)
+  stamps = [os.path.getmtime(p + ".index") for p in oldest_first]
+  lines = [f'model_checkpoint_path: "{os.path.basename(latest)}"']
+  lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"'
+            for p in oldest_first]
+  lines += [f"all_model_checkpoint_timestamps: {t:.6f}" for t in stamps]
+  lines.append(f"last_preserved_timestamp: {min(stamps + [time.time()]) - 1:.6f}")
+  tmp = os.path.join(model_dir, f".checkpoint.tmp{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, os.path.join(model_dir, "checkpoint"))
+
+
+def is_disk_full(error: Exception) -> bool:
+  """ENOSPC/EDQUOT, as an OSError or inside a TF error's message."""
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                     errno.EDQUOT):
+    return True
+  text = str(error).lower()
+  return "no space left" in text or "disk quota exceeded" in text
+
+
+def _remove_partial(model_dir: str, name: str, before: set) -> None:
+  """Removes what a failed save of checkpoint `name` left: its temp dir
+  (`ckpt-N_temp/`) and ckpt-N.* files that were not there before."""
+  shutil.rmtree(os.path.join(model_dir, f"{name}_temp"), ignore_errors=True)
+  for entry in os.listdir(model_dir):
+    if entry.startswith(f"{name}.") and entry not in before:
+      try:
+        os.remove(os.path.join(model_dir, entry))
+      except OSError:
+        pass
 
 
 def _number(path: str) -> int:
@@ -102,7 +281,7 @@ def _first_line(error) -> str:
 
 
 def _warn_damaged(path, error, rest):
-  fallback = rest[0] if rest else "a fresh start"
+  fallback = rest[0] if rest else "no older checkpoint (none left)"
   logging.warning("checkpoint %s is damaged (%s); using %s instead.", path,
                   _first_line(error), fallback)
 

@@ -5,6 +5,7 @@ Everything below `trainer.main` takes a Config; nothing else reads FLAGS.
 
 import dataclasses
 import json
+import math
 
 from absl import flags
 
@@ -141,8 +142,10 @@ _HELP = {
     "cluster_resolver": "Where --strategy=multiworker finds the cluster: "
                         "TF_CONFIG, or Slurm's environment.",
     "collective": "MultiWorkerMirroredStrategy collective implementation.",
-    "peer_timeout_s": "Bound on any wait for a peer worker (collectives); a "
-                      "dead peer makes the others exit non-zero within it.",
+    "peer_timeout_s": "Bound on any wait for a peer: collectives, forming "
+                      "the cluster, resolving peers' host names, and "
+                      "(parameter_server) a coordinator without any worker; "
+                      "a dead peer makes the others exit non-zero within it.",
     "tpu": "TPU name or 'local' for --strategy=tpu.",
     "ps_shard_min_bytes": "parameter_server: variables larger than this are "
                           "sharded across the ps tasks.",
@@ -306,6 +309,7 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
     if getattr(config, name) < 0:
       raise UserError(f"--{name}={getattr(config, name)} must be >= 0.")
   _validate_watch(config)
+  _validate_bounds(config)
   for name in ("learning_rate", "peer_timeout_s"):
     if not getattr(config, name) > 0:
       raise UserError(f"--{name}={getattr(config, name)} must be > 0.")
@@ -335,6 +339,80 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   if len(shape) != 3 or min(shape) <= 0:
     raise UserError(f"--synthetic_shape={config.synthetic_shape!r} must be "
                     "H,W,C with positive integers, e.g. 28,28,1.")
+
+
+# Upper bounds of integer flags: far above any real run, low enough that no
+# int64 (or int32: seeds, device counts) computation downstream overflows and
+# that no buffer is sized from a typo (--global_batch_size=100000000 grew
+# memory without bound). Lower bounds are checked above.
+_INT_MAX = {
+    "global_batch_size": 1 << 24, "eval_batch_size": 1 << 24,
+    "grad_accum_steps": 1 << 16, "cpu_replicas": 256,
+    "train_steps": 1 << 40, "steps_per_loop": 1 << 40,
+    "checkpoint_every": 1 << 40, "summary_every": 1 << 40,
+    "eval_every": 1 << 40, "histograms_every": 1 << 40,
+    "warmup_steps": 1 << 40, "input_wait_steps": 1 << 31,
+    "keep_checkpoints": 1 << 20, "max_rollbacks": 1 << 20,
+    "early_stopping_patience": 1 << 31, "synthetic_classes": 1 << 20,
+    "synthetic_examples": 1 << 31, "ps_shard_min_bytes": 1 << 50,
+    "seed": (1 << 32) - 1,
+}
+# Examples read in a run are int64 stream positions (parameter servers give
+# each worker 2**40 of them: see trainer/ps.py).
+_MAX_EXAMPLES = 1 << 40
+# Float flags and their (minimum, maximum); every one must be finite.
+_FLOAT_RANGE = {
+    "learning_rate": (0.0, 1e6), "peer_timeout_s": (0.0, 1e6),
+    "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e6),
+    "clip_norm": (0.0, 1e30), "early_stopping_min_delta": (0.0, 1e30),
+    "eval_timeout_s": (0.0, 1e9),
+}
+
+
+def _validate_bounds(config: Config) -> None:
+  """Upper bounds of integers, finite floats in range, and the number of
+  examples a run reads; all before anything is built or written."""
+  for name, most in _INT_MAX.items():
+    value = getattr(config, name)
+    if value > most:
+      raise UserError(f"--{name}={value} is too large (at most {most}).")
+  if config.seed < 0:
+    raise UserError(f"--seed={config.seed} must be in 0..{_INT_MAX['seed']}.")
+  if config.synthetic_classes < 1:
+    raise UserError(f"--synthetic_classes={config.synthetic_classes} must be "
+                    "positive.")
+  examples = config.train_steps * config.global_batch_size
+  if examples > _MAX_EXAMPLES:
+    raise UserError(
+        f"--train_steps x --global_batch_size ({config.train_steps} x "
+        f"{config.global_batch_size} = {examples} examples) is too large (at "
+        f"most 2**40 = {_MAX_EXAMPLES}); lower one of them.")
+  for name, (least, most) in _FLOAT_RANGE.items():
+    value = getattr(config, name)
+    if not math.isfinite(value) or not least <= value <= most:
+      raise UserError(f"--{name}={value} must be a finite number in "
+                      f"[{least:g}, {most:g}].")
+
+
+def check_batch_fits(config: Config, task) -> None:
+  """A batch larger than its split is a typo, and an expensive one (the
+  pipeline sizes buffers from it): refuse it once the splits' sizes are
+  known, before the model is built or --model_dir touched. Tasks with their
+  own train_dataset have no split size to check against."""
+  if getattr(task, "train_dataset", None) is None:
+    n = task.source(config.train_split).num_examples
+    if config.micro_batch_size > n:
+      raise UserError(
+          f"--global_batch_size={config.global_batch_size} (micro-batch "
+          f"{config.micro_batch_size}) is larger than --train_split="
+          f"{config.train_split!r} ({n} examples); use at most {n}.")
+  if config.mode != "train" and config.eval_batch_size:
+    n = task.source(config.eval_split).num_examples
+    if config.eval_batch_size > max(n, 1):
+      raise UserError(
+          f"--eval_batch_size={config.eval_batch_size} is larger than "
+          f"--eval_split={config.eval_split!r} ({n} examples); use at most "
+          f"{n} (or 0: the global batch).")
 
 
 def _validate_watch(config: Config) -> None:

@@ -7,8 +7,6 @@ it never builds anything and never touches a strategy itself.
 
 import json
 import os
-import signal
-import threading
 import time
 
 from absl import logging
@@ -16,6 +14,7 @@ import tensorflow as tf
 from trainer import best as best_lib
 from trainer import executors, guard, optim, summary, watch
 from trainer.config import Config
+from trainer.preemption import StopSignal as _StopSignal
 from trainer.errors import UserError
 from trainer.guard import NonFiniteError  # noqa: F401  (re-exported)
 
@@ -29,33 +28,6 @@ class Preempted(Exception):
     super().__init__(f"preempted: checkpoint saved at step {step}; run the "
                      "same command to resume.")
     self.step = step
-
-
-class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between chunks."""
-
-  def __init__(self):
-    self.raised = False
-    self._previous = {}
-
-  def install(self):
-    if threading.current_thread() is not threading.main_thread():
-      return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.raised and signum == signal.SIGINT:
-      raise KeyboardInterrupt   # a second Ctrl-C stops at once
-    logging.warning("signal %d: saving a checkpoint at the end of this chunk, "
-                    "then exiting with code %d.", signum, PREEMPTED_EXIT_CODE)
-    self.raised = True
-
-  def uninstall(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _crossed(previous: int, current: int, every: int) -> bool:

@@ -15,6 +15,8 @@ def fail(program: str, message: str, code: int = 2, hard: bool = False):
   """Writes `program: error: message` as one stderr line and exits `code`.
   hard: os._exit, skipping interpreter teardown (which can block on a TF
   runtime still waiting for a lost peer)."""
+  # One line whatever the message quotes (a flag value may hold a newline).
+  message = message.replace("\r", "\\r").replace("\n", "\\n")
   sys.stderr.write(f"{program}: error: {message}\n")
   sys.stderr.flush()
   if hard:

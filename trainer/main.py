@@ -1,9 +1,11 @@
 """`python -m trainer.main`: flags -> Config -> train/evaluate -> JSON line.
 
-Exit codes: 0 done; 2 usage or configuration error (one line on stderr);
-3 non-finite loss/gradient (--nonfinite=fail or too many rollbacks);
-4 a peer worker or parameter server was lost; 75 preempted (SIGTERM/SIGINT)
-after saving a checkpoint: run the same command to resume; 1 anything else.
+Exit codes (the table is trainer/exitcodes.py): 0 done; 2 usage or
+configuration error (one line on stderr); 3 non-finite loss/gradient
+(--nonfinite=fail or too many rollbacks); 4 a peer worker or parameter server
+was lost; 74 a checkpoint could not be written (disk full); 75 preempted
+(SIGTERM/SIGINT) after saving a checkpoint: run the same command to resume;
+1 anything else.
 """
 
 import os
@@ -19,18 +21,22 @@ from absl import logging  # noqa: E402
 
 from trainer import cluster  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
+from trainer import dirlock  # noqa: E402
 from trainer import errors  # noqa: E402
+from trainer import exitcodes  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
 
-EXIT_USAGE = 2
-EXIT_NONFINITE = 3
-EXIT_PEER_LOST = 4
+EXIT_USAGE = exitcodes.USAGE
+EXIT_NONFINITE = exitcodes.NONFINITE
+EXIT_PEER_LOST = exitcodes.PEER_LOST
 
 
-def _fail(code: int, message: str):
+def _fail(code: int, message: str, lock=None):
+  if lock is not None:
+    lock.release()
   errors.fail("trainer.main", message, code, hard=code == EXIT_PEER_LOST)
 
 
@@ -58,37 +64,61 @@ def _parse_flags(argv):
     _fail(EXIT_USAGE, f"{e}. See --helpfull.")
 
 
+def checked_config(flag_values) -> config_lib.Config:
+  """The Config, after every check that needs no TensorFlow: flag values and
+  bounds, TF_CONFIG and its hosts. Raises UserError; writes nothing."""
+  config = config_lib.from_flags(flag_values)
+  config_lib.validate(config)
+  cluster.precheck(config.strategy, config.cluster_resolver,
+                   config.peer_timeout_s)
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(EXIT_USAGE, f"unexpected arguments {argv[1:]}; flags look like "
           "--name=value.")
   try:
-    config = config_lib.from_flags(FLAGS)
-    config_lib.validate(config)
-    cluster.precheck(config.strategy, config.cluster_resolver)
+    config = checked_config(FLAGS)
+    # One training run per model_dir, held until this process ends.
+    lock = dirlock.for_run(config.model_dir, config.mode, cluster.is_chief(
+        config.strategy, config.cluster_resolver))
+    lock.acquire()
   except UserError as e:
     _fail(EXIT_USAGE, str(e))
   # Imported after validation: flag mistakes are reported in well under a
   # second instead of after TensorFlow's multi-second import.
-  import tensorflow as tf
-  from trainer import controller
+  try:
+    import tensorflow as tf
+    from trainer import checkpoint
+    from trainer import controller
+  except BaseException:
+    lock.release()
+    raise
   try:
     result = controller.run(config)
   except UserError as e:
-    _fail(EXIT_USAGE, str(e))
+    _fail(EXIT_USAGE, str(e), lock)
   except controller.Preempted as e:
     logging.warning("%s", e)
     print(controller.summary_line({"global_step": e.step, "preempted": True}),
           flush=True)
-    sys.exit(controller.PREEMPTED_EXIT_CODE)
+    lock.release()
+    sys.exit(exitcodes.PREEMPTED)
   except controller.NonFiniteError as e:
-    _fail(EXIT_NONFINITE, str(e))
+    _fail(EXIT_NONFINITE, str(e), lock)
+  except checkpoint.DiskFull as e:
+    _fail(exitcodes.DISK_FULL, str(e), lock)
   except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
           tf.errors.CancelledError, tf.errors.AbortedError) as e:
     # os._exit: collective ops of a dead cluster can block interpreter exit.
     _fail(EXIT_PEER_LOST, f"lost contact with a peer task ({type(e).__name__}: "
           f"{_cause(str(e))}); relaunch all tasks to resume from the last "
-          "checkpoint.")
+          "checkpoint.", lock)
+  except BaseException:
+    lock.release()
+    raise
+  lock.release()
   print(controller.summary_line(result), flush=True)
 
 

@@ -9,6 +9,7 @@ from absl import logging
 import tensorflow as tf
 
 from trainer import cluster
+from trainer import dirlock
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -79,11 +80,16 @@ def _peers(resolver) -> list[tuple[str, str]]:
 
 
 # The watchdog of _StartupDeadline, a separate tiny process (no TensorFlow):
-# argv = parent pid, seconds, peers as NAME=HOST:PORT. A byte or EOF on stdin
-# (the cluster formed, or the parent is gone) ends it quietly.
+# argv = parent pid, seconds, peers as NAME=HOST:PORT, then "--" and what to
+# remove for the killed parent (its model_dir lock file, then the directories
+# the lock created: empty ones only). A byte or EOF on stdin (the cluster
+# formed, or the parent is gone) ends it quietly.
 _WATCHDOG = r"""
 import os, select, signal, socket, sys
-parent, seconds, peers = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+args = sys.argv[1:]
+cleanup = args[args.index("--") + 1:] if "--" in args else []
+args = args[:args.index("--")] if "--" in args else args
+parent, seconds, peers = int(args[0]), float(args[1]), args[2:]
 if select.select([sys.stdin], [], [], seconds)[0]:
   sys.exit(0)
 def answers(address):
@@ -103,6 +109,16 @@ sys.stderr.write(
     "(same cluster, own task index) or raise --peer_timeout_s.\n")
 sys.stderr.flush()
 os.kill(parent, signal.SIGKILL)
+for i, path in enumerate(cleanup):
+  try:
+    if i == 0:
+      with open(path) as f:
+        if f'"pid": {parent},' in f.read():
+          os.remove(path)
+    else:
+      os.rmdir(path)
+  except OSError:
+    pass
 """
 
 
@@ -126,7 +142,8 @@ class _StartupDeadline:
     if self._peers:
       self._watchdog = subprocess.Popen(
           [sys.executable, "-c", _WATCHDOG, str(os.getpid()),
-           str(self._seconds), *(f"{n}={a}" for n, a in self._peers)],
+           str(self._seconds), *(f"{n}={a}" for n, a in self._peers),
+           "--", *dirlock.held_paths()],
           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     return self
 

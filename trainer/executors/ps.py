@@ -39,7 +39,8 @@ split evenly so that every worker gets a function). What follows from that:
   the coordinator raises ParameterServerLost (an UnavailableError: exit 4
   with one line) and a relaunch resumes from the last checkpoint. Servers
   that do not answer at startup end the wait after --peer_timeout_s (exit
-  4). If every worker is lost, the coordinator waits for one to return.
+  4). If every worker is lost, the coordinator waits for one to return,
+  at most --peer_timeout_s (trainer/worker_watch.py: then exit 4).
 * SIGTERM/SIGINT to the coordinator saves at the end of the round and exits
   75, as in the other strategies (the servers must still be up to save).
 * Not available here: --profile_steps (the work runs on the workers),
@@ -55,7 +56,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from trainer import build, cluster, compat
+from trainer import build, cluster, compat, worker_watch
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.step.metric_sums import MetricSums
@@ -337,6 +338,8 @@ class PSExecutor:
 
   def start(self):
     self.parts.steps.reset_progress()
+    worker_watch.watch(cluster.env_tf_config(need_ps=True),
+                       self.config.peer_timeout_s)
     return self._per_worker_iterator()
 
   def run(self, iterator, step: int, todo: int):

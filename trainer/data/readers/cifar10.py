@@ -1,5 +1,8 @@
 """`--dataset=cifar10`: the CIFAR-10 python (pickled) or binary batches.
 
+The python batches are read by a restricted unpickler that admits only what
+the format holds: a hostile file is refused before any of it runs.
+
 --data_dir may be `cifar-10-batches-py/` (data_batch_1..5, test_batch),
 `cifar-10-batches-bin/` (data_batch_1.bin..5.bin, test_batch.bin) or a parent
 of either; without it the Keras cache is searched, then a Keras download is
@@ -29,23 +32,54 @@ _FORMATS = (("cifar-10-batches-py", ""), ("cifar-10-batches-bin", ".bin"))
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
+# What a CIFAR-10 python batch holds besides dict, list, bytes, str and int
+# (which need no global): NumPy's array reconstruction (numpy.core before
+# NumPy 2, numpy._core since) and the latin-1 codec protocol 2 uses for bytes.
+_SAFE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _UnsafePickle(Exception):
+  pass
+
+
+class _BatchUnpickler(pickle.Unpickler):
+  """Unpickles only what the CIFAR-10 format holds. A plain pickle.load runs
+  whatever callable the file names (a crafted data_batch_1 ran os.system):
+  any other global is refused here, before it is even looked up."""
+
+  def find_class(self, module, name):
+    if (module, name) in _SAFE_GLOBALS:
+      return super().find_class(module, name)
+    raise _UnsafePickle(f"{module}.{name}")
+
+
 def _read_python(path: str) -> Arrays:
-  # Pickle runs code from the file: these are the user's own dataset files,
-  # read from a directory they named, as Keras itself does.
+  # The files come from --data_dir, often a shared or downloaded mount that
+  # every worker loads: they are data, never code (see _BatchUnpickler).
   try:
     with open(path, "rb") as f:
-      batch = pickle.load(f, encoding="bytes")
-    data, labels = batch[b"data"], batch[b"labels"]
+      batch = _BatchUnpickler(f, encoding="bytes").load()
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+  except _UnsafePickle as e:
+    raise UserError(
+        f"refusing CIFAR-10 batch {path}: its pickle calls {str(e)[:100]}, "
+        "which a CIFAR-10 batch never holds (only dict, list, bytes, str, int "
+        "and NumPy arrays), so it may be crafted to run code; download it "
+        "again, or use the binary format (cifar-10-batches-bin).") from None
   except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError,
-          ValueError) as e:
+          ValueError, AttributeError, IndexError, OverflowError) as e:
     raise UserError(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: "
                     f"{e}): expected a pickled dict with b'data' and "
                     "b'labels'; download it again.") from None
-  data = np.asarray(data, dtype=np.uint8)
-  if data.ndim != 2 or data.shape[1] != _PIXELS:
-    raise UserError(f"{path}: b'data' has shape {data.shape}, expected "
-                    f"[N, {_PIXELS}].")
-  return data, np.asarray(labels, dtype=np.int64)
+  if data.ndim != 2 or data.shape[1] != _PIXELS or labels.ndim != 1:
+    raise UserError(f"{path}: b'data' has shape {data.shape} and b'labels' "
+                    f"{labels.shape}, expected [N, {_PIXELS}] and [N].")
+  return data, labels
 
 
 def _read_binary(path: str) -> Arrays:

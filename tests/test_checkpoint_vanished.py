@@ -1,0 +1,81 @@
+"""A checkpoint deleted between listing and restoring (an eval beside a live
+run with --keep_checkpoints=1) is re-listed, never blamed on the model."""
+
+import glob
+import os
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+tf = pytest.importorskip("tensorflow")
+
+from trainer import checkpoint as ckpt_lib  # noqa: E402
+from trainer.config import Config  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+
+
+def _remove(prefix):
+  for path in glob.glob(prefix + ".*"):
+    os.remove(path)
+
+
+class _Live:
+  """A 'live run' writing into model_dir: the first time `hook` fires it
+  saves ckpt-3 and deletes ckpt-2, as --keep_checkpoints would."""
+
+  def __init__(self, model_dir):
+    self.variable = tf.Variable(0.0)
+    self.writer = ckpt_lib.Checkpointer(model_dir, {"v": self.variable},
+                                        keep=10, is_chief=True,
+                                        worker_index=0)
+    self.fired = False
+    for step in (1, 2):
+      self.variable.assign(float(step))
+      self.writer.save(step)
+
+  def hook(self):
+    if not self.fired:
+      self.fired = True
+      self.variable.assign(3.0)
+      self.writer.save(3)
+      _remove(os.path.join(self.writer.model_dir, "ckpt-2"))
+
+
+@pytest.mark.parametrize("when", ["before_verify", "before_restore"])
+def test_vanished_checkpoint_is_relisted(tmp_path, monkeypatch, caplog, when):
+  model_dir = str(tmp_path)
+  live = _Live(model_dir)
+  reader_var = tf.Variable(-1.0)
+  reader = ckpt_lib.Checkpointer(model_dir, {"v": reader_var}, keep=10,
+                                 is_chief=False, worker_index=1)
+  if when == "before_verify":
+    real = ckpt_lib.verified_config
+
+    def verified(path):
+      live.hook()
+      return real(path)
+    monkeypatch.setattr(ckpt_lib, "verified_config", verified)
+  else:
+    real_restore = reader.checkpoint.restore
+
+    def restore(path):
+      live.hook()
+      return real_restore(path)
+    monkeypatch.setattr(reader.checkpoint, "restore", restore)
+  restored = reader.restore(Config(model_dir=model_dir))
+  assert restored == os.path.join(model_dir, "ckpt-3")
+  assert float(reader_var.numpy()) == 3.0
+  assert "vanished while being restored" in caplog.text
+  assert "damaged" not in caplog.text
+
+
+def test_explicit_checkpoint_that_vanished_says_so(tmp_path):
+  live = _Live(str(tmp_path))
+  _remove(os.path.join(str(tmp_path), "ckpt-2"))
+  reader = ckpt_lib.Checkpointer(str(tmp_path), {"v": tf.Variable(0.0)},
+                                 keep=10, is_chief=False, worker_index=1)
+  with pytest.raises(UserError, match="no longer exists"):
+    reader.restore(Config(model_dir=str(tmp_path)),
+                   os.path.join(str(tmp_path), "ckpt-2"))
+  del live
