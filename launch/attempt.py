@@ -2,7 +2,6 @@
 
 import dataclasses
 import signal
-import socket
 import time
 import typing
 
@@ -11,6 +10,7 @@ from launch.child import Child
 from launch.cluster import HOST
 from launch.group import POLL_S, stop_all
 from launch.output import log
+from trainer import net
 
 
 class Restarts:
@@ -100,11 +100,7 @@ def run_multiworker(tasks, ctx):
 
 
 def _listening(port):
-  try:
-    with socket.create_connection((HOST, port), timeout=0.5):
-      return True
-  except OSError:
-    return False
+  return net.answers(f"{HOST}:{port}", timeout_s=0.5)
 
 
 def _wait_listening(servers, ctx):

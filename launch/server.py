@@ -6,7 +6,6 @@ Exit status: 0 after SIGTERM/SIGINT; 2 for a bad TF_CONFIG (one line on stderr);
 server cannot start (e.g. its port is taken).
 """
 
-import json
 import os
 import signal
 import sys
@@ -18,32 +17,21 @@ SERVER_TYPES = ("worker", "ps")
 
 
 def parse_tf_config(text):
-  """Returns (cluster, task_type, index) from a TF_CONFIG string; ValueError says what is wrong."""
-  if not text:
-    raise ValueError("TF_CONFIG is not set")
+  """Returns (cluster, task_type, index) from a TF_CONFIG string; ValueError says what is wrong.
+  The checks are the trainer's own (trainer.cluster), plus: a server runs a worker or ps task."""
+  from trainer import cluster as cluster_lib
+  from trainer.errors import UserError
   try:
-    config = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"TF_CONFIG is not JSON ({e})") from None
-  cluster = config.get("cluster") if isinstance(config, dict) else None
-  if not isinstance(cluster, dict) or not cluster:
-    raise ValueError("TF_CONFIG has no 'cluster' object")
-  for job, addresses in cluster.items():
-    if (not isinstance(addresses, list) or not addresses
-        or not all(isinstance(a, str) and ":" in a for a in addresses)):
-      raise ValueError(f"TF_CONFIG cluster job {job!r} must be a list of 'host:port' strings")
-  task = config.get("task")
-  task_type = task.get("type") if isinstance(task, dict) else None
-  index = task.get("index", 0) if isinstance(task, dict) else None
+    config = cluster_lib.parse_tf_config(text)
+  except UserError as e:
+    raise ValueError(str(e)) from None
+  if config is None:
+    raise ValueError("TF_CONFIG is not set")
+  task_type, index = config["task"]["type"], config["task"].get("index", 0)
   if task_type not in SERVER_TYPES:
     raise ValueError(f"TF_CONFIG task type is {task_type!r}; launch.server runs only "
                      f"{' or '.join(SERVER_TYPES)} tasks (the chief runs trainer.main)")
-  if task_type not in cluster:
-    raise ValueError(f"TF_CONFIG task type {task_type!r} is not a job of the cluster")
-  if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(
-      cluster[task_type]):
-    raise ValueError(f"TF_CONFIG task index {index!r} is not in 0..{len(cluster[task_type]) - 1}")
-  return cluster, task_type, index
+  return config["cluster"], task_type, index
 
 
 def inter_op_threads(cluster):

@@ -24,10 +24,10 @@ into a temporary directory they delete.
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 from absl import logging
+
+from trainer import checkpoint as ckpt_lib
 from trainer.errors import UserError
 
 DIRNAME = "best"
@@ -143,11 +143,7 @@ class BestKeeper:
 
   def _write(self, checkpoint) -> None:
     if not self._is_chief:
-      scratch = tempfile.mkdtemp(prefix=f"trainer-worker{self._worker_index}-")
-      try:
-        checkpoint.write(os.path.join(scratch, "ckpt"))
-      finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+      ckpt_lib.write_scratch(checkpoint, self._worker_index, self.record.step)
       return
     os.makedirs(self.directory, exist_ok=True)
     record = self.record

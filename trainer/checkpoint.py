@@ -28,7 +28,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 PREFIX = "ckpt"
 # Fields that define the variables in a checkpoint: restoring across a change
@@ -79,19 +79,7 @@ class Checkpointer:
             f"checkpoint is {intact[0] if intact else 'none'}. Free space "
             "(or raise the quota), then run the same command to resume "
             "from it.") from None
-    scratch = tempfile.mkdtemp(prefix=f"trainer-worker{self._worker_index}-")
-    try:
-      self.checkpoint.write(os.path.join(scratch, PREFIX))
-    except (OSError, tf.errors.OpError) as e:
-      if not is_disk_full(e):
-        raise
-      raise DiskFull(
-          f"no space left in the temporary directory {scratch} where worker "
-          f"{self._worker_index} writes its copy of the checkpoint at step "
-          f"{step}; free space there (or set TMPDIR), then run the same "
-          "command to resume.") from None
-    finally:
-      shutil.rmtree(scratch, ignore_errors=True)
+    write_scratch(self.checkpoint, self._worker_index, step)
     return None
 
   def paths(self) -> list[str]:
@@ -99,7 +87,7 @@ class Checkpointer:
     index lists and every ckpt-N whose .index file exists."""
     listed = [p for p in _listed(self.model_dir)
               if os.path.exists(p + ".index")]
-    return sorted(set(listed) | set(_on_disk(self.model_dir)), key=_number,
+    return sorted(set(listed) | set(_on_disk(self.model_dir)), key=number,
                   reverse=True)
 
   def restore(self, config, path: str | None = None) -> str | None:
@@ -154,7 +142,7 @@ class Checkpointer:
         return self._vanished(candidate, explicit)
       if explicit:
         raise UserError(f"--checkpoint={candidate} could not be read "
-                        f"({_first_line(e)}).") from None
+                        f"({first_line(e)}).") from None
       _warn_damaged(candidate, e, rest)
       return None
     check_compatible(saved, config, candidate)
@@ -166,7 +154,7 @@ class Checkpointer:
         return self._vanished(candidate, explicit)
       raise UserError(
           f"--model_dir={self.model_dir} holds a checkpoint ({candidate}) "
-          f"that does not fit this model/optimizer ({_first_line(e)}); use "
+          f"that does not fit this model/optimizer ({first_line(e)}); use "
           "a new --model_dir or the flags that wrote it.") from None
     return candidate
 
@@ -234,7 +222,7 @@ def _write_index(model_dir: str, latest: str, paths: list[str]) -> None:
   """The `checkpoint` file CheckpointManager writes (text proto), atomically.
   Timestamps are the files' mtimes, later than last_preserved_timestamp, so
   the re-created manager's keep policy manages them."""
-  oldest_first = sorted(paths, key=_number)
+  oldest_first = sorted(paths, key=number)
   stamps = [os.path.getmtime(p + ".index") for p in oldest_first]
   lines = [f'model_checkpoint_path: "{os.path.basename(latest)}"']
   lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"'
@@ -268,22 +256,37 @@ def _remove_partial(model_dir: str, name: str, before: set) -> None:
         pass
 
 
-def _number(path: str) -> int:
+def write_scratch(checkpoint, worker_index: int, step: int) -> None:
+  """A non-chief worker's save: the same collective reads as the chief's
+  (variables may sync on read), written to a temporary directory that is
+  deleted at once."""
+  scratch = tempfile.mkdtemp(prefix=f"trainer-worker{worker_index}-")
+  try:
+    checkpoint.write(os.path.join(scratch, PREFIX))
+  except (OSError, tf.errors.OpError) as e:
+    if not is_disk_full(e):
+      raise
+    raise DiskFull(
+        f"no space left in the temporary directory {scratch} where worker "
+        f"{worker_index} writes its copy of the checkpoint at step "
+        f"{step}; free space there (or set TMPDIR), then run the same "
+        "command to resume.") from None
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def number(path: str) -> int:
+  """N of a checkpoint path ending in ckpt-N (-1 if it does not)."""
   try:
     return int(path.rsplit("-", 1)[1])
   except (IndexError, ValueError):
     return -1
 
 
-def _first_line(error) -> str:
-  text = str(error).strip().splitlines()
-  return text[0][:300] if text else type(error).__name__
-
-
 def _warn_damaged(path, error, rest):
   fallback = rest[0] if rest else "no older checkpoint (none left)"
   logging.warning("checkpoint %s is damaged (%s); using %s instead.", path,
-                  _first_line(error), fallback)
+                  first_line(error), fallback)
 
 
 _CONFIG_KEY = "config/.ATTRIBUTES/VARIABLE_VALUE"

@@ -11,6 +11,13 @@ class UserError(Exception):
   stderr and exits 2; the message must name the problem and the fix."""
 
 
+def first_line(error, limit: int = 300) -> str:
+  """The first line of an exception's message (or its type's name), cut
+  to `limit` characters: what a one-line error message quotes of a cause."""
+  text = str(error).strip().splitlines()
+  return text[0][:limit] if text else type(error).__name__
+
+
 def fail(program: str, message: str, code: int = 2, hard: bool = False):
   """Writes `program: error: message` as one stderr line and exits `code`.
   hard: os._exit, skipping interpreter teardown (which can block on a TF

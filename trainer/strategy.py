@@ -85,20 +85,14 @@ def _peers(resolver) -> list[tuple[str, str]]:
 # the lock created: empty ones only). A byte or EOF on stdin (the cluster
 # formed, or the parent is gone) ends it quietly.
 _WATCHDOG = r"""
-import os, select, signal, socket, sys
+import os, select, signal, sys
+from trainer.net import answers   # socket only: no TensorFlow
 args = sys.argv[1:]
 cleanup = args[args.index("--") + 1:] if "--" in args else []
 args = args[:args.index("--")] if "--" in args else args
 parent, seconds, peers = int(args[0]), float(args[1]), args[2:]
 if select.select([sys.stdin], [], [], seconds)[0]:
   sys.exit(0)
-def answers(address):
-  host, port = address.rsplit(":", 1)
-  try:
-    socket.create_connection((host.strip("[]"), int(port)), 1.0).close()
-    return True
-  except (OSError, ValueError):
-    return False
 silent = [f"{p.split('=', 1)[0]} ({p.split('=', 1)[1]})" for p in peers
           if not answers(p.split("=", 1)[1])]
 why = (f"no answer from {', '.join(silent)}" if silent else

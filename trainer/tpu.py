@@ -18,13 +18,13 @@ help, so launchers do not restart it).
 
 import glob
 import os
-import socket
 import threading
 
 from absl import logging
 import tensorflow as tf
 
-from trainer.errors import UserError
+from trainer import net
+from trainer.errors import UserError, first_line
 
 _PROBE_TIMEOUT_S = 2.0
 _RESOLVE_TIMEOUT_S = 60.0
@@ -38,12 +38,10 @@ def _device_files() -> list[str]:
 
 def _reachable(host: str, port: int, timeout_s: float = _PROBE_TIMEOUT_S):
   """A TCP connect (name lookup included) within timeout_s."""
-  def connect():
-    with socket.create_connection((host, port), timeout=timeout_s):
-      return True
   try:
-    return _with_timeout(connect, timeout_s, f"connecting to {host}:{port}")
-  except (OSError, UserError):
+    return _with_timeout(lambda: net.answers(f"{host}:{port}", timeout_s),
+                         timeout_s, f"connecting to {host}:{port}")
+  except UserError:
     return False
 
 
@@ -112,11 +110,6 @@ def _with_timeout(fn, timeout_s: float, what: str):
   return box["value"]
 
 
-def _first_line(error) -> str:
-  text = str(error).strip().splitlines()
-  return text[0][:200] if text else type(error).__name__
-
-
 def build_strategy(config):
   """TPUClusterResolver -> connect -> initialize -> TPUStrategy."""
   tpu = config.tpu.strip()
@@ -132,7 +125,7 @@ def build_strategy(config):
     raise
   except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:
     raise UserError(f"no TPU found: --tpu={tpu} could not be used "
-                    f"({type(e).__name__}: {_first_line(e)}); "
+                    f"({type(e).__name__}: {first_line(e, 200)}); "
                     f"{_EXPECTS}.") from None
   strategy = tf.distribute.TPUStrategy(resolver)
   logging.info("TPUStrategy on --tpu=%s: %d replicas", tpu,

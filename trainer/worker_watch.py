@@ -10,7 +10,6 @@ worker that comes back in time (launch.local --max_restarts restarts it on
 the same port) resets the clock, and the coordinator picks it up itself.
 """
 
-import socket
 import threading
 import time
 
@@ -20,17 +19,12 @@ from trainer import cluster
 from trainer import dirlock
 from trainer import errors
 from trainer import exitcodes
+from trainer import net
 
 _POLL_S = 1.0
 
 
-def _answers(address: str) -> bool:
-  try:
-    host, port = cluster.split_address(address)
-    socket.create_connection((host, port), 1.0).close()
-    return True
-  except (OSError, ValueError, errors.UserError):
-    return False
+_answers = net.answers
 
 
 class WorkerWatch:

@@ -50,13 +50,12 @@ split evenly so that every worker gets a function). What follows from that:
 import math
 import os
 import re
-import socket
 import time
 
 from absl import logging
 import tensorflow as tf
 
-from trainer import build, cluster, compat, worker_watch
+from trainer import build, cluster, compat, net, worker_watch
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.step.metric_sums import MetricSums
@@ -85,13 +84,7 @@ class ClusterNotReady(tf.errors.UnavailableError):
     super().__init__(None, None, message)
 
 
-def _answers(address: str) -> bool:
-  host, _, port = address.rpartition(":")
-  try:
-    socket.create_connection((host.strip("[]"), int(port)), 1.0).close()
-    return True
-  except (OSError, ValueError):
-    return False
+_answers = net.answers
 
 
 def wait_for_servers(tf_config: dict, timeout_s: float) -> None:
