@@ -53,6 +53,7 @@ class Config:
   global_batch_size: int = 64
   grad_accum_steps: int = 1
   train_steps: int = 1000
+  epochs: float = 0.0
   steps_per_loop: int = 50
   eval_batch_size: int = 0
   # Optimization.
@@ -72,6 +73,8 @@ class Config:
   keep_checkpoints: int = 3
   summary_every: int = 100
   eval_every: int = 500
+  eval_every_epochs: float = 0.0
+  summary_every_epochs: float = 0.0
   # Watching a run.
   progress: str = "auto"
   histograms_every: int = 0
@@ -162,6 +165,11 @@ _HELP = {
     "grad_accum_steps": "Micro-batches per update: the global batch is split "
                         "K ways; one cross-replica reduction per update.",
     "train_steps": "Optimizer updates in total (a resumed run stops here too).",
+    "epochs": "Train for N passes over --train_split instead of "
+              "--train_steps: train_steps = ceil(N x examples / "
+              "--global_batch_size) (N may be fractional; 0: use "
+              "--train_steps). Without --eval_every(_epochs), evaluates "
+              "once per epoch.",
     "steps_per_loop": "Updates inside one tf.function call.",
     "eval_batch_size": "Examples per evaluation batch (0: --global_batch_size).",
     "optimizer": f"One of {', '.join(OPTIMIZERS)}.",
@@ -181,6 +189,10 @@ _HELP = {
     "keep_checkpoints": "Checkpoints kept in --model_dir.",
     "summary_every": "Write train summaries and a progress line every N updates.",
     "eval_every": "Evaluate every N updates (and at the end); 0: only at the end.",
+    "eval_every_epochs": "Evaluate every F epochs of --train_split (replaces "
+                         "--eval_every; 0: use --eval_every).",
+    "summary_every_epochs": "Write train summaries every F epochs (replaces "
+                            "--summary_every; 0: use --summary_every).",
     "progress": "Progress display on the chief: line (one line on stderr "
                 "rewritten in place), log (a fixed-format 'train | step: N/T "
                 "| loss: ...' log line every --summary_every updates), or "
@@ -258,6 +270,19 @@ def define_flags() -> None:
 def from_flags(flag_values) -> Config:
   """Builds the Config from parsed flags (the only place that reads FLAGS)."""
   values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
+  given = lambda name: flag_values[name].present
+  if given("epochs") and given("train_steps"):
+    raise UserError(f"--epochs={values['epochs']} and --train_steps="
+                    f"{values['train_steps']} both say how long to train; "
+                    "give one of them.")
+  for name in ("eval_every", "summary_every"):
+    if given(name) and given(f"{name}_epochs"):
+      raise UserError(f"--{name} and --{name}_epochs both given; give one.")
+  # Several evaluation points per run by default: the fixed --eval_every=500
+  # gives a 5-epoch MNIST run only two.
+  if (values["epochs"] > 0 and not given("eval_every")
+      and not given("eval_every_epochs")):
+    values["eval_every_epochs"] = 1.0
   return Config(**values)
 
 
@@ -281,7 +306,8 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
     if getattr(config, name) <= 0:
       raise UserError(f"--{name}={getattr(config, name)} must be positive.")
   for name in ("cpu_replicas", "warmup_steps", "eval_every", "eval_batch_size",
-               "max_rollbacks", "synthetic_examples"):
+               "max_rollbacks", "synthetic_examples", "epochs",
+               "eval_every_epochs", "summary_every_epochs"):
     if getattr(config, name) < 0:
       raise UserError(f"--{name}={getattr(config, name)} must be >= 0.")
   _validate_watch(config)

@@ -16,6 +16,7 @@ import tensorflow as tf
 from trainer import best as best_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import optim, strategy as strategy_lib, summary, tasks, watch
+from trainer import epochs, rundir
 from trainer.config import Config, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
@@ -90,6 +91,7 @@ class Runner:
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.mixed_precision)
     self.task = task if task is not None else tasks.from_config(config)
+    self.config = config = epochs.resolve(config, self.task)
     # Data first: a missing file is reported before model_dir is touched.
     spec = pipeline.input_spec(self.task, config.train_split)
     with self.strategy.scope():
@@ -120,10 +122,7 @@ class Runner:
   def _open_outputs(self):
     """Creates --model_dir outputs; only after restore has succeeded."""
     if self.writers is None:
-      if self.role.is_chief:
-        os.makedirs(self.config.model_dir, exist_ok=True)
-        with open(os.path.join(self.config.model_dir, "config.json"), "w") as f:
-          f.write(self.config.to_json() + "\n")
+      rundir.record(self.config, self.role.is_chief)
       self.writers = summary.Writers(self.config.model_dir, self.role.is_chief)
 
   def _train_iterator(self):
@@ -495,6 +494,9 @@ def run(config: Config, task=None) -> dict:
 def summary_line(result: dict) -> str:
   """The last stdout line of a run: one JSON object."""
   keys = ("global_step", "train_loss", "eval_loss", "eval_accuracy")
-  ordered = {k: result.get(k) for k in keys}
-  ordered.update({k: v for k, v in result.items() if k not in ordered})
+  ordered = {k: result[k] for k in keys if k in result}
+  ordered.update(result)
+  # A metric the task does not have (or a step that did not run) is absent,
+  # not null: scripts read the keys they expect.
+  ordered = {k: v for k, v in ordered.items() if v is not None}
   return json.dumps(ordered, sort_keys=False)

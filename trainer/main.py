@@ -20,6 +20,7 @@ from absl import logging  # noqa: E402
 from trainer import cluster  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import errors  # noqa: E402
+from trainer import rundir  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -28,6 +29,7 @@ config_lib.define_flags()
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_PEER_LOST = 4
+EVAL_MODES = ("eval", "continuous_eval")
 
 
 def _fail(code: int, message: str):
@@ -64,6 +66,11 @@ def main(argv):
           "--name=value.")
   try:
     config = config_lib.from_flags(FLAGS)
+    if config.mode in EVAL_MODES:
+      # Evaluation takes the run's own configuration from --model_dir; the
+      # flags given on this command line override only what they name.
+      present = {name for name in FLAGS if FLAGS[name].present}
+      config = rundir.config_for(config.model_dir, config, present)
     config_lib.validate(config)
     cluster.precheck(config.strategy, config.cluster_resolver)
   except UserError as e:
