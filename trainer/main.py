@@ -77,7 +77,11 @@ def main(argv):
     _fail(EXIT_USAGE, str(e))
   # Imported after validation: flag mistakes are reported in well under a
   # second instead of after TensorFlow's multi-second import.
-  import tensorflow as tf
+  try:
+    import tensorflow as tf
+  except ImportError:
+    _fail(EXIT_USAGE, "TensorFlow is not installed: pip install "
+          "'tf-trainer[cpu]' (or 'tf-trainer[gpu]' on a GPU host).")
   from trainer import loop
   try:
     result = loop.run(config)
