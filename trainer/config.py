@@ -144,8 +144,8 @@ _HELP = {
     "task": "A user task 'package.module:Name' (a trainer.Task subclass or a "
             "function config -> Task); replaces --model/--dataset.",
     "model": f"Built-in model, one of {', '.join(MODELS)}, or "
-             "'package.module:fn' with fn(input_spec, num_classes) -> "
-             "keras.Model.",
+             "'package.module:fn' with fn(input_shape, num_classes) -> "
+             "keras.Model (input_shape: the tuple (H, W, C)).",
     "dataset": f"Built-in dataset, one of {', '.join(DATASETS)}.",
     "data_dir": "Directory holding the dataset's files.",
     "train_split": "TFDS-style split to train on: 'train', 'test[:8000]', "
