@@ -341,3 +341,27 @@ def test_plot_refuses_a_metric_no_run_has(tmp_path):
     plot.plot([str(tmp_path / "run")], str(tmp_path / "c.png"),
               metrics=["loss", "nope"])
   assert not (tmp_path / "c.png").exists()
+
+
+def test_eval_config_merges_saved_and_given_flags(tmp_path):
+  """config.json's run fields, the command line's process fields and the
+  flags it names; an early-stopped run's settings do not block --mode=eval."""
+  from trainer import config as config_lib, rundir
+  from trainer.config import Config
+  saved = Config(model_dir="elsewhere", dataset="mnist", data_dir="d",
+                 global_batch_size=32, train_steps=1250, strategy="mirrored",
+                 cpu_replicas=2, early_stopping_patience=3, keep_best=True)
+  (tmp_path / "config.json").write_text(saved.to_json())
+  given = Config(model_dir=str(tmp_path), mode="eval", eval_split="test[:9]",
+                 learning_rate=0.5)
+  config = rundir.config_for(str(tmp_path), given,
+                             {"mode", "model_dir", "eval_split", "verbosity"})
+  assert (config.dataset, config.data_dir, config.global_batch_size,
+          config.train_steps) == ("mnist", "d", 32, 1250)
+  assert config.learning_rate == 1e-3            # not given: the run's own
+  assert config.eval_split == "test[:9]" and config.mode == "eval"
+  assert config.model_dir == str(tmp_path)
+  assert (config.strategy, config.cpu_replicas) == ("default", 0)
+  assert config.early_stopping_patience == 0 and not config.keep_best
+  config_lib.validate(config)
+  assert rundir.config_for(str(tmp_path / "none"), given, {"mode"}) is given

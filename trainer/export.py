@@ -127,9 +127,9 @@ def tflite_bytes(model, signature) -> bytes:
     try:
       return converter.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-      raise UserError("--tflite: the model has ops TFLite cannot convert "
-                      f"({str(e).strip().splitlines()[-1][:200]}); export "
-                      "without --tflite.") from None
+      why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+      raise UserError(f"--tflite: the model has ops TFLite cannot convert "
+                      f"({why}); export without --tflite.") from None
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -139,7 +139,8 @@ def _spec_json(spec) -> dict:
 
 
 def export(model_dir: str, export_dir: str, checkpoint: str = "",
-           tflite: bool = False, image_bytes: bool = False, model_name: str = "",
+           tflite: bool = False, image_bytes: bool = False,
+           model_name: str = "",
            **overrides) -> dict:
   """Writes the SavedModel (and model.tflite); returns a summary dict."""
   import tensorflow as tf
@@ -155,9 +156,10 @@ def export(model_dir: str, export_dir: str, checkpoint: str = "",
   except UserError:
     raise
   except (TypeError, ValueError, tf.errors.OpError) as e:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     raise UserError(f"the model cannot be traced for serving "
-                    f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-                    "); override Task.serving_signature.") from None
+                    f"({type(e).__name__}: {first}); override "
+                    "Task.serving_signature.") from None
   export_dir = os.path.normpath(export_dir)
   staging = f"{export_dir}.tmp-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)

@@ -2,7 +2,7 @@
 
     import trainer
     task, model = trainer.load("runs/make_run")
-    probabilities = tf.nn.softmax(model(images))     # images as after preprocess
+    probabilities = tf.nn.softmax(model(images))  # images as after preprocess
 
 The task, model and data flags come from MODEL_DIR/config.json (keyword
 overrides replace single fields, e.g. data_dir=... when the data moved); the

@@ -101,6 +101,7 @@ def plot(model_dirs: list[str], out: str, metrics=("loss", "accuracy"),
   if labels and len(labels) != len(model_dirs):
     raise UserError(f"--labels has {len(labels)} names for "
                     f"{len(model_dirs)} --model_dir values.")
+  plt = _pyplot()
   runs = [load_run(d) for d in model_dirs]
   missing = [m for m in metrics
              if not any(m in run["train"] or m in run["eval"] for run in runs)]
@@ -109,7 +110,6 @@ def plot(model_dirs: list[str], out: str, metrics=("loss", "accuracy"),
                    for tag in run[kind]})
     raise UserError(f"--metrics: no run has {', '.join(missing)}; the runs "
                     f"have: {', '.join(have)}.")
-  plt = _pyplot()
   labels = list(labels) if labels else _default_labels(model_dirs)
   fig, axes = plt.subplots(1, len(metrics), squeeze=False,
                            figsize=(width / _DPI, height / _DPI), dpi=_DPI)

@@ -30,7 +30,7 @@ PROCESS_FIELDS = frozenset({
     "strategy", "cpu_replicas", "cluster_resolver", "collective",
     "peer_timeout_s", "tpu", "ps_shard_min_bytes", "model_dir", "mode",
     "checkpoint", "eval_timeout_s", "progress", "profile_steps",
-    "histograms_every"})
+    "histograms_every", "keep_best", "early_stopping_patience"})
 
 TRAINING_MODES = ("train", "train_and_eval")
 

@@ -60,7 +60,8 @@ def _clean(name: str) -> str:
   return re.sub(r"\W", "_", name) or "input"
 
 
-def input_names(input_spec, single_name: str) -> list[tuple[str, tf.TensorSpec]]:
+def input_names(input_spec, single_name: str
+                ) -> list[tuple[str, tf.TensorSpec]]:
   """(name, spec) of every feature tensor, in tf.nest order."""
   pairs = _paths(input_spec)
   for path, spec in pairs:
