@@ -184,7 +184,8 @@ _HELP = {
     "deterministic": "TF op determinism: two fresh runs give bit-identical "
                      "checkpoints (slower).",
     "model_dir": "Checkpoints, train/ and eval/ TensorBoard events, "
-                 "config.json. Re-running with the same dir resumes.",
+                 "config.json (written by training), history.jsonl (one "
+                 "line per run). Re-running with the same dir resumes.",
     "checkpoint_every": "Save a checkpoint every N updates (and at the end).",
     "keep_checkpoints": "Checkpoints kept in --model_dir.",
     "summary_every": "Write train summaries and a progress line every N updates.",
@@ -228,7 +229,10 @@ _HELP = {
                        "scaling).",
     "jit_compile": "XLA-compile the replica step.",
     "mode": "train, eval (latest checkpoint), train_and_eval, "
-            "continuous_eval (evaluate each new checkpoint in --model_dir).",
+            "continuous_eval (evaluate each new checkpoint in --model_dir). "
+            "eval and continuous_eval take the run's flags from "
+            "MODEL_DIR/config.json (flags given here override only what they "
+            "name) and never rewrite it.",
     "checkpoint": "--mode=eval: the checkpoint to evaluate (default: the "
                   "latest in --model_dir).",
     "nonfinite": "On a NaN/Inf loss or gradient: skip the update, roll back "
