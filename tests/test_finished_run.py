@@ -365,3 +365,24 @@ def test_eval_config_merges_saved_and_given_flags(tmp_path):
   assert config.early_stopping_patience == 0 and not config.keep_best
   config_lib.validate(config)
   assert rundir.config_for(str(tmp_path / "none"), given, {"mode"}) is given
+
+
+def test_epochs_resolve_and_refusal():
+  """resolve() in-process: steps from the split size; a task that streams
+  its own data (no size) refuses epoch flags with one line."""
+  import types
+  from trainer import epochs
+  from trainer.config import Config
+  from trainer.errors import UserError
+  sized = types.SimpleNamespace(
+      source=lambda split: types.SimpleNamespace(num_examples=1500))
+  config = Config(epochs=2, eval_every_epochs=0.5, summary_every_epochs=0.25,
+                  global_batch_size=64, mode="train")
+  resolved = epochs.resolve(config, sized, log=False)
+  assert (resolved.train_steps, resolved.eval_every,
+          resolved.summary_every) == (47, 12, 6)
+  assert epochs.resolve(Config(), sized, log=False) == Config()
+  streaming = types.SimpleNamespace(train_dataset=lambda **kw: None)
+  with pytest.raises(UserError, match="this task streams train_dataset"):
+    epochs.resolve(config, streaming)
+  assert epochs.resolve(Config(), streaming) == Config()
