@@ -46,6 +46,13 @@ class Outcome:
   returncode: int
   who: typing.Optional[str] = None
   retry: bool = False
+  summary: typing.Optional[str] = None  # the chief's last JSON line, if it printed one
+
+
+def _with_summary(outcome, chief):
+  """The outcome with the chief's JSON summary line (read once its output is drained)."""
+  chief.join_output()
+  return dataclasses.replace(outcome, summary=chief.summary)
 
 
 def _failed(child, returncode):
@@ -82,21 +89,27 @@ def run_multiworker(tasks, ctx):
   """All tasks are trainers: done when all exit 0; the first non-zero exit ends the attempt."""
   children = [Child(t) for t in tasks]
   try:
-    for c in children:
-      c.start()
-    while True:
-      outcome = _interrupted(ctx, children, children)
-      if outcome:
-        return outcome
-      for c in children:
-        returncode = c.poll()
-        if returncode not in (None, 0):
-          return _failed(c, returncode)
-      if all(c.returncode == 0 for c in children):
-        return Outcome(0)
-      time.sleep(POLL_S)
+    outcome = _watch_multiworker(children, ctx)
   finally:
     _stop(ctx, children)
+  # Worker 0 is the chief of a cluster without a 'chief' task.
+  return _with_summary(outcome, next(c for c in children if c.task.index == 0))
+
+
+def _watch_multiworker(children, ctx):
+  for c in children:
+    c.start()
+  while True:
+    outcome = _interrupted(ctx, children, children)
+    if outcome:
+      return outcome
+    for c in children:
+      returncode = c.poll()
+      if returncode not in (None, 0):
+        return _failed(c, returncode)
+    if all(c.returncode == 0 for c in children):
+      return Outcome(0)
+    time.sleep(POLL_S)
 
 
 def _listening(port):
@@ -132,32 +145,37 @@ def run_parameter_server(tasks, ctx):
   """Servers first, then the chief; the chief's exit ends the attempt, servers restart in place."""
   servers = [Child(t) for t in tasks if not t.trainer]
   chief = Child(next(t for t in tasks if t.trainer))
-  given_up = set()
   try:
-    for c in servers:
-      c.start()
-    outcome = _wait_listening(servers, ctx)
-    if outcome:
-      return outcome
-    chief.start()
-    while True:
-      outcome = _interrupted(ctx, servers + [chief], [chief])
-      if outcome:
-        return outcome
-      returncode = chief.poll()
-      if returncode is not None:
-        return _failed(chief, returncode) if returncode else Outcome(0)
-      for i, c in enumerate(servers):
-        returncode = c.poll()
-        if returncode is None or c.name in given_up:
-          continue
-        if ctx.restarts.take(c.name, returncode):
-          # Same TF_CONFIG, same port: ParameterServerStrategy reconnects to it.
-          servers[i] = Child(c.task).start()
-        else:
-          # Not fatal by itself: the coordinator may finish on the remaining workers.
-          given_up.add(c.name)
-          log(f"{c.name} exited with {returncode}; not restarted (the chief decides)")
-      time.sleep(POLL_S)
+    outcome = _watch_parameter_server(servers, chief, ctx)
   finally:
     _stop(ctx, servers + [chief])
+  return _with_summary(outcome, chief)
+
+
+def _watch_parameter_server(servers, chief, ctx):
+  given_up = set()
+  for c in servers:
+    c.start()
+  outcome = _wait_listening(servers, ctx)
+  if outcome:
+    return outcome
+  chief.start()
+  while True:
+    outcome = _interrupted(ctx, servers + [chief], [chief])
+    if outcome:
+      return outcome
+    returncode = chief.poll()
+    if returncode is not None:
+      return _failed(chief, returncode) if returncode else Outcome(0)
+    for i, c in enumerate(servers):
+      returncode = c.poll()
+      if returncode is None or c.name in given_up:
+        continue
+      if ctx.restarts.take(c.name, returncode):
+        # Same TF_CONFIG, same port: ParameterServerStrategy reconnects to it.
+        servers[i] = Child(c.task).start()
+      else:
+        # Not fatal by itself: the coordinator may finish on the remaining workers.
+        given_up.add(c.name)
+        log(f"{c.name} exited with {returncode}; not restarted (the chief decides)")
+    time.sleep(POLL_S)

@@ -2,6 +2,7 @@
 
 import atexit
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ class Child:
     self.proc = None
     self.returncode = None
     self._reader = None
+    self.summary = None  # the last JSON-object line it printed (trainer.main's summary)
 
   @property
   def pid(self):
@@ -55,7 +57,10 @@ class Child:
     prefix = f"[{self.name}] "
     stream = self.proc.stdout
     for raw in iter(lambda: stream.readline(_LINE_LIMIT), b""):
-      emit(prefix + raw.decode("utf-8", "replace").rstrip("\r\n"))
+      line = raw.decode("utf-8", "replace").rstrip("\r\n")
+      if _is_json_object(line):
+        self.summary = line
+      emit(prefix + line)
     stream.close()
 
   def poll(self):
@@ -89,6 +94,15 @@ class Child:
     """Waits (bounded) until the child's last output line has been written."""
     if self._reader is not None:
       self._reader.join(timeout_s)
+
+
+def _is_json_object(line):
+  if not line.startswith("{"):
+    return False
+  try:
+    return isinstance(json.loads(line), dict)
+  except ValueError:
+    return False
 
 
 @atexit.register

@@ -3,6 +3,10 @@
   python -m launch.local --workers=2 -- --strategy=multiworker --train_steps=100
   python -m launch.local --workers=2 --ps=1 -- --strategy=parameter_server --train_steps=100
 
+Every child line is printed with its name as prefix ('[worker 1] ...'); the chief's (worker 0's,
+or the ps-mode chief's) last JSON line, trainer.main's summary, is printed once more, unprefixed,
+as the launcher's last stdout line: `python -m launch.local ... | tail -1` is the run's result.
+
 Exit status: 0 when every trainer process exited 0; otherwise the first non-zero exit code of
 a trainer (128 + N for one killed by signal N); 75 when a trainer was preempted (never
 restarted); 2 for bad flags; 124 when --timeout_s ran out; 128 + N when the launcher itself got
@@ -22,7 +26,7 @@ from launch import cluster
 from launch import codes
 from launch import plan
 from launch import signals
-from launch.output import log
+from launch.output import emit, log
 
 RESTART_PAUSE_S = 0.5  # let the killed group release its ports and files before the next one
 
@@ -71,6 +75,9 @@ def run(workers, ps=0, trainer_args=(), max_restarts=0, port_base=None, env=None
       if outcome.retry and ctx.restarts.take(outcome.who, outcome.returncode):
         time.sleep(RESTART_PAUSE_S)
         continue
+      if outcome.summary is not None:
+        # Once, unprefixed, last: scripts read it as they read trainer.main's last line.
+        emit(outcome.summary)
       return codes.exit_status(outcome.returncode)
     return codes.exit_status(-received.first)  # signalled between attempts
 

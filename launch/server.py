@@ -60,6 +60,10 @@ def _serve(cluster, task_type, index, stop):
 
 
 def main():
+  if len(sys.argv) > 1:
+    print(f"launch.server: takes no flags (its task comes from TF_CONFIG); got "
+          f"{' '.join(sys.argv[1:])}", file=sys.stderr)
+    return codes.USAGE
   try:
     cluster, task_type, index = parse_tf_config(os.environ.get("TF_CONFIG"))
   except ValueError as e:

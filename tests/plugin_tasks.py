@@ -115,3 +115,26 @@ class ClippedLinear(LinearRegression):
   def transform_gradients(self, gradients, variables):
     clipped, _ = tf.clip_by_global_norm(gradients, self.CLIP)
     return clipped
+
+
+class TwoInputs(Task):
+  """A two-input regression: features {"x": [4], "scale": [1]}, target
+  (xW + b) * scale; the model sees both inputs by name."""
+
+  def source(self, split):
+    n = 1024 if split == "train" else 128
+    x = _linear_data(n, 5 if split == "train" else 6)
+    scale = np.random.default_rng(7).uniform(0.5, 2.0, (n, 1)).astype(
+        np.float32)
+    return array_source(f"two_inputs:{split}", {"x": x, "scale": scale},
+                        (x @ TRUE_W + TRUE_B) * scale)
+
+  def build_model(self, input_spec):
+    x = keras.Input(input_spec["x"].shape, name="x")
+    scale = keras.Input(input_spec["scale"].shape, name="scale")
+    value = keras.layers.Dense(1, name="value")(x)
+    return keras.Model({"x": x, "scale": scale},
+                       keras.layers.Multiply(name="scaled")([value, scale]))
+
+  def loss(self, labels, outputs):
+    return tf.reduce_mean(tf.square(outputs - labels), axis=-1)

@@ -51,8 +51,10 @@ def test_savedmodel_and_tflite_match_the_checkpoint(exported, tmp_path):
   import tensorflow as tf
   model_dir, out, info = exported
   assert info["checkpoint"] == str(model_dir / "ckpt-30") and info["step"] == 30
-  assert info["input"] == {"name": "images", "dtype": "float32",
-                           "shape": [None, 8, 8, 1], "range": [0.0, 1.0]}
+  assert info["inputs"] == {"images": {"dtype": "float32",
+                                       "shape": [None, 8, 8, 1]}}
+  assert info["outputs"] == {"probabilities": {"dtype": "float32",
+                                               "shape": [None, 10]}}
   images, expected = _reference(model_dir, model_dir / "ckpt-30")
   assert images.dtype == np.float32 and 0 <= images.min() and \
       images.max() <= 1 and images.max() > 0.9
@@ -76,7 +78,9 @@ def test_savedmodel_and_tflite_match_the_checkpoint(exported, tmp_path):
   np.testing.assert_allclose(np.load(tmp_path / "cli" / "probabilities.npy"),
                              expected, atol=1e-5)
 
-  interpreter = tf.lite.Interpreter(model_path=str(out / "model.tflite"))
+  # ai-edge-litert: tf.lite.Interpreter is deprecated since TF 2.19.
+  from ai_edge_litert.interpreter import Interpreter
+  interpreter = Interpreter(model_path=str(out / "model.tflite"))
   runner = interpreter.get_signature_runner("serving_default")
   lite = runner(images=images)["probabilities"]
   np.testing.assert_allclose(lite, expected, atol=1e-5)

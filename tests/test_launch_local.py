@@ -54,6 +54,8 @@ tmp = out / f"{tag}.{os.getpid()}.tmp"
 tmp.write_text(json.dumps(record))
 tmp.replace(out / f"{tag}.{os.getpid()}.json")  # atomic: the test polls for these files
 print(f"hello from {tag}")
+if kind != "ps" and not (kind == "worker" and "ps" in cfg["cluster"]):  # trainers: a summary
+  print(json.dumps({"global_step": 7, "who": tag}))
 print(f"complaint from {tag}", file=sys.stderr)
 
 def starts(t):
@@ -194,6 +196,19 @@ def test_each_worker_gets_its_tf_config(child):
 
 
 @pytest.mark.timeout(120)
+def test_chief_summary_is_the_last_unprefixed_line(child, capsys):
+  cmd, out = child
+  servers = [*cmd, str(out), json.dumps({"*": "listen"})]
+  rc = local.run(2, 1, [str(out), json.dumps({"chief": "exit:0"})], command=cmd,
+                 server_command=servers, timeout_s=60)
+  assert rc == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[-1] == '{"global_step": 7, "who": "chief"}', lines
+  assert lines.count('[chief] {"global_step": 7, "who": "chief"}') == 1
+  assert sum('"global_step"' in line for line in lines) == 2  # servers print none
+
+
+@pytest.mark.timeout(120)
 def test_parameter_server_mode_starts_servers_then_chief(child):
   cmd, out = child
   servers = [*cmd, str(out), json.dumps({"*": "listen"})]
@@ -312,7 +327,10 @@ def test_cli_prefixes_every_output_line(tmp_path):
   for i in (0, 1):
     assert f"[worker {i}] hello from worker{i}" in lines
     assert f"[worker {i}] complaint from worker{i}" in lines  # stderr merged, prefixed too
-  assert all(line.startswith(("[worker 0] ", "[worker 1] ")) for line in lines)
+  # The chief's JSON summary once more, unprefixed, as the last line (like trainer.main's).
+  assert lines[-1] == '{"global_step": 7, "who": "worker0"}'
+  assert '[worker 1] {"global_step": 7, "who": "worker1"}' in lines
+  assert all(line.startswith(("[worker 0] ", "[worker 1] ")) for line in lines[:-1])
 
 
 @pytest.mark.timeout(120)

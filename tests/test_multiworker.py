@@ -97,7 +97,7 @@ def test_only_the_chief_writes(uninterrupted):
   # Worker 1 saved into TMPDIR at every checkpoint and deleted it each time.
   assert list(tmpdir.iterdir()) == []
   names = {p.name for p in model_dir.iterdir()}
-  allowed = re.compile(r"^(checkpoint|config\.json|train|eval|"
+  allowed = re.compile(r"^(checkpoint|config\.json|history\.jsonl|train|eval|"
                        r"ckpt-\d+\.(index|data-\d+-of-\d+)|events\.out\..*)$")
   assert not [n for n in names if not allowed.match(n)], names
   assert {"checkpoint", "config.json", "train", f"ckpt-{STEPS}.index"} <= names
@@ -110,6 +110,9 @@ def test_only_the_chief_writes(uninterrupted):
   assert len(pids) == 1, pids
   assert json.loads((model_dir / "config.json").read_text())[
       "strategy"] == "multiworker"
+  # One run, one history line: the chief's alone.
+  history = (model_dir / "history.jsonl").read_text().splitlines()
+  assert len(history) == 1 and json.loads(history[0])["mode"] == "train"
 
 
 def _worker_pid(model_dir, index):

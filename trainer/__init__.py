@@ -1,7 +1,7 @@
 """A custom-training-loop framework for TensorFlow 2.
 
 The Python API: subclass `Task`, build a `Config`, call `train` or
-`evaluate`. The CLI (`python -m trainer.main`) runs the same loop.
+`evaluate`; `load(model_dir)` gives a finished run's task and model. The CLI (`python -m trainer.main`) runs the same loop.
 Names load lazily so that `import trainer.config` (flag checks) does not
 import TensorFlow.
 """
@@ -32,10 +32,14 @@ def evaluate(config, task=None, checkpoint: str | None = None) -> dict:
 
 
 def __getattr__(name):
+  if name == "load":
+    # The module is callable: trainer.load(model_dir, checkpoint=None)
+    # returns (task, model); see trainer/load.py.
+    return importlib.import_module("trainer.load")
   if name in _EXPORTS:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
   raise AttributeError(f"module 'trainer' has no attribute {name!r}")
 
 
 __all__ = ["ClassificationTask", "Config", "Source", "Task", "UserError",
-           "array_source", "evaluate", "train"]
+           "array_source", "evaluate", "load", "train"]

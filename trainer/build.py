@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from trainer import checkpoint as ckpt_lib
-from trainer import optim, strategy as strategy_lib
+from trainer import epochs, optim, strategy as strategy_lib
 from trainer.config import Config, check_batch_fits, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
@@ -111,7 +111,7 @@ def optimizers_of(task: Task, config: Config, state: TrainState,
   return prepared, variables, from_flags
 
 
-def _trackable(named: dict, name: str):
+def trackable(named: dict, name: str):
   """One object for the checkpoint: the only one as itself (the layout
   every earlier checkpoint has), several under their names."""
   if list(named) == [name]:
@@ -131,6 +131,8 @@ def parts(config: Config, task: Task | None = None,
   keras.utils.set_random_seed(config.seed)
   keras.mixed_precision.set_global_policy(config.mixed_precision)
   task = task if task is not None else from_config(config)
+  # Epoch flags become steps once the split sizes are known.
+  config = epochs.resolve(config, task)
   check_batch_fits(config, task)
   # Data first: a missing file is reported before model_dir is touched.
   spec = pipeline.input_spec(task, config.train_split)
@@ -142,8 +144,8 @@ def parts(config: Config, task: Task | None = None,
   ema = make_ema(strategy, models, config.ema_decay)
   steps = steps_class(strategy, task, models, optimizers, variables, state,
                       config, ema)
-  objects = {"model": _trackable(models, MAIN),
-             "optimizer": _trackable(optimizers, "optimizer"),
+  objects = {"model": trackable(models, MAIN),
+             "optimizer": trackable(optimizers, "optimizer"),
              "global_step": state.global_step, "state": state,
              "config": tf.Variable(config.to_json(), trainable=False)}
   if ema is not None:

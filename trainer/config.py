@@ -55,6 +55,7 @@ class Config:
   global_batch_size: int = 64
   grad_accum_steps: int = 1
   train_steps: int = 1000
+  epochs: float = 0.0
   steps_per_loop: int = 50
   eval_batch_size: int = 0
   # Optimization.
@@ -75,6 +76,8 @@ class Config:
   keep_checkpoints: int = 3
   summary_every: int = 100
   eval_every: int = 500
+  eval_every_epochs: float = 0.0
+  summary_every_epochs: float = 0.0
   # Watching a run.
   progress: str = "auto"
   histograms_every: int = 0
@@ -155,8 +158,8 @@ _HELP = {
                  "teacher_dir=runs/teacher); the task reads them from "
                  "config.task_kwargs.",
     "model": f"Built-in model, one of {', '.join(MODELS)}, or "
-             "'package.module:fn' with fn(input_spec, num_classes) -> "
-             "keras.Model.",
+             "'package.module:fn' with fn(input_shape, num_classes) -> "
+             "keras.Model (input_shape: the tuple (H, W, C)).",
     "dataset": f"Built-in dataset, one of {', '.join(DATASETS)}.",
     "data_dir": "Directory holding the dataset's files.",
     "train_split": "TFDS-style split to train on: 'train', 'test[:8000]', "
@@ -176,6 +179,11 @@ _HELP = {
     "grad_accum_steps": "Micro-batches per update: the global batch is split "
                         "K ways; one cross-replica reduction per update.",
     "train_steps": "Optimizer updates in total (a resumed run stops here too).",
+    "epochs": "Train for N passes over --train_split instead of "
+              "--train_steps: train_steps = ceil(N x examples / "
+              "--global_batch_size) (N may be fractional; 0: use "
+              "--train_steps). Without --eval_every(_epochs), evaluates "
+              "once per epoch.",
     "steps_per_loop": "Updates inside one tf.function call.",
     "eval_batch_size": "Examples per evaluation batch (0: --global_batch_size).",
     "optimizer": f"One of {', '.join(OPTIMIZERS)}.",
@@ -195,11 +203,16 @@ _HELP = {
     "deterministic": "TF op determinism: two fresh runs give bit-identical "
                      "checkpoints (slower).",
     "model_dir": "Checkpoints, train/ and eval/ TensorBoard events, "
-                 "config.json. Re-running with the same dir resumes.",
+                 "config.json (written by training), history.jsonl (one "
+                 "line per run). Re-running with the same dir resumes.",
     "checkpoint_every": "Save a checkpoint every N updates (and at the end).",
     "keep_checkpoints": "Checkpoints kept in --model_dir.",
     "summary_every": "Write train summaries and a progress line every N updates.",
     "eval_every": "Evaluate every N updates (and at the end); 0: only at the end.",
+    "eval_every_epochs": "Evaluate every F epochs of --train_split (replaces "
+                         "--eval_every; 0: use --eval_every).",
+    "summary_every_epochs": "Write train summaries every F epochs (replaces "
+                            "--summary_every; 0: use --summary_every).",
     "progress": "Progress display on the chief: line (one line on stderr "
                 "rewritten in place), log (a fixed-format 'train | step: N/T "
                 "| loss: ...' log line every --summary_every updates), or "
@@ -235,7 +248,10 @@ _HELP = {
                        "scaling).",
     "jit_compile": "XLA-compile the replica step.",
     "mode": "train, eval (latest checkpoint), train_and_eval, "
-            "continuous_eval (evaluate each new checkpoint in --model_dir).",
+            "continuous_eval (evaluate each new checkpoint in --model_dir). "
+            "eval and continuous_eval take the run's flags from "
+            "MODEL_DIR/config.json (flags given here override only what they "
+            "name) and never rewrite it.",
     "checkpoint": "--mode=eval: the checkpoint to evaluate (default: the "
                   "latest in --model_dir).",
     "nonfinite": "On a NaN/Inf loss or gradient: skip the update, roll back "
@@ -277,6 +293,19 @@ def define_flags() -> None:
 def from_flags(flag_values) -> Config:
   """Builds the Config from parsed flags (the only place that reads FLAGS)."""
   values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
+  given = lambda name: flag_values[name].present
+  if given("epochs") and given("train_steps"):
+    raise UserError(f"--epochs={values['epochs']} and --train_steps="
+                    f"{values['train_steps']} both say how long to train; "
+                    "give one of them.")
+  for name in ("eval_every", "summary_every"):
+    if given(name) and given(f"{name}_epochs"):
+      raise UserError(f"--{name} and --{name}_epochs both given; give one.")
+  # Several evaluation points per run by default: the fixed --eval_every=500
+  # gives a 5-epoch MNIST run only two.
+  if (values["epochs"] > 0 and not given("eval_every")
+      and not given("eval_every_epochs")):
+    values["eval_every_epochs"] = 1.0
   return Config(**values)
 
 
@@ -305,7 +334,8 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
     if getattr(config, name) <= 0:
       raise UserError(f"--{name}={getattr(config, name)} must be positive.")
   for name in ("cpu_replicas", "warmup_steps", "eval_every", "eval_batch_size",
-               "max_rollbacks", "synthetic_examples"):
+               "max_rollbacks", "synthetic_examples", "epochs",
+               "eval_every_epochs", "summary_every_epochs"):
     if getattr(config, name) < 0:
       raise UserError(f"--{name}={getattr(config, name)} must be >= 0.")
   _validate_watch(config)

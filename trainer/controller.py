@@ -15,6 +15,7 @@ from trainer import best as best_lib
 from trainer import executors, guard, optim, summary, watch
 from trainer.config import Config
 from trainer.preemption import StopSignal as _StopSignal
+from trainer import rundir
 from trainer.errors import UserError
 from trainer.guard import NonFiniteError  # noqa: F401  (re-exported)
 
@@ -65,10 +66,7 @@ class Controller:
   def _open_outputs(self):
     """Creates --model_dir outputs; only after restore has succeeded."""
     if self.writers is None:
-      if self.role.is_chief:
-        os.makedirs(self.config.model_dir, exist_ok=True)
-        with open(os.path.join(self.config.model_dir, "config.json"), "w") as f:
-          f.write(self.config.to_json() + "\n")
+      rundir.record(self.config, self.role.is_chief)
       self.writers = summary.Writers(self.config.model_dir, self.role.is_chief)
 
   def save(self) -> None:
@@ -386,6 +384,9 @@ def run(config: Config, task=None) -> dict:
 def summary_line(result: dict) -> str:
   """The last stdout line of a run: one JSON object."""
   keys = ("global_step", "train_loss", "eval_loss", "eval_accuracy")
-  ordered = {k: result.get(k) for k in keys}
-  ordered.update({k: v for k, v in result.items() if k not in ordered})
+  ordered = {k: result[k] for k in keys if k in result}
+  ordered.update(result)
+  # A metric the task does not have (or a step that did not run) is absent,
+  # not null: scripts read the keys they expect.
+  ordered = {k: v for k, v in ordered.items() if v is not None}
   return json.dumps(ordered, sort_keys=False)

@@ -18,13 +18,46 @@ import os
 import re
 import sys
 
-from absl import app
-from absl import flags
-import numpy as np
-import tensorflow as tf
+# TF's C++ INFO lines (oneDNN notices) would bury the progress lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from trainer.data import registry, splits
-from trainer.errors import UserError
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+
+def _define_flags():
+  # Defined only when run as a program, so importing this module (tests)
+  # does not clash with trainer.config's flags of the same names.
+  flags.DEFINE_string("dataset", None, "Registered dataset to read.")
+  flags.DEFINE_string("data_dir", None, "Directory holding its files.")
+  flags.DEFINE_string("split", None, "Comma-separated SPLIT or NAME=SPLIT.")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("shards", 1, "Files per split.")
+  flags.DEFINE_string("format", "png", "png (lossless, smaller) or raw "
+                      "(uncompressed bytes, fastest to read).")
+  flags.DEFINE_bool("skip_corrupt", False, "Skip corrupt input records.")
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"trainer.convert: error: {e}. See --helpfull.", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  # Flags first, before TensorFlow's import and the C++ log lines it prints
+  # whatever TF_CPP_MIN_LOG_LEVEL says: a bad flag is ONE line, exit 2.
+  _define_flags()
+  app.define_help_flags()
+  _parse_flags(sys.argv)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from trainer.data import registry, splits  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
 
 FORMATS = ("png", "raw")
 _BATCH = 256
@@ -158,27 +191,6 @@ def convert(dataset: str, args: registry.DataArgs, split_flag: str,
   return written
 
 
-def _define_flags():
-  # Defined only when run as a program, so importing this module (tests)
-  # does not clash with trainer.config's flags of the same names.
-  flags.DEFINE_string("dataset", None, "Registered dataset to read.")
-  flags.DEFINE_string("data_dir", None, "Directory holding its files.")
-  flags.DEFINE_string("split", None, "Comma-separated SPLIT or NAME=SPLIT.")
-  flags.DEFINE_string("out", None, "Output directory.")
-  flags.DEFINE_integer("shards", 1, "Files per split.")
-  flags.DEFINE_string("format", "png", "png (lossless, smaller) or raw "
-                      "(uncompressed bytes, fastest to read).")
-  flags.DEFINE_bool("skip_corrupt", False, "Skip corrupt input records.")
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"trainer.convert: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
     print(f"trainer.convert: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -197,5 +209,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -33,18 +33,16 @@ class EMA(tf.Module):
       value = tf.cast(tf.convert_to_tensor(source), average.dtype)
       average.assign(decay * average + (1.0 - decay) * value)
 
-  def _copy(self, to_model: bool):
+  def copy_to_model(self):
+    """The averages into the weights (e.g. after restoring for export)."""
     for average, source in zip(self.averages, self._sources):
-      if to_model:
-        source.assign(tf.cast(tf.convert_to_tensor(average), source.dtype))
-      else:
-        average.assign(tf.cast(tf.convert_to_tensor(source), average.dtype))
+      source.assign(tf.cast(tf.convert_to_tensor(average), source.dtype))
 
   @contextlib.contextmanager
   def swapped_in(self):
     """The averages in place of the weights inside the block (eagerly)."""
     saved = [tf.identity(tf.convert_to_tensor(s)) for s in self._sources]
-    self._copy(to_model=True)
+    self.copy_to_model()
     try:
       yield
     finally:

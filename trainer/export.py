@@ -1,41 +1,48 @@
 """`python -m trainer.export`: a training checkpoint -> SavedModel (+ TFLite).
 
   python -m trainer.export --model_dir=DIR --export_dir=OUT \\
-      [--checkpoint=PATH] [--tflite]
+      [--checkpoint=PATH] [--data_dir=PATH] [--image_bytes] [--tflite]
 
-The model is rebuilt from DIR/config.json (same task, model and dataset
-flags) and the checkpoint's model weights are restored into it: the latest
-checkpoint in DIR, or --checkpoint (a checkpoint prefix such as
-DIR/ckpt-600, or a directory such as DIR/best, whose latest one is used).
+The task and model are rebuilt from DIR/config.json (trainer.load), with
+the checkpoint's weights: the latest in DIR, or --checkpoint (a prefix such
+as DIR/ckpt-600, or a directory such as DIR/best, whose latest one is used).
+Flags given here override only what they name (--data_dir, --file_patterns
+when the data moved; the data are read for the input spec and class count).
 
-Signature `serving_default`:
-  input  `images`: float32 [batch, H, W, C] with values in [0, 1], i.e. the
-         features exactly as the model sees them after Task.preprocess; for
-         the built-in datasets that is the uint8 pixels divided by 255 (no
-         augmentation). Callers scale uint8 images themselves: one input
-         contract for every task, and no hidden rescaling to get wrong twice.
-  output `probabilities`: float32 [batch, num_classes], softmax of the logits.
-The export computes in float32 whatever --mixed_precision the run used (the
-checkpoint's weights are float32 either way). --tflite also writes
-OUT/model.tflite (float32, same input and output). OUT is replaced as a
-whole: it is written next to itself and renamed into place.
+Signature `serving_default`: the Task's `serving_signature` hook. Defaults:
+  - ClassificationTask (the built-in datasets): input `images`, float32
+    [N, H, W, C] as the model sees them after preprocess (uint8 pixels / 255),
+    output `probabilities` [N, classes] (softmax of the logits);
+  - any other task: every model input by name (`features` for one tensor,
+    the keys of a dict of features), the model's outputs under their names
+    (the keys of a dict, or the Keras output layer's name).
+--image_bytes (image tasks): the input is `image_bytes`, a string [N] of
+encoded JPEG/PNG/GIF/BMP files, decoded to the training images' size and
+channels and preprocessed as evaluation does; a second signature `features`
+keeps the float input. The export computes in float32 whatever
+--mixed_precision the run used. --tflite also writes OUT/model.tflite
+(float inputs, same names). OUT is replaced as a whole: it is written next
+to itself and renamed into place. A model that cannot be exported is
+refused with one line (exit 2).
 """
 
-import dataclasses
 import json
 import os
 import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 
-from trainer import errors
+from trainer import errors  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
+
+# Fields of the run's config.json that export's own flags may override.
+OVERRIDABLE = ("data_dir", "file_patterns", "train_split")
 
 
 def define_flags() -> None:
@@ -45,151 +52,149 @@ def define_flags() -> None:
                       "and checkpoints.")
   flags.DEFINE_string("export_dir", None, "Where to write the SavedModel "
                       "(replaced if it exists). Its serving_default signature "
-                      "takes `images`, float32 [N,H,W,C] in [0,1] (uint8 "
-                      "pixels / 255), and returns `probabilities` [N,classes].")
+                      "is the task's serving_signature: for classification "
+                      "`images` (float32 [N,H,W,C] in [0,1]) -> "
+                      "`probabilities`; otherwise the model's inputs and "
+                      "outputs by name.")
   flags.DEFINE_string("checkpoint", "", "Checkpoint prefix (DIR/ckpt-N) or a "
                       "directory (e.g. DIR/best); default: the latest in "
                       "--model_dir.")
+  flags.DEFINE_string("model", "", "A run whose task builds a dict of "
+                      "models: the name of the one to export.")
+  flags.DEFINE_bool("image_bytes", False, "Image tasks: serve `image_bytes` "
+                    "(encoded JPEG/PNG, string [N]) decoded and preprocessed "
+                    "as evaluation does.")
   flags.DEFINE_bool("tflite", False, "Also write EXPORT_DIR/model.tflite.")
+  flags.DEFINE_string("data_dir", None, "Override the run's --data_dir "
+                      "(where the training data are now).")
+  flags.DEFINE_string("file_patterns", None, "Override the run's "
+                      "--file_patterns (--dataset=tfrecord).")
+  flags.DEFINE_string("train_split", None, "Override the run's "
+                      "--train_split (the split read for the input spec).")
 
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
+def pick_model(model, name: str):
+  """The model to export: the one model, or `name` of a dict of models."""
+  if isinstance(model, dict):
+    if name not in model:
+      raise UserError(f"the task builds models {sorted(model)}: pick one with "
+                      "--model=NAME.")
+    return model[name]
+  if name:
+    raise UserError(f"--model={name!r}: the task builds one model, not a "
+                    "dict of named models; drop --model.")
+  return model
 
 
-def load_config(model_dir: str):
-  """The Config saved in model_dir/config.json (unknown fields ignored)."""
-  from trainer.config import Config
-  path = os.path.join(model_dir, "config.json")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f"--model_dir={model_dir} has no config.json: give the "
-                    "--model_dir of a training run.") from None
-  known = {f.name for f in dataclasses.fields(Config)}
-  unknown = sorted(set(saved) - known)
-  if unknown:
-    logging.warning("config.json fields unknown to this version, ignored: %s",
-                    ", ".join(unknown))
-  return Config(**{k: v for k, v in saved.items() if k in known})
+def signature_of(restored, model, image_bytes: bool):
+  """(serving_default, extra signatures) for the restored run."""
+  from trainer import serving
+  signature = restored.task.serving_signature(model, restored.input_spec)
+  if not isinstance(signature, serving.Signature):
+    raise UserError(f"{type(restored.task).__name__}.serving_signature "
+                    f"returned a {type(signature).__name__}, not a "
+                    "trainer.serving.Signature.")
+  if not image_bytes:
+    return signature, {}
+  source = restored.task.source(restored.config.train_split)
+  return (serving.image_bytes_signature(restored.task, signature, source),
+          {"features": signature})
 
 
-def find_checkpoint(model_dir: str, checkpoint: str = "") -> str:
-  import tensorflow as tf
-  path = checkpoint or model_dir
-  if os.path.isdir(path):
-    found = tf.train.latest_checkpoint(path)
-    if found is None:
-      raise UserError(f"no checkpoint in {path}: train first, or pass "
-                      "--checkpoint=PREFIX.")
-    return found
-  if not tf.io.gfile.exists(path + ".index"):
-    raise UserError(f"--checkpoint={path}: no such checkpoint ({path}.index "
-                    "is missing).")
-  return path
-
-
-def restore_model(model_dir: str, checkpoint: str = ""):
-  """(model, input spec, checkpoint path, config) rebuilt from a run."""
+def _write(model, endpoints: dict, directory: str) -> None:
   import keras
-  import tensorflow as tf
-  from trainer import task as task_lib
-  from trainer.data import pipeline
-  config = load_config(model_dir)
-  path = find_checkpoint(model_dir, checkpoint)
-  keras.mixed_precision.set_global_policy("float32")
-  task = task_lib.from_config(config)
-  spec = pipeline.input_spec(task, config.train_split)
-  if not isinstance(spec, tf.TensorSpec):
-    raise UserError(f"the task's features are {spec}, not one image tensor: "
-                    "trainer.export handles single-input models only.")
-  model = task.build_model(spec)
-  status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
-  try:
-    status.assert_existing_objects_matched()
-  except AssertionError as e:
-    raise UserError(f"{path} does not hold this model's weights "
-                    f"({str(e).splitlines()[0][:200]}).") from None
-  return model, spec, path, config
-
-
-def serving_function(model, spec):
-  """The `serving_default` function: images -> {"probabilities": ...}."""
-  import tensorflow as tf
-
-  @tf.function(input_signature=[tf.TensorSpec(
-      [None, *spec.shape], spec.dtype, name=INPUT_NAME)])
-  def serve(images):
-    logits = tf.cast(model(images, training=False), tf.float32)
-    return {OUTPUT_NAME: tf.nn.softmax(logits, axis=-1)}
-
-  return serve
-
-
-def tflite_bytes(serve, spec) -> bytes:
-  """The TFLite flatbuffer of `serve`, with the same signature names.
-
-  The weights are frozen into constants first: TF 2.21's converter keeps
-  Keras 3 variables as resource variables (VAR_HANDLE ops with no values),
-  and the interpreter then returns NaN.
-  """
-  import tensorflow as tf
-  # No public equivalent in TF 2.21; the converter itself uses it.
-  from tensorflow.python.framework import convert_to_constants
-  frozen = convert_to_constants.convert_variables_to_constants_v2(
-      serve.get_concrete_function())
-
-  @tf.function(input_signature=[tf.TensorSpec(
-      [None, *spec.shape], spec.dtype, name=INPUT_NAME)])
-  def serve_frozen(images):
-    return {OUTPUT_NAME: frozen(images)[0]}
-
-  converter = tf.lite.TFLiteConverter.from_concrete_functions(
-      [serve_frozen.get_concrete_function()], tf.Module())
-  return converter.convert()
-
-
-def export(model_dir: str, export_dir: str, checkpoint: str = "",
-           tflite: bool = False) -> dict:
-  """Writes the SavedModel (and model.tflite); returns a summary dict."""
-  import keras
-  model, spec, path, config = restore_model(model_dir, checkpoint)
-  serve = serving_function(model, spec)
-  export_dir = os.path.normpath(export_dir)
-  staging = f"{export_dir}.tmp-{os.getpid()}"
-  shutil.rmtree(staging, ignore_errors=True)
   # Keras' ExportArchive, not tf.saved_model.save on a tf.Module: with the
   # latter, a TF1-style session loader (`saved_model_cli run`) cannot find
   # the Keras 3 variables.
   archive = keras.export.ExportArchive()
   archive.track(model)
-  archive.add_endpoint("serving_default", serve)
-  archive.write_out(staging, verbose=False)
-  info = {"export_dir": export_dir, "checkpoint": path,
-          "step": _step_of(path), "input": {
-              "name": INPUT_NAME, "dtype": spec.dtype.name,
-              "shape": [None, *spec.shape.as_list()],
-              # A --task's preprocess decides its own range.
-              "range": None if config.task else [0.0, 1.0]},
-          "output": {"name": OUTPUT_NAME, "what": "softmax probabilities"},
+  for name, fn in endpoints.items():
+    archive.add_endpoint(name, fn)
+  archive.write_out(directory, verbose=False)
+
+
+def tflite_bytes(model, signature) -> bytes:
+  """The TFLite flatbuffer of `signature` (float inputs), as
+  `serving_default`. Converted from a SavedModel: the converter freezes the
+  Keras 3 variables there (from concrete functions it kept them as
+  resource variables without values, and the interpreter returned NaN)."""
+  import tensorflow as tf
+  scratch = tempfile.mkdtemp(prefix="trainer-tflite-")
+  try:
+    _write(model, {"serving_default": signature.tf_function()}, scratch)
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        scratch, signature_keys=["serving_default"])
+    try:
+      return converter.convert()
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+      why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+      raise UserError(f"--tflite: the model has ops TFLite cannot convert "
+                      f"({why}); export without --tflite.") from None
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _spec_json(spec) -> dict:
+  return {"dtype": spec.dtype.name, "shape": [None, *spec.shape.as_list()]}
+
+
+def export(model_dir: str, export_dir: str, checkpoint: str = "",
+           tflite: bool = False, image_bytes: bool = False,
+           model_name: str = "",
+           **overrides) -> dict:
+  """Writes the SavedModel (and model.tflite); returns a summary dict."""
+  import tensorflow as tf
+  from trainer import load
+  restored = load.restore(model_dir, checkpoint,
+                          **{k: v for k, v in overrides.items()
+                             if v is not None})
+  model = pick_model(restored.model, model_name)
+  signature, extra = signature_of(restored, model, image_bytes)
+  try:
+    serve = signature.tf_function()
+    concrete = serve.get_concrete_function()
+  except UserError:
+    raise
+  except (TypeError, ValueError, tf.errors.OpError) as e:
+    raise UserError(f"the model cannot be traced for serving "
+                    f"({type(e).__name__}: {errors.first_line(e, 200)}); "
+                    "override "
+                    "Task.serving_signature.") from None
+  export_dir = os.path.normpath(export_dir)
+  staging = f"{export_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  endpoints = {"serving_default": serve,
+               **{k: s.tf_function() for k, s in extra.items()}}
+  config = restored.config
+  info = {"export_dir": export_dir, "checkpoint": restored.checkpoint,
+          "step": _step_of(restored.checkpoint),
+          "inputs": {n: _spec_json(s) for n, s in signature.inputs.items()},
+          "outputs": {n: {"dtype": t.dtype.name,
+                          "shape": t.shape.as_list()}
+                      for n, t in concrete.structured_outputs.items()},
+          "signatures": sorted(endpoints),
           "model": config.model, "dataset": config.dataset, "task": config.task}
-  if tflite:
-    with open(os.path.join(staging, "model.tflite"), "wb") as f:
-      f.write(tflite_bytes(serve, spec))
-    info["tflite"] = os.path.join(export_dir, "model.tflite")
-  os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
-  with open(os.path.join(staging, "assets.extra", "export.json"), "w") as f:
-    json.dump(info, f, indent=2)
+  try:
+    _write(model, endpoints, staging)
+    if tflite:
+      float_signature = extra.get("features", signature)
+      with open(os.path.join(staging, "model.tflite"), "wb") as f:
+        f.write(tflite_bytes(model, float_signature))
+      info["tflite"] = os.path.join(export_dir, "model.tflite")
+    os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
+    with open(os.path.join(staging, "assets.extra", "export.json"), "w") as f:
+      json.dump(info, f, indent=2)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   _replace(staging, export_dir)
   return info
 
 
 def _step_of(path: str) -> int | None:
-  try:
-    return int(path.rsplit("-", 1)[1])
-  except (IndexError, ValueError):
-    return None
+  from trainer import checkpoint as ckpt_lib
+  number = ckpt_lib.number(path)
+  return number if number >= 0 else None
 
 
 def _replace(staging: str, target: str) -> None:
@@ -201,6 +206,13 @@ def _replace(staging: str, target: str) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    errors.fail("trainer.export", f"{e}. See --helpfull.")
+
+
 def main(argv):
   if len(argv) > 1:
     errors.fail("trainer.export", f"unexpected arguments {argv[1:]}; flags "
@@ -208,9 +220,11 @@ def main(argv):
   if not FLAGS.model_dir or not FLAGS.export_dir:
     errors.fail("trainer.export",
                 "--model_dir and --export_dir are required.")
+  overrides = {name: FLAGS[name].value for name in OVERRIDABLE
+               if FLAGS[name].present}
   try:
     info = export(FLAGS.model_dir, FLAGS.export_dir, FLAGS.checkpoint,
-                  FLAGS.tflite)
+                  FLAGS.tflite, FLAGS.image_bytes, FLAGS.model, **overrides)
   except UserError as e:
     errors.fail("trainer.export", str(e))
   print(json.dumps(info), flush=True)
@@ -218,7 +232,7 @@ def main(argv):
 
 def run():
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from trainer import config as config_lib  # noqa: E402
 from trainer import dirlock  # noqa: E402
 from trainer import errors  # noqa: E402
 from trainer import exitcodes  # noqa: E402
+from trainer import rundir  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -32,6 +33,7 @@ config_lib.define_flags()
 EXIT_USAGE = exitcodes.USAGE
 EXIT_NONFINITE = exitcodes.NONFINITE
 EXIT_PEER_LOST = exitcodes.PEER_LOST
+EVAL_MODES = ("eval", "continuous_eval")
 
 
 def _fail(code: int, message: str, lock=None):
@@ -68,6 +70,11 @@ def checked_config(flag_values) -> config_lib.Config:
   """The Config, after every check that needs no TensorFlow: flag values and
   bounds, TF_CONFIG and its hosts. Raises UserError; writes nothing."""
   config = config_lib.from_flags(flag_values)
+  if config.mode in EVAL_MODES:
+    # Evaluation takes the run's own configuration from --model_dir; the
+    # flags given on this command line override only what they name.
+    present = {name for name in flag_values if flag_values[name].present}
+    config = rundir.config_for(config.model_dir, config, present)
   config_lib.validate(config)
   cluster.precheck(config.strategy, config.cluster_resolver,
                    config.peer_timeout_s)
@@ -92,6 +99,9 @@ def main(argv):
     import tensorflow as tf
     from trainer import checkpoint
     from trainer import controller
+  except ImportError as e:
+    _fail(EXIT_USAGE, f"TensorFlow is not installed ({e}): pip install "
+          "'tf-trainer[cpu]' (or 'tf-trainer[gpu]' on a GPU host).", lock)
   except BaseException:
     lock.release()
     raise

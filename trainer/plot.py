@@ -103,6 +103,13 @@ def plot(model_dirs: list[str], out: str, metrics=("loss", "accuracy"),
                     f"{len(model_dirs)} --model_dir values.")
   plt = _pyplot()
   runs = [load_run(d) for d in model_dirs]
+  missing = [m for m in metrics
+             if not any(m in run["train"] or m in run["eval"] for run in runs)]
+  if missing:
+    have = sorted({tag for run in runs for kind in ("train", "eval")
+                   for tag in run[kind]})
+    raise UserError(f"--metrics: no run has {', '.join(missing)}; the runs "
+                    f"have: {', '.join(have)}.")
   labels = list(labels) if labels else _default_labels(model_dirs)
   fig, axes = plt.subplots(1, len(metrics), squeeze=False,
                            figsize=(width / _DPI, height / _DPI), dpi=_DPI)
@@ -156,9 +163,16 @@ def main(argv):
   print(path)
 
 
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    errors.fail("trainer.plot", f"{e}. See --helpfull.")
+
+
 def run():
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,27 @@ class Writers:
     self._model_dir = model_dir
     self._is_chief = is_chief
     self._root = None
-    if is_chief:
-      self.train = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
-      self.eval = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
-    else:
-      self.train = self.eval = tf.summary.create_noop_writer()
+    self._train = None
+    self._eval = None
+
+  # Made on first use: an evaluation-only run must not add (empty) event
+  # files to train/ or the root of a finished run.
+  @property
+  def train(self):
+    if self._train is None:
+      self._train = self._writer("train")
+    return self._train
+
+  @property
+  def eval(self):
+    if self._eval is None:
+      self._eval = self._writer("eval")
+    return self._eval
+
+  def _writer(self, subdir: str):
+    if not self._is_chief:
+      return tf.summary.create_noop_writer()
+    return tf.summary.create_file_writer(os.path.join(self._model_dir, subdir))
 
   @property
   def root(self):
@@ -69,6 +85,14 @@ class Writers:
       tf.summary.text("config", text)
     self.train.flush()
     values = dict(_config_items(config))
+    # TensorBoard's HParams tab keeps the FIRST session start of a run dir:
+    # a resumed run with changed flags would show the old values. The root
+    # holds only this session (and the final metrics a finished training
+    # run writes again), so start it anew.
+    if self._root is None:
+      for name in tf.io.gfile.listdir(self._model_dir):
+        if name.startswith("events.out.tfevents."):
+          tf.io.gfile.remove(os.path.join(self._model_dir, name))
     with self.root.as_default(step=step):
       # No trial_id: the group name is then a hash of the values, model_dir
       # included, so runs in different dirs never merge into one group.
@@ -82,10 +106,9 @@ class Writers:
                                    and not isinstance(v, bool)})
 
   def close(self):
-    self.train.close()
-    self.eval.close()
-    if self._root is not None:
-      self._root.close()
+    for writer in (self._train, self._eval, self._root):
+      if writer is not None:
+        writer.close()
 
 
 def _config_items(config):

@@ -118,6 +118,16 @@ class Task:
     del variables
     return gradients
 
+  # ---- export (host, traced once into the SavedModel) -----------------
+  def serving_signature(self, model, input_spec):
+    """What trainer.export serves: a trainer.serving.Signature, i.e. the
+    named inputs (spec of one example each, as the model sees them after
+    preprocess) and a function {name: batch} -> {output name: batch}.
+    Default: every input under its name (`features` for a single tensor,
+    the keys of a dict), the model's outputs under their names."""
+    from trainer import serving
+    return serving.default_signature(model, input_spec)
+
 
 class ClassificationTask(Task):
   """Image classification with a built-in dataset and model (the CLI path)."""
@@ -155,6 +165,12 @@ class ClassificationTask(Task):
 
   def metrics(self):
     return {"accuracy": accuracy}
+
+  def serving_signature(self, model, input_spec):
+    """`images` (float32 [N, H, W, C] as after preprocess) ->
+    `probabilities` (softmax of the logits)."""
+    from trainer import serving
+    return serving.classification_signature(model, input_spec)
 
 
 def accuracy(labels, logits):

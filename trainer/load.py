@@ -1,0 +1,121 @@
+"""`trainer.load(model_dir)`: a finished run's task and restored model(s).
+
+    import trainer
+    task, model = trainer.load("runs/make_run")
+    probabilities = tf.nn.softmax(model(images))  # images as after preprocess
+
+The task, model and data flags come from MODEL_DIR/config.json (keyword
+overrides replace single fields, e.g. data_dir=... when the data moved); the
+weights from the latest checkpoint, or `checkpoint` (a prefix DIR/ckpt-N or
+a directory such as DIR/best). The model is built in float32 whatever
+--mixed_precision the run used (the checkpoint's weights are float32).
+A run trained with --ema_decay gives its moving-average weights (the ones
+its evaluation used); `ema=False` gives the raw weights instead.
+"""
+
+import dataclasses
+import os
+import sys
+import types
+
+from trainer import rundir
+from trainer.errors import UserError, first_line
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """Everything trainer.export needs beside the model."""
+  task: object
+  model: object          # a keras.Model, or a dict of them by name
+  input_spec: object     # features of one example after preprocess
+  checkpoint: str
+  config: object
+
+
+def find_checkpoint(model_dir: str, checkpoint: str = "") -> str:
+  """The checkpoint prefix to restore: `checkpoint` (a prefix or a
+  directory, whose latest is used), else the latest in model_dir."""
+  import tensorflow as tf
+  path = checkpoint or model_dir
+  if os.path.isdir(path):
+    found = tf.train.latest_checkpoint(path)
+    if found is None:
+      raise UserError(f"no checkpoint in {path}: train first, or pass "
+                      "--checkpoint=PREFIX.")
+    return found
+  if not tf.io.gfile.exists(path + ".index"):
+    raise UserError(f"--checkpoint={path}: no such checkpoint ({path}.index "
+                    "is missing).")
+  return path
+
+
+def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
+            **overrides) -> Restored:
+  """Rebuilds the run's task and model(s) and restores their weights (the
+  checkpoint's `model` object: one model, or a module of named ones)."""
+  import keras
+  import tensorflow as tf
+  from trainer import build, ema as ema_lib, task as task_lib
+  from trainer.data import pipeline
+  config = rundir.load_config(model_dir, **overrides)
+  path = find_checkpoint(model_dir, checkpoint or "")
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("float32")
+  try:
+    task = task_lib.from_config(config)
+    spec = pipeline.input_spec(task, config.train_split)
+    models = build.models_of(task, spec)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  objects = {"model": build.trackable(models, build.MAIN)}
+  averages = None
+  if ema and config.ema_decay:
+    averages = ema_lib.EMA([v for m in models.values()
+                            for v in m.trainable_variables], config.ema_decay)
+    objects["ema"] = averages
+  status = tf.train.Checkpoint(**objects).restore(path).expect_partial()
+  try:
+    status.assert_existing_objects_matched()
+  except AssertionError as e:
+    raise UserError(f"{path} does not hold this model's weights "
+                    f"({first_line(e, 200)}).") from None
+  if averages is not None:
+    averages.copy_to_model()
+  model = models[build.MAIN] if list(models) == [build.MAIN] else models
+  return Restored(task, model, spec, path, config)
+
+
+def load(model_dir: str, checkpoint: str | None = None, ema: bool = True,
+         **overrides):
+  """(task, model): the run's Task and its model(s) with the checkpoint's
+  weights (the moving average's, if the run kept one and `ema`), ready for
+  `model(x)` on features as after Task.preprocess. A dict of models comes
+  back as the dict."""
+  restored = restore(model_dir, checkpoint, ema, **overrides)
+  return restored.task, restored.model
+
+
+def weights(model) -> dict:
+  """{variable path: numpy array} of a loaded model (or dict of models):
+  the weights by their Keras names. (In the checkpoint files the trainable
+  ones sit under optimizer/_trainable_variables/N, which no name ties to a
+  layer: read them through load(), not tf.train.load_checkpoint.)"""
+  models = model if isinstance(model, dict) else {"": model}
+  out = {}
+  for name, m in models.items():
+    for v in m.weights:
+      out[f"{name}/{v.path}" if name else v.path] = v.numpy()
+  return out
+
+
+class _CallableModule(types.ModuleType):
+  """`trainer.load` is both this module and its `load` function: importing
+  the submodule rebinds the package attribute `trainer.load` to the module,
+  so the module itself must be callable for `trainer.load(dir)` to work."""
+
+  def __call__(self, model_dir: str, checkpoint: str | None = None,
+               ema: bool = True, **overrides):
+    return load(model_dir, checkpoint, ema, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,168 @@
+"""Serving signatures: named, typed inputs and outputs of an exported model.
+
+A `Signature` is what `Task.serving_signature` returns and what
+trainer.export writes as `serving_default`. The defaults here:
+- inputs: one per feature tensor of the model's input (after
+  Task.preprocess), named by its key for a dict of features, `input_<i>`
+  for a tuple, or the task's single-input name (`features`; `images` for
+  ClassificationTask);
+- outputs: the model's outputs under their names (the keys of a dict, the
+  Keras output layer name of a single output), cast to float32; a
+  classification task serves `probabilities` (softmax of the logits).
+`image_bytes_signature` wraps a single-image signature so that it takes
+encoded JPEG/PNG/GIF/BMP bytes and prepares them as evaluation does.
+"""
+
+import dataclasses
+import re
+from typing import Callable
+
+import tensorflow as tf
+
+from trainer.errors import UserError
+
+
+def _paths(structure) -> list[tuple[str, object]]:
+  """(path joined by '/', leaf) in tf.nest order; '' for a lone leaf."""
+  import keras
+  return [("/".join(str(p) for p in path), leaf)
+          for path, leaf in keras.tree.flatten_with_path(structure)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+  """inputs: name -> spec of ONE example (no batch dimension);
+  fn: {name: batched tensor} -> {output name: batched tensor}."""
+  inputs: dict
+  fn: Callable[[dict], dict]
+
+  def tf_function(self) -> tf.types.experimental.GenericFunction:
+    """The tf.function with a batch dimension on every input and the input
+    names as the signature's argument names."""
+    names = list(self.inputs)
+    specs = [tf.TensorSpec([None, *self.inputs[n].shape], self.inputs[n].dtype,
+                           name=n) for n in names]
+    fn = self.fn
+
+    @tf.function(input_signature=specs)
+    def serve(*args):
+      outputs = fn(dict(zip(names, args)))
+      if not isinstance(outputs, dict) or not outputs:
+        raise UserError("the serving function must return a non-empty dict "
+                        f"of named tensors, not {type(outputs).__name__}.")
+      return outputs
+
+    return serve
+
+
+def _clean(name: str) -> str:
+  """A signature name from a nest path: letters, digits, '_' only."""
+  return re.sub(r"\W", "_", name) or "input"
+
+
+def input_names(input_spec, single_name: str
+                ) -> list[tuple[str, tf.TensorSpec]]:
+  """(name, spec) of every feature tensor, in tf.nest order."""
+  pairs = _paths(input_spec)
+  for path, spec in pairs:
+    if not isinstance(spec, tf.TensorSpec):
+      raise UserError(f"feature {path or single_name!r} is a "
+                      f"{type(spec).__name__}, not a dense tensor: override "
+                      "Task.serving_signature to export this model.")
+  if len(pairs) == 1 and not pairs[0][0]:
+    return [(single_name, pairs[0][1])]
+  if isinstance(input_spec, (list, tuple)):
+    return [(_clean(f"input_{p}"), s) for p, s in pairs]
+  named = [(_clean(p), s) for p, s in pairs]
+  if len({n for n, _ in named}) != len(named):
+    raise UserError(f"feature names {[p for p, _ in pairs]} collide once made "
+                    "signature-safe: override Task.serving_signature.")
+  return named
+
+
+def output_dict(model, outputs) -> dict:
+  """The model's outputs by name, float outputs cast to float32."""
+  if isinstance(outputs, dict):
+    pairs = _paths(outputs)
+    named = {_clean(p): t for p, t in pairs}
+  else:
+    flat = tf.nest.flatten(outputs)
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(flat) or len(set(names)) != len(names):
+      names = ["outputs"] if len(flat) == 1 else [
+          f"output_{i}" for i in range(len(flat))]
+    named = {_clean(n): t for n, t in zip(names, flat)}
+  return {n: tf.cast(t, tf.float32) if t.dtype.is_floating else t
+          for n, t in named.items()}
+
+
+def default_signature(model, input_spec, single_name: str = "features"
+                      ) -> Signature:
+  """Every input by name; the model's outputs under their names."""
+  pairs = input_names(input_spec, single_name)
+
+  def fn(inputs):
+    features = tf.nest.pack_sequence_as(
+        input_spec, [inputs[name] for name, _ in pairs])
+    return output_dict(model, model(features, training=False))
+
+  return Signature({name: spec for name, spec in pairs}, fn)
+
+
+def classification_signature(model, input_spec,
+                             single_name: str = "images") -> Signature:
+  """Every input by name; `probabilities`, the softmax of the logits."""
+  base = default_signature(model, input_spec, single_name)
+
+  def fn(inputs):
+    features = tf.nest.pack_sequence_as(
+        input_spec, [inputs[name] for name in base.inputs])
+    logits = model(features, training=False)
+    if isinstance(logits, dict) or len(tf.nest.flatten(logits)) != 1:
+      raise UserError("a classification task's model must return one logits "
+                      "tensor [batch, classes]; override "
+                      "Task.serving_signature for several outputs.")
+    return {"probabilities": tf.nn.softmax(tf.cast(logits, tf.float32), -1)}
+
+  return Signature(base.inputs, fn)
+
+
+def image_bytes_signature(task, signature: Signature, source) -> Signature:
+  """Takes `image_bytes`, a string [batch] of encoded images; decodes each
+  to the training data's [H, W, C] uint8 (resizing bilinearly only an image
+  of another size: evaluation data all has the training size), runs
+  Task.preprocess(training=False) as evaluation does, then `signature`."""
+  feature, label = source.feature_spec, source.label_spec
+  if (not isinstance(feature, tf.TensorSpec) or feature.dtype != tf.uint8
+      or feature.shape.rank != 3 or len(signature.inputs) != 1):
+    raise UserError("--image_bytes needs a task whose data are single uint8 "
+                    f"images [H, W, C] (this one's features are {feature}).")
+  height, width, channels = feature.shape.as_list()
+  (name,) = signature.inputs
+
+  def decode(data):
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    image.set_shape([None, None, channels])
+    same = tf.logical_and(tf.equal(tf.shape(image)[0], height),
+                          tf.equal(tf.shape(image)[1], width))
+    return tf.cond(
+        same, lambda: tf.ensure_shape(image, [height, width, channels]),
+        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+            image, [height, width])), 0, 255), tf.uint8))
+
+  def fn(inputs):
+    data = inputs["image_bytes"]
+    images = tf.map_fn(decode, data, fn_output_signature=tf.TensorSpec(
+        [height, width, channels], tf.uint8))
+    batch = tf.shape(data)[0]
+    labels = tf.nest.map_structure(
+        lambda s: tf.zeros(tf.concat(
+            [[batch], tf.constant(s.shape.as_list(), tf.int32)], 0), s.dtype),
+        label)
+    meta = {"pos": tf.zeros([batch], tf.int64),
+            "start": tf.zeros([batch], tf.int64),
+            "weight": tf.ones([batch], tf.float32)}
+    features, _ = task.preprocess(images, labels, meta, False)
+    return signature.fn({name: features})
+
+  return Signature({"image_bytes": tf.TensorSpec([], tf.string)}, fn)
