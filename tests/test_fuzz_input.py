@@ -199,6 +199,7 @@ _BY_HAND = [
 ]
 
 
+@pytest.mark.slow
 def test_cases_found_by_hand_end_to_end(tmp_path):
   procs = []
   for name, tf_config, flags, _ in _BY_HAND:
