@@ -75,6 +75,7 @@ def test_damaged_index_resumes_from_the_newest_file(tmp_path, reference,
                       reference) <= 1e-6
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoints_are_refused_not_overwritten(tmp_path):
   model_dir = tmp_path / "run"
   run_trainer(*MLP, f"--model_dir={model_dir}", "--train_steps=20")
