@@ -50,6 +50,7 @@ def _wait_for(path, proc, timeout=120):
 # ---- the `checkpoint` index file ---------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "garbled"])
 def test_damaged_index_resumes_from_the_newest_file(tmp_path, reference,
                                                     damage):
@@ -74,6 +75,7 @@ def test_damaged_index_resumes_from_the_newest_file(tmp_path, reference,
                       reference) <= 1e-6
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoints_are_refused_not_overwritten(tmp_path):
   model_dir = tmp_path / "run"
   run_trainer(*MLP, f"--model_dir={model_dir}", "--train_steps=20")
@@ -116,6 +118,7 @@ def test_lock_in_process(tmp_path, caplog):
                     dirlock._NoLock)
 
 
+@pytest.mark.slow
 def test_second_trainer_exits_2_and_a_killed_ones_lock_is_taken_over(
     tmp_path, reference):
   model_dir = tmp_path / "run"
@@ -147,6 +150,7 @@ def test_second_trainer_exits_2_and_a_killed_ones_lock_is_taken_over(
 # ---- preemption -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_sigterms_50ms_apart_exit_75_and_resume_exactly(tmp_path,
                                                             reference):
   model_dir = tmp_path / "run"
@@ -205,6 +209,7 @@ def _fill(directory):
   return filler
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving(tmp_path, small_disk, reference):
   model_dir = small_disk / "run"
   log = tmp_path / "log.txt"

@@ -42,6 +42,7 @@ def test_every_worker_lost_exits_4_within_peer_timeout(tmp_path):
   assert not (tmp_path / "run" / ".trainer.lock").exists()
 
 
+@pytest.mark.slow
 def test_workers_restarted_in_time_are_picked_up(tmp_path):
   """Under launch.local --max_restarts both killed workers come back on
   their ports within --peer_timeout_s: the watch lets the run finish."""

@@ -160,7 +160,10 @@ def _fuzz(tmp, flags, strategy, tf_config):
 
 
 def test_fuzz_tf_config_and_flags_in_process(tmp_path):
-  _fuzz(tmp_path)
+  try:
+    _fuzz(tmp_path)
+  finally:
+    FLAGS.unparse_flags()   # other tests in this process see the defaults
   print(f"fuzz: {STATS}")
   assert STATS["cases"] >= 1500 and STATS["refused"] > 0 and \
       STATS["accepted"] > 0, STATS
@@ -199,6 +202,7 @@ _BY_HAND = [
 ]
 
 
+@pytest.mark.slow
 def test_cases_found_by_hand_end_to_end(tmp_path):
   procs = []
   for name, tf_config, flags, _ in _BY_HAND:

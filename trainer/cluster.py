@@ -18,7 +18,8 @@ from trainer.errors import UserError
 _TASK_TYPES = ("chief", "worker", "ps", "evaluator")
 # DNS names are at most 253 characters (RFC 1035); longer is not a host.
 _MAX_HOST = 253
-# How long this task's own host may take to resolve: it is this machine.
+# How long this task's own host may take to resolve (retried): it is this
+# machine, so only a freshly started pod's DNS record can lag.
 _OWN_RESOLVE_S = 10.0
 
 
@@ -204,7 +205,12 @@ def resolve_all(tf_config: dict, timeout_s: float) -> None:
   task = tf_config["task"]
   if own is not None:
     host = split_address(own)[0]
+    # A pod's own DNS name can lag its start by a few seconds: retry briefly.
+    give_up = time.monotonic() + min(_OWN_RESOLVE_S, timeout_s)
     ips = _resolve(host, min(_OWN_RESOLVE_S, timeout_s))
+    while isinstance(ips, str) and time.monotonic() < give_up:
+      time.sleep(0.5)
+      ips = _resolve(host, max(0.5, give_up - time.monotonic()))
     if isinstance(ips, str):
       raise UserError(f"TF_CONFIG: this task's own address {own[:120]!r} "
                       f"({task['type']} {task.get('index', 0)}) does not "
