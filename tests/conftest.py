@@ -108,6 +108,37 @@ def max_rel_diff(a: dict, b: dict) -> float:
   return worst
 
 
+# ---- TensorBoard event files ------------------------------------------------
+def event_accumulator(directory):
+  """A loaded EventAccumulator of an event directory (all tensors kept)."""
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  acc = ea.EventAccumulator(str(directory), size_guidance={"tensors": 0})
+  acc.Reload()
+  return acc
+
+
+def event_values(directory, tag) -> dict:
+  """{step: float value} of a scalar `tag` in an event directory."""
+  from tensorboard.util import tensor_util
+  acc = event_accumulator(directory)
+  return {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+          for e in acc.Tensors(tag)}
+
+
+def event_steps(directory, tag) -> list[int]:
+  """Steps of every event of `tag`, in file order, repeats kept (raw event
+  files: the accumulator would fold a step written twice)."""
+  import tensorflow as tf
+  steps = []
+  for name in sorted(os.listdir(directory)):
+    if name.startswith("events."):
+      for event in tf.compat.v1.train.summary_iterator(
+          os.path.join(directory, name)):
+        if any(v.tag == tag for v in event.summary.value):
+          steps.append(int(event.step))
+  return steps
+
+
 @pytest.fixture
 def mnist_dir():
   if not MNIST_DIR.is_dir():

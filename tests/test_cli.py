@@ -7,16 +7,13 @@ import re
 
 import pytest
 
-from conftest import FAST, checkpoint_value, last_json, run_trainer
+from conftest import FAST, checkpoint_value, last_json, run_trainer, event_accumulator
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def _event_tags(directory):
-  from tensorboard.backend.event_processing import event_accumulator
-  acc = event_accumulator.EventAccumulator(str(directory),
-                                           size_guidance={"tensors": 0})
-  acc.Reload()
+  acc = event_accumulator(directory)
   return acc, set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
 
 

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FAST, REPO, env, last_json, run_trainer
+from conftest import REPO, env, last_json, run_trainer
 
 pytestmark = pytest.mark.timeout(300)
 

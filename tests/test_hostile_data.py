@@ -4,9 +4,7 @@ before any of it runs, and no reader uses pickle, eval or allow_pickle=True."""
 import os
 import pickle
 import re
-import subprocess
 
-import numpy as np
 import pytest
 
 from conftest import REPO, run_trainer

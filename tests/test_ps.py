@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, env, last_json, run_trainer
+from conftest import REPO, env, last_json, run_trainer, event_steps
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -105,17 +105,6 @@ def _chief_json(log: str) -> dict:
   return json.loads(lines[-1])
 
 
-def _event_steps(directory, tag) -> list[int]:
-  import tensorflow as tf
-  steps = []
-  for name in sorted(os.listdir(directory)):
-    if not name.startswith("events."):
-      continue
-    for event in tf.compat.v1.train.summary_iterator(
-        os.path.join(directory, name)):
-      if any(v.tag == tag for v in event.summary.value):
-        steps.append(int(event.step))
-  return steps
 
 
 def _event_tags(directory) -> set:
@@ -150,12 +139,12 @@ def test_two_workers_one_ps_train_cnn_on_digits(tmp_path):
   assert result["eval_accuracy"] >= 0.9, result
   assert result["eval_examples"] == 297
   # One train summary per coordinator round, at exact steps.
-  assert _event_steps(model_dir / "train", "loss") == [50, 100, 150, 200,
+  assert event_steps(model_dir / "train", "loss") == [50, 100, 150, 200,
                                                        250, 300]
   assert {"loss", "accuracy", "learning_rate", "steps_per_sec",
           "examples_per_sec", "grad_norm"} <= _event_tags(model_dir / "train")
   assert {"loss", "accuracy"} <= _event_tags(model_dir / "eval")
-  assert _event_steps(model_dir / "eval", "accuracy") == [150, 300]
+  assert event_steps(model_dir / "eval", "accuracy") == [150, 300]
   assert _checkpoint_steps(model_dir) == [150, 300]
   # The coordinator alone wrote; config.json and the checkpoint say PS.
   config = json.loads((model_dir / "config.json").read_text())
@@ -195,7 +184,7 @@ def test_killed_worker_does_not_stop_training_and_step_stays_exact(tmp_path):
   assert _chief_json(log)["global_step"] == 600
   # Every round ended exactly on its boundary, also the one whose function
   # was re-run: a re-run function skips the updates the dead worker ran.
-  assert _event_steps(model_dir / "train", "loss") == list(range(50, 601, 50))
+  assert event_steps(model_dir / "train", "loss") == list(range(50, 601, 50))
   assert _checkpoint_steps(model_dir) == [300, 600]
 
 

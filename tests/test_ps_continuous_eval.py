@@ -1,12 +1,11 @@
 """--mode=continuous_eval as a side-car: it evaluates the checkpoints a
 concurrent training run writes and stops after the one at --train_steps."""
 
-import os
 import subprocess
 
 import pytest
 
-from conftest import REPO, env, last_json, start_trainer, stop, trainer_cmd
+from conftest import REPO, env, last_json, start_trainer, stop, trainer_cmd, event_steps
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -14,16 +13,6 @@ COMMON = ["--model=cnn", "--dataset=digits", "--global_batch_size=32",
           "--train_steps=120", "--steps_per_loop=10", "--strategy=default"]
 
 
-def _event_steps(directory, tag) -> list[int]:
-  import tensorflow as tf
-  steps = []
-  for name in sorted(os.listdir(directory)):
-    if name.startswith("events."):
-      for event in tf.compat.v1.train.summary_iterator(
-          os.path.join(directory, name)):
-        if any(v.tag == tag for v in event.summary.value):
-          steps.append(int(event.step))
-  return steps
 
 
 def test_continuous_eval_follows_a_concurrent_training_run(tmp_path):
@@ -50,7 +39,7 @@ def test_continuous_eval_follows_a_concurrent_training_run(tmp_path):
   assert result["checkpoint"].endswith("ckpt-120")
   written = {20, 40, 60, 80, 100, 120}
   assert {int(p.name[5:-6]) for p in model_dir.glob("ckpt-*.index")} == written
-  evaluated = _event_steps(model_dir / "eval", "accuracy")
+  evaluated = event_steps(model_dir / "eval", "accuracy")
   # Only checkpoints, each at most once, in order, ending with the last.
   assert evaluated and evaluated[-1] == 120, evaluated
   assert set(evaluated) <= written

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import (assert_weights_close, checkpoint_weights, last_json,
-                      run_trainer)
+                      run_trainer, event_values)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -16,13 +16,7 @@ FAST = ["--model=mlp", "--global_batch_size=32", "--steps_per_loop=10",
 
 
 def _eval_values(model_dir, tag="loss"):
-  from tensorboard.backend.event_processing import event_accumulator
-  from tensorboard.util import tensor_util
-  acc = event_accumulator.EventAccumulator(str(model_dir / "eval"),
-                                           size_guidance={"tensors": 0})
-  acc.Reload()
-  return {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-          for e in acc.Tensors(tag)}
+  return event_values(model_dir / "eval", tag)
 
 
 def _best(model_dir):

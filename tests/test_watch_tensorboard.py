@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import last_json, run_trainer
+from conftest import last_json, run_trainer, event_accumulator
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,12 +29,6 @@ def runs(tmp_path_factory):
   return parent, {"a": last_json(a), "b": last_json(b)}
 
 
-def _accumulator(directory):
-  from tensorboard.backend.event_processing import event_accumulator
-  acc = event_accumulator.EventAccumulator(str(directory),
-                                           size_guidance={"tensors": 0})
-  acc.Reload()
-  return acc
 
 
 def _values(acc, tag):
@@ -85,7 +79,7 @@ def test_hparams_tab_compares_sibling_runs(runs):
 
 def test_config_text_summary(runs):
   parent, _ = runs
-  acc = _accumulator(parent / "a" / "train")
+  acc = event_accumulator(parent / "a" / "train")
   assert "config" in acc.PluginTagToContent("text")
   (step, text), = _values(acc, "config")
   assert step == 0
@@ -98,7 +92,7 @@ def test_config_text_summary(runs):
 def test_histograms_and_input_wait_share(runs):
   parent, _ = runs
   for name in ("a", "b"):
-    acc = _accumulator(parent / name / "train")
+    acc = event_accumulator(parent / name / "train")
     tags = acc.Tags()["tensors"]
     for kind in ("weights", "gradients"):
       for layer in ("hidden/kernel", "logits/bias"):

@@ -201,7 +201,7 @@ class Histograms:
 
   def _gradients(self):
     runner = self._runner
-    config, strategy, steps = runner.config, runner.strategy, runner.steps
+    config, strategy = runner.config, runner.strategy
     ds = pipeline.train_dataset(runner.task, config.train_split,
                                 config.micro_batch_size, config.seed,
                                 int(runner.state.position.numpy())).take(1)

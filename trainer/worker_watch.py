@@ -15,7 +15,6 @@ import time
 
 from absl import logging
 
-from trainer import cluster
 from trainer import dirlock
 from trainer import errors
 from trainer import exitcodes
