@@ -70,6 +70,16 @@ def stop(proc, sig=signal.SIGKILL, timeout=30):
     return proc.wait(timeout=30)
 
 
+def wait_for_file(path, proc, timeout=120):
+  """Waits until `path` exists while `proc` still runs (fails otherwise)."""
+  import time
+  deadline = time.monotonic() + timeout
+  while not path.exists():
+    assert proc.poll() is None, f"trainer exited {proc.returncode} early"
+    assert time.monotonic() < deadline, f"{path} never appeared"
+    time.sleep(0.02)
+
+
 # Not part of the trained state: how often save() ran, and the run's flags.
 _NOT_STATE = ("save_counter/", "config/")
 

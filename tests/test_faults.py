@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import (checkpoint_weights, last_json, max_rel_diff, run_trainer,
-                      start_trainer, stop)
+                      start_trainer, stop, wait_for_file)
 from trainer import dirlock
 from trainer.errors import UserError
 
@@ -39,12 +39,6 @@ def _digests(model_dir) -> dict:
           for p in model_dir.glob("ckpt-*")}
 
 
-def _wait_for(path, proc, timeout=120):
-  deadline = time.monotonic() + timeout
-  while not path.exists():
-    assert proc.poll() is None, f"trainer exited {proc.returncode} early"
-    assert time.monotonic() < deadline, f"{path} never appeared"
-    time.sleep(0.02)
 
 
 # ---- the `checkpoint` index file ---------------------------------------
@@ -125,7 +119,7 @@ def test_second_trainer_exits_2_and_a_killed_ones_lock_is_taken_over(
   first = start_trainer(*MLP, f"--model_dir={model_dir}",
                         log_path=tmp_path / "first.log")
   try:
-    _wait_for(model_dir / "ckpt-10.index", first)
+    wait_for_file(model_dir / "ckpt-10.index", first)
     second = run_trainer(*MLP, f"--model_dir={model_dir}", "--seed=8",
                          check=False, timeout=60)
     assert first.poll() is None
@@ -157,7 +151,7 @@ def test_two_sigterms_50ms_apart_exit_75_and_resume_exactly(tmp_path,
   log = tmp_path / "log.txt"
   proc = start_trainer(*MLP, f"--model_dir={model_dir}", log_path=log)
   try:
-    _wait_for(model_dir / "ckpt-20.index", proc)
+    wait_for_file(model_dir / "ckpt-20.index", proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -215,7 +209,7 @@ def test_disk_full_while_saving(tmp_path, small_disk, reference):
   log = tmp_path / "log.txt"
   proc = start_trainer(*MLP, f"--model_dir={model_dir}", log_path=log)
   try:
-    _wait_for(model_dir / "ckpt-20.index", proc)
+    wait_for_file(model_dir / "ckpt-20.index", proc)
     filler = _fill(small_disk)
     code = proc.wait(timeout=120)
   finally:

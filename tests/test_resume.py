@@ -10,7 +10,7 @@ import pytest
 
 from conftest import (REPO, assert_weights_close, checkpoint_value,
                       checkpoint_weights, last_json, max_rel_diff, run_trainer,
-                      start_trainer, stop, event_values)
+                      start_trainer, stop, event_values, wait_for_file)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -30,12 +30,6 @@ def run_a(tmp_path_factory):
   return checkpoint_weights(model_dir / "ckpt-150")
 
 
-def _wait_for(path, proc, timeout=120):
-  deadline = time.monotonic() + timeout
-  while not path.exists():
-    assert proc.poll() is None, f"trainer exited {proc.returncode} early"
-    assert time.monotonic() < deadline, f"{path} never appeared"
-    time.sleep(0.02)
 
 
 def _interrupt(model_dir, sig, extra=(), log=None):
@@ -44,7 +38,7 @@ def _interrupt(model_dir, sig, extra=(), log=None):
   proc = start_trainer(*MLP, f"--model_dir={model_dir}", *extra,
                        log_path=log)
   try:
-    _wait_for(model_dir / "ckpt-10.index", proc)
+    wait_for_file(model_dir / "ckpt-10.index", proc)
     time.sleep(random.uniform(0.0, 0.6))
     if sig == signal.SIGKILL:
       code = stop(proc, signal.SIGKILL)
