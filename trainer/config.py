@@ -46,6 +46,7 @@ class Config:
   file_patterns: str = ""
   skip_corrupt: bool = False
   augment: bool = False
+  image_size: str = ""
   synthetic_shape: str = "28,28,1"
   synthetic_classes: int = 10
   synthetic_examples: int = 4096
@@ -97,6 +98,14 @@ class Config:
   def micro_batch_size(self) -> int:
     """Examples in one micro-batch, all replicas together."""
     return self.global_batch_size // self.grad_accum_steps
+
+  @property
+  def image_hw(self) -> tuple[int, int] | None:
+    """--image_size as (height, width), or None (images keep their shape)."""
+    if not self.image_size:
+      return None
+    sides = [int(x) for x in self.image_size.split(",")]
+    return (sides[0], sides[-1])
 
   @property
   def effective_eval_batch_size(self) -> int:
@@ -154,6 +163,14 @@ _HELP = {
                     "stopping with an error.",
     "augment": "Seeded, resumable augmentation for image sets (random crop "
                "with 4-pixel padding; horizontal flip for cifar10).",
+    "image_size": "N or H,W: decode images of any size and channel count "
+                  "and resize them for the model (grayscale/RGBA -> the "
+                  "model's channels). Training draws a random-resized crop "
+                  "(area 8-100%, aspect 3/4-4/3) seeded from the example "
+                  "positions, plus a horizontal flip with --augment (not "
+                  "for digits/mnist); evaluation resizes the shorter side "
+                  "and centre-crops. image_folder then keeps only paths and "
+                  "decodes lazily. Empty: images must share one shape.",
     "synthetic_shape": "--dataset=synthetic: H,W,C of the random images.",
     "synthetic_classes": "--dataset=synthetic: number of classes.",
     "synthetic_examples": "--dataset=synthetic: examples per split.",
@@ -304,6 +321,7 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
     raise UserError(f"--cpu_replicas={config.cpu_replicas} needs "
                     "--strategy=mirrored or multiworker (got "
                     f"--strategy={config.strategy}).")
+  _validate_image_size(config.image_size)
   try:
     shape = tuple(int(x) for x in config.synthetic_shape.split(","))
   except ValueError:
@@ -311,6 +329,18 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   if len(shape) != 3 or min(shape) <= 0:
     raise UserError(f"--synthetic_shape={config.synthetic_shape!r} must be "
                     "H,W,C with positive integers, e.g. 28,28,1.")
+
+
+def _validate_image_size(text: str) -> None:
+  if not text:
+    return
+  try:
+    sides = [int(x) for x in text.split(",")]
+  except ValueError:
+    sides = []
+  if len(sides) not in (1, 2) or min(sides) <= 0:
+    raise UserError(f"--image_size={text!r} must be N or H,W with positive "
+                    "integers, e.g. 224 or 160,128.")
 
 
 def _validate_watch(config: Config) -> None:

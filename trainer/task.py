@@ -84,16 +84,27 @@ class ClassificationTask(Task):
       self._sources[split] = readers_for(self.config, split)
     return self._sources[split]
 
+  # Text-like sets whose meaning a mirror image changes: never flipped.
+  _NO_FLIP = ("digits", "mnist")
+
   def preprocess(self, features, labels, meta, training):
-    from trainer.data import augment
+    from trainer.data import augment, resize
+    config = self.config
+    seed = tf.stack([tf.constant(config.seed, tf.int64), meta["start"][0]])
+    first_row = meta["pos"][0] - meta["start"][0]
+    if config.image_hw:
+      source = self.source(config.train_split)
+      channels = source.decode_channels or source.feature_spec.shape[-1]
+      images = resize.resize_batch(
+          features, config.image_hw, channels, training, seed,
+          first_row=first_row, global_batch=config.micro_batch_size,
+          flip=config.augment and config.dataset not in self._NO_FLIP)
+      return images, labels
     images = tf.cast(features, tf.float32) * (1.0 / 255.0)
-    if training and self.config.augment:
-      seed = tf.stack([tf.constant(self.config.seed, tf.int64),
-                       meta["start"][0]])
+    if training and config.augment:
       images = augment.crop_and_flip(
-          images, seed, flip=self.config.dataset == "cifar10",
-          first_row=meta["pos"][0] - meta["start"][0],
-          global_batch=self.config.micro_batch_size)
+          images, seed, flip=config.dataset == "cifar10",
+          first_row=first_row, global_batch=config.micro_batch_size)
     return images, labels
 
   def build_model(self, input_spec) -> keras.Model:

@@ -19,6 +19,9 @@ class DataArgs:
   synthetic_examples: int = 4096
   # --dataset=tfrecord: glob patterns per split name, "train=a/*.tfrecord".
   file_patterns: tuple[tuple[str, str], ...] = ()
+  # --image_size as (H, W): readers may then hand out encoded images of any
+  # size (decoded and resized by the task's preprocess) and read lazily.
+  image_size: tuple[int, int] | None = None
 
 
 Reader = Callable[[str, DataArgs], Source]

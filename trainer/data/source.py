@@ -27,6 +27,9 @@ class Source:
     label_spec: tf.TensorSpec (or nest) of one example's labels.
     num_classes: class count for classification sets, None otherwise.
     skipped: records dropped as corrupt while loading (with --skip_corrupt).
+    decode_channels: 0 when `gather` returns pixel arrays; otherwise its
+      features are encoded images (tf.string [B], any size, as stored) and
+      this is the channel count the model gets (see trainer.data.resize).
   """
   name: str
   num_examples: int
@@ -35,6 +38,7 @@ class Source:
   label_spec: Any
   num_classes: int | None = None
   skipped: int = 0
+  decode_channels: int = 0
 
 
 def _spec_of(array: np.ndarray) -> tf.TensorSpec:
