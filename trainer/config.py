@@ -138,7 +138,9 @@ _HELP = {
                 "tpu (TPUStrategy; needs --tpu).",
     "cpu_replicas": "Split the host CPU into N logical devices so that "
                     "--strategy=mirrored runs N replicas without GPUs "
-                    "(0: do not split).",
+                    "(0: do not split). Refused with multiworker, whose "
+                    "workers use one CPU device each (GPU hosts: every "
+                    "local GPU).",
     "cluster_resolver": "Where --strategy=multiworker finds the cluster: "
                         "TF_CONFIG, or Slurm's environment.",
     "collective": "MultiWorkerMirroredStrategy collective implementation.",
@@ -316,10 +318,19 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   if not config.model_dir:
     raise UserError("--model_dir is empty: give a directory for checkpoints "
                     "and summaries.")
-  if config.cpu_replicas > 1 and config.strategy not in ("mirrored",
-                                                          "multiworker"):
+  if config.cpu_replicas > 1 and config.strategy == "multiworker":
+    # TF 2.21's MultiWorkerMirroredStrategy takes one CPU device per worker
+    # whatever logical devices exist (collective_all_reduce_strategy.py,
+    # _initialize_local_devices): accepting the flag would silently run one
+    # replica per worker.
+    raise UserError(f"--cpu_replicas={config.cpu_replicas} does not work "
+                    "with --strategy=multiworker: TensorFlow's multi-worker "
+                    "strategy uses one CPU device per worker (on GPU hosts "
+                    "it uses every local GPU by itself); drop the flag, or "
+                    "use --strategy=mirrored for N replicas on one machine.")
+  if config.cpu_replicas > 1 and config.strategy != "mirrored":
     raise UserError(f"--cpu_replicas={config.cpu_replicas} needs "
-                    "--strategy=mirrored or multiworker (got "
+                    "--strategy=mirrored (got "
                     f"--strategy={config.strategy}).")
   _validate_image_size(config.image_size)
   try:

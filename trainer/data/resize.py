@@ -68,6 +68,16 @@ def eval_boxes(hw, size):
 def to_channels(image, channels: int):
   """uint8 [h, w, c] with c in 1..4 -> [h, w, channels]: grayscale is
   repeated to RGB, alpha dropped, RGB averaged to gray (ITU-R 601 weights)."""
+  static = image.shape[-1]
+  if static is not None:   # arrays: one known channel count, no tf.cond
+    if static == channels:
+      return image
+    if channels == 3:
+      return tf.tile(image[..., :1], [1, 1, 3]) if static < 3 else \
+          image[..., :3]
+    if channels == 1:
+      return image[..., :1] if static < 3 else \
+          tf.image.rgb_to_grayscale(image[..., :3])
   c = tf.shape(image)[-1]
   if channels == 3:
     return tf.cond(c < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]),
