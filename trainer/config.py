@@ -15,7 +15,7 @@ RESOLVERS = ("tf_config", "slurm")
 COLLECTIVES = ("auto", "ring", "nccl")
 MODELS = ("mlp", "cnn", "resnet20")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "tfrecord",
-            "image_folder", "synthetic")
+            "array_record", "image_folder", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -159,8 +159,9 @@ _HELP = {
     "train_split": "TFDS-style split to train on: 'train', 'test[:8000]', "
                    "'train[10%:]', 'a+b'.",
     "eval_split": "TFDS-style split to evaluate on.",
-    "file_patterns": "--dataset=tfrecord: 'split=glob,split=glob' file "
-                     "patterns (default DATA_DIR/SPLIT-*.tfrecord).",
+    "file_patterns": "--dataset=tfrecord or array_record: "
+                     "'split=glob,split=glob' file patterns (default "
+                     "DATA_DIR/SPLIT-*.tfrecord or SPLIT-*.array_record).",
     "skip_corrupt": "Skip (and count) corrupt records/images instead of "
                     "stopping with an error.",
     "augment": "Seeded, resumable augmentation for image sets (random crop "

@@ -1,16 +1,24 @@
-"""Writes registered dataset splits as sharded TFRecords for --dataset=tfrecord.
+"""Writes registered dataset splits as sharded record files.
 
   python -m trainer.convert --dataset=mnist --data_dir=DIR
       --split=train=test[:8000],test=test[8000:] --out=OUT --shards=4
-      [--format=png|raw]
+      [--format=png|raw] [--container=tfrecord|array_record] [--any_size]
 
-writes OUT/{name}-{i:05d}-of-{N:05d}.tfrecord. Each item of --split is SPLIT
-(written under its own name) or NAME=SPLIT (any split string). Shards hold
-contiguous runs of examples in source order, so reading them in sorted file
-order (as the tfrecord reader does) yields the source order again: training
-from the shards sees the same batches as training from the original files.
-Record features: image (PNG bytes, or raw uint8 bytes with image_raw_shape),
-label, height, width, channels (int64).
+writes OUT/{name}-{i:05d}-of-{N:05d}.tfrecord (or .array_record). Each item
+of --split is SPLIT (written under its own name) or NAME=SPLIT (any split
+string). Shards hold contiguous runs of examples in source order, so reading
+them in sorted file order (as the readers do) yields the source order again:
+training from the shards sees the same batches as training from the original
+files. Record features (trainer/data/records.py): image (PNG bytes, or raw
+uint8 bytes with image_raw_shape), label, height, width, channels,
+num_classes (int64).
+
+--container=array_record writes ArrayRecord files (`group_size:1`: one
+record per chunk, so the trainer looks each example up by number without
+reading the rest; --dataset=array_record reads them lazily, at any size).
+--any_size reads the dataset as --image_size would (image_folder: paths
+only) and copies each encoded image unchanged, whatever its size; height
+and width are then written as 0 and the trainer needs --image_size.
 """
 
 import glob
@@ -23,10 +31,11 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import registry, splits
+from trainer.data import records, registry, splits
 from trainer.errors import UserError
 
 FORMATS = ("png", "raw")
+CONTAINERS = {"tfrecord": ".tfrecord", "array_record": ".array_record"}
 _BATCH = 256
 
 
@@ -54,29 +63,33 @@ def parse_split_flag(text: str) -> list[tuple[str, str]]:
   return out
 
 
-def shard_paths(out_dir: str, name: str, shards: int) -> list[str]:
+def shard_paths(out_dir: str, name: str, shards: int,
+                suffix: str = ".tfrecord") -> list[str]:
   # Zero-padded numbers: sorted names are shard order.
-  return [os.path.join(out_dir, f"{name}-{i:05d}-of-{shards:05d}.tfrecord")
+  return [os.path.join(out_dir, f"{name}-{i:05d}-of-{shards:05d}{suffix}")
           for i in range(shards)]
 
 
-def _example(data: bytes, label: int, shape, raw: bool) -> bytes:
-  ints = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=v))
-  feature = {
-      "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-      "label": ints([label]),
-      "height": ints([shape[0]]),
-      "width": ints([shape[1]]),
-      "channels": ints([shape[2]]),
-  }
-  if raw:
-    feature["image_raw_shape"] = ints(list(shape))
-  return tf.train.Example(
-      features=tf.train.Features(feature=feature)).SerializeToString()
+def _open_writer(container: str, path: str):
+  """An object with write(bytes) and close() for one shard."""
+  if container == "array_record":
+    from array_record.python import array_record_module
+    # group_size:1: every record its own chunk, so a look-up by number
+    # decompresses one record, not a group of them.
+    return array_record_module.ArrayRecordWriter(path, "group_size:1")
+  return tf.io.TFRecordWriter(path)
 
 
 def _check_spec(source) -> tuple[int, int, int]:
+  """The one image shape of `source`, or (0, 0, channels) when it hands out
+  encoded images of any size."""
   spec, label = source.feature_spec, source.label_spec
+  if source.decode_channels:
+    if not (isinstance(label, tf.TensorSpec) and label.shape.rank == 0
+            and label.dtype.is_integer):
+      raise UserError(f"{source.name}: trainer.convert writes integer "
+                      f"labels, not {label}.")
+    return (0, 0, source.decode_channels)
   if (not isinstance(spec, tf.TensorSpec) or spec.dtype != tf.uint8
       or spec.shape.rank != 3 or not spec.shape.is_fully_defined()
       or not isinstance(label, tf.TensorSpec) or label.shape.rank != 0
@@ -87,15 +100,21 @@ def _check_spec(source) -> tuple[int, int, int]:
 
 
 def write_split(source, out_dir: str, name: str, shards: int,
-                fmt: str) -> list[str]:
+                fmt: str, container: str = "tfrecord") -> list[str]:
   """Writes `source` in order as `shards` contiguous shards; returns paths."""
   shape = _check_spec(source)
+  any_size = not shape[0]
+  if any_size and (container != "array_record" or fmt != "png"):
+    raise UserError(f"{source.name}: images of any size are copied as they "
+                    "are only into --container=array_record (--format=png); "
+                    "the tfrecord reader needs one shape.")
   n = source.num_examples
   if not 1 <= shards <= n:
     raise UserError(f"--shards={shards}: must be between 1 and the "
                     f"{n} examples of {source.name}.")
-  paths = shard_paths(out_dir, name, shards)
-  pattern = os.path.join(out_dir, f"{name}-*.tfrecord")
+  suffix = CONTAINERS[container]
+  paths = shard_paths(out_dir, name, shards, suffix)
+  pattern = os.path.join(out_dir, f"{name}-*{suffix}")
   stale = set(glob.glob(pattern)) - set(paths)
   if stale:
     # The reader globs NAME-*.tfrecord: old shards would be read as well.
@@ -104,9 +123,10 @@ def write_split(source, out_dir: str, name: str, shards: int,
   raw = fmt == "raw"
 
   def encode(images, labels):
-    data = images if raw else tf.map_fn(tf.io.encode_png, images,
-                                        fn_output_signature=tf.string)
-    return data, labels
+    if raw or any_size:   # raw pixels, or encoded files copied unchanged
+      return images, labels
+    return tf.map_fn(tf.io.encode_png, images,
+                     fn_output_signature=tf.string), labels
 
   # In order (deterministic map); PNG encoding of one batch runs while the
   # previous one is written.
@@ -124,9 +144,10 @@ def write_split(source, out_dir: str, name: str, shards: int,
           writer.close()
           os.replace(paths[shard] + ".tmp", paths[shard])
         shard += 1
-        writer = tf.io.TFRecordWriter(paths[shard] + ".tmp")
+        writer = _open_writer(container, paths[shard] + ".tmp")
       payload = np.ascontiguousarray(item).tobytes() if raw else item
-      writer.write(_example(payload, int(label), shape, raw))
+      writer.write(records.encode(payload, int(label), shape, raw,
+                                  source.num_classes or 0))
       written += 1
   writer.close()
   os.replace(paths[shard] + ".tmp", paths[shard])
@@ -134,10 +155,14 @@ def write_split(source, out_dir: str, name: str, shards: int,
 
 
 def convert(dataset: str, args: registry.DataArgs, split_flag: str,
-            out_dir: str, shards: int, fmt: str) -> dict[str, list[str]]:
+            out_dir: str, shards: int, fmt: str,
+            container: str = "tfrecord") -> dict[str, list[str]]:
   """Converts each --split item; returns {output name: shard paths}."""
   if fmt not in FORMATS:
     raise UserError(f"--format={fmt!r}: use one of {', '.join(FORMATS)}.")
+  if container not in CONTAINERS:
+    raise UserError(f"--container={container!r}: use one of "
+                    f"{', '.join(CONTAINERS)}.")
   try:
     reader = registry.get(dataset)
   except KeyError:
@@ -151,9 +176,11 @@ def convert(dataset: str, args: registry.DataArgs, split_flag: str,
       source = reader(spec, args)
     except ValueError as e:
       raise UserError(f"--dataset={dataset}: {e}") from None
-    written[name] = write_split(source, out_dir, name, shards, fmt)
+    written[name] = write_split(source, out_dir, name, shards, fmt,
+                                container)
     print(f"{source.name}: {source.num_examples} examples -> "
-          f"{os.path.join(out_dir, name)}-*-of-{shards:05d}.tfrecord"
+          f"{os.path.join(out_dir, name)}-*-of-{shards:05d}"
+          f"{CONTAINERS[container]}"
           f" (skipped as corrupt: {source.skipped})", flush=True)
   return written
 
@@ -169,6 +196,13 @@ def _define_flags():
   flags.DEFINE_string("format", "png", "png (lossless, smaller) or raw "
                       "(uncompressed bytes, fastest to read).")
   flags.DEFINE_bool("skip_corrupt", False, "Skip corrupt input records.")
+  flags.DEFINE_string("container", "tfrecord", "tfrecord (read into memory "
+                      "by --dataset=tfrecord) or array_record (random "
+                      "access, read lazily by --dataset=array_record).")
+  flags.DEFINE_bool("any_size", False, "Read the dataset as --image_size "
+                    "does (image_folder: paths only, nothing decoded) and "
+                    "copy every encoded image unchanged, of any size "
+                    "(needs --container=array_record).")
 
 
 def _parse_flags(argv):
@@ -189,8 +223,9 @@ def main(argv):
       if not getattr(f, required):
         raise UserError(f"--{required} is required.")
     args = registry.DataArgs(data_dir=f.data_dir or None,
-                             skip_corrupt=f.skip_corrupt)
-    convert(f.dataset, args, f.split, f.out, f.shards, f.format)
+                             skip_corrupt=f.skip_corrupt,
+                             any_size=f.any_size)
+    convert(f.dataset, args, f.split, f.out, f.shards, f.format, f.container)
   except UserError as e:
     print(f"trainer.convert: {e}", file=sys.stderr)
     sys.exit(2)

@@ -21,7 +21,7 @@ def data_args(config) -> registry.DataArgs:
       synthetic_classes=config.synthetic_classes,
       synthetic_examples=config.synthetic_examples,
       file_patterns=tuple(patterns),
-      image_size=config.image_hw)
+      any_size=bool(config.image_size))
 
 
 def readers_for(config, split: str):

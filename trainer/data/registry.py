@@ -19,9 +19,10 @@ class DataArgs:
   synthetic_examples: int = 4096
   # --dataset=tfrecord: glob patterns per split name, "train=a/*.tfrecord".
   file_patterns: tuple[tuple[str, str], ...] = ()
-  # --image_size as (H, W): readers may then hand out encoded images of any
-  # size (decoded and resized by the task's preprocess) and read lazily.
-  image_size: tuple[int, int] | None = None
+  # Set by --image_size: readers may hand out encoded images of any size
+  # (Source.decode_channels; the task's preprocess decodes and resizes them)
+  # and so read lazily, without decoding anything at start-up.
+  any_size: bool = False
 
 
 Reader = Callable[[str, DataArgs], Source]

@@ -146,7 +146,7 @@ def image_folder(split: str, args: registry.DataArgs) -> Source:
     raise UserError(f"--dataset={NAME} needs --data_dir=DIR, a directory of "
                     f"class folders (DIR/<class>/<image>); got {root!r}.")
   stamp = os.stat(root).st_mtime
-  if args.image_size:
+  if args.any_size:
     parts, classes, channels = _lazy(os.path.abspath(root), stamp)
     source = _select(root, parts, split, len(classes))
     return lazy_files_source(source, channels)

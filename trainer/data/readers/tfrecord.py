@@ -25,27 +25,18 @@ Without --skip_corrupt any of these raises UserError naming the file.
 
 import dataclasses
 import functools
-import glob
 import os
 
 import numpy as np
 import tensorflow as tf
 
 from trainer.data import registry
+from trainer.data.records import FEATURES as _FEATURES
 from trainer.data.readers import choose, corrupt, images
 from trainer.data.source import Source
 from trainer.errors import UserError
 
 NAME = "tfrecord"
-_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "height": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-    "width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-    "channels": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-    "image_raw_shape": tf.io.FixedLenFeature([3], tf.int64,
-                                             default_value=[0, 0, 0]),
-}
 
 
 def _compression(path: str) -> str:
@@ -177,34 +168,11 @@ def _few(numbers: list[int]) -> str:
   return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
 
 
-def split_files(split_name: str, args: registry.DataArgs) -> list[str]:
-  """Sorted files of one split name; UserError when none match."""
-  patterns = [p for s, p in args.file_patterns if s == split_name]
-  if not args.file_patterns:
-    if not args.data_dir:
-      raise UserError(f"--dataset={NAME} needs --data_dir=DIR holding "
-                      "SPLIT-*.tfrecord files (e.g. from trainer.convert), or "
-                      "--file_patterns=SPLIT=GLOB,...")
-    patterns = [os.path.join(args.data_dir, f"{split_name}-*.tfrecord"),
-                os.path.join(args.data_dir, f"{split_name}.tfrecord*")]
-  elif not patterns:
-    raise UserError(f"--dataset={NAME}: no file pattern for split "
-                    f"{split_name!r}; --file_patterns names "
-                    f"{sorted({s for s, _ in args.file_patterns})}.")
-  files = sorted({f for p in patterns for f in glob.glob(p)
-                  if os.path.isfile(f)})
-  if not files:
-    raise UserError(f"--dataset={NAME}: no files match {' or '.join(patterns)}"
-                    f" for split {split_name!r}; check the path, or write "
-                    "them with python -m trainer.convert.")
-  return files
-
-
 @registry.register(NAME)
 def tfrecord(split: str, args: registry.DataArgs) -> Source:
   parts, skipped, shapes, raws = {}, 0, {}, set()
   for name in dict.fromkeys(choose.names(NAME, split)):
-    files = tuple(split_files(name, args))
+    files = tuple(choose.split_files(NAME, ".tfrecord", name, args))
     stamps = tuple((os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
     items, labels, shape, raw, dropped = _load_split(files, stamps,
                                                      args.skip_corrupt)
