@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 
+@tf.autograph.experimental.do_not_convert  # pure TF: no rewriting needed
 def crop_and_flip(images, seed, pad: int = 4, flip: bool = True,
                   first_row=0, global_batch: int | None = None):
   """Random crop of each image after zero-padding by `pad`, and (optionally)

@@ -19,7 +19,12 @@ TRIES = 10
 _CROP_SALT = 0x5C0
 _FLIP_SALT = 0xF11
 
+# Pure TF without Python control flow on tensors: autograph would only spend
+# start-up time (seconds on a busy 2-core host) rewriting these functions.
+_plain = tf.autograph.experimental.do_not_convert
 
+
+@_plain
 def random_crop_boxes(hw, uniforms, scale=SCALE, ratio=RATIO):
   """Random-resized-crop boxes: hw int32 [B, 2] image sizes, uniforms
   float32 [B, TRIES, 4] in [0, 1) -> int32 [B, 4] (y, x, height, width).
@@ -46,6 +51,7 @@ def random_crop_boxes(hw, uniforms, scale=SCALE, ratio=RATIO):
   return tf.where(any_fit, tf.cast(tried, tf.int32), fallback)
 
 
+@_plain
 def _centre_boxes(hw, ratio):
   """Centre crop of each image, its aspect ratio clamped to `ratio`."""
   h = tf.cast(hw[:, 0], tf.float32)
@@ -58,6 +64,7 @@ def _centre_boxes(hw, ratio):
   return tf.cast(tf.stack([y, x, ch, cw], axis=1), tf.int32)
 
 
+@_plain
 def eval_boxes(hw, size):
   """The largest centre crop with the target's aspect ratio: the shorter
   side (relative to the target) is kept whole, the other is cut evenly."""
@@ -65,6 +72,7 @@ def eval_boxes(hw, size):
   return _centre_boxes(hw, (target, target))
 
 
+@_plain
 def to_channels(image, channels: int):
   """uint8 [h, w, c] with c in 1..4 -> [h, w, channels]: grayscale is
   repeated to RGB, alpha dropped, RGB averaged to gray (ITU-R 601 weights)."""
@@ -88,6 +96,7 @@ def to_channels(image, channels: int):
   raise ValueError(f"images convert to 1 or 3 channels, not {channels}.")
 
 
+@_plain
 def decode(data):
   """Encoded PNG/JPEG/GIF/BMP bytes -> uint8 [h, w, c], c as stored."""
   # expand_animations=False: a GIF gives its first frame, not [F,h,w,3].
@@ -95,6 +104,7 @@ def decode(data):
                             expand_animations=False)
 
 
+@_plain
 def resize_batch(images, size, channels: int, training: bool, seed,
                  first_row=0, global_batch: int | None = None,
                  flip: bool = False):

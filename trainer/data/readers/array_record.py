@@ -21,6 +21,7 @@ Raw (--format=raw) records need one shape and no --image_size resizing of
 the bytes (they are pixels, not an encoded image).
 """
 
+import dataclasses
 import functools
 import os
 
@@ -30,7 +31,7 @@ import tensorflow as tf
 from trainer.data import registry, splits
 from trainer.data.readers import choose
 from trainer.data.records import FEATURES
-from trainer.data.source import Source
+from trainer.data.source import Source, host_source
 from trainer.errors import UserError
 
 NAME = "array_record"
@@ -113,19 +114,14 @@ def lazy_records_source(name: str, reader, keys: np.ndarray,
                         num_classes: int, shape, raw: bool,
                         any_size: bool) -> Source:
   """A Source whose `gather` looks its records up in `reader` (anything with
-  `__getitems__(list of keys) -> list of bytes`) inside the tf.data map."""
-  keys_t = tf.constant(keys)
-
-  def fetch(batch_keys):
-    return np.array(reader.__getitems__(batch_keys.tolist()), dtype=object)
+  `__getitems__(list of keys) -> list of bytes`) inside the tf.data map; the
+  keys stay on the host (source.host_source), not in the graph."""
+  fetch = lambda batch_keys: reader.__getitems__(batch_keys.tolist())  # noqa: E731
+  labels = np.zeros(len(keys), np.int32)   # the records carry the labels
+  records = host_source(name, keys, labels, num_classes, fetch=fetch)
 
   def gather(indices):
-    wanted = tf.gather(keys_t, indices)
-    # The look-up is host C++ behind a Python call: a numpy_function runs
-    # it inside the pipeline's parallel map.
-    serialized = tf.numpy_function(fetch, [wanted], tf.string,
-                                   stateful=False)
-    serialized = tf.ensure_shape(serialized, [None])
+    serialized, _ = records.gather(indices)
     f = tf.io.parse_example(serialized, FEATURES)
     labels = tf.cast(f["label"], tf.int32)
     if any_size:
@@ -146,6 +142,5 @@ def lazy_records_source(name: str, reader, keys: np.ndarray,
     channels = 1 if 0 < shape[-1] < 3 else 3
   else:
     spec, channels = tf.TensorSpec(shape, tf.uint8), 0
-  return Source(name=name, num_examples=len(keys), gather=gather,
-                feature_spec=spec, label_spec=tf.TensorSpec([], tf.int32),
-                num_classes=num_classes, decode_channels=channels)
+  return dataclasses.replace(records, gather=gather, feature_spec=spec,
+                             decode_channels=channels)

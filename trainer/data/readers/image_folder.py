@@ -28,9 +28,9 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import registry
+from trainer.data import registry, splits
 from trainer.data.readers import choose, corrupt, images
-from trainer.data.source import Source
+from trainer.data.source import Source, host_source
 from trainer.errors import UserError
 
 NAME = "image_folder"
@@ -123,7 +123,10 @@ def _lazy(root: str, stamp: float):
   (split -> (paths, labels), classes, channels)."""
   del stamp  # cache key only
   listed, classes = _listing(root)
-  parts = {split: _shuffled(split, *pl) for split, pl in listed.items()}
+  # Paths as bytes (what tf.io.read_file takes), one array per split.
+  parts = {split: _shuffled(split, np.array([p.encode() for p in paths],
+                                            dtype=object), labels)
+           for split, (paths, labels) in listed.items()}
   everything = np.concatenate([p for p, _ in listed.values()])
   return parts, classes, _model_channels(everything[:_CHANNEL_PROBES])
 
@@ -148,7 +151,14 @@ def image_folder(split: str, args: registry.DataArgs) -> Source:
   stamp = os.stat(root).st_mtime
   if args.any_size:
     parts, classes, channels = _lazy(os.path.abspath(root), stamp)
-    source = _select(root, parts, split, len(classes))
+    _require(root, parts, split)
+    try:
+      chosen = splits.select(split, {k: len(v[1]) for k, v in parts.items()})
+    except ValueError as e:
+      raise UserError(f"--dataset={NAME}: {e}") from None
+    paths = np.concatenate([parts[k][0][i] for k, i in chosen])
+    labels = np.concatenate([parts[k][1][i] for k, i in chosen])
+    source = host_source(f"{NAME}:{split}", paths, labels, len(classes))
     return lazy_files_source(source, channels)
   parts, classes, shape, skipped_in = _scan(
       os.path.abspath(root), args.skip_corrupt, stamp)
@@ -158,11 +168,15 @@ def image_folder(split: str, args: registry.DataArgs) -> Source:
                                 skipped=sum(skipped_in[n] for n in wanted))
 
 
-def _select(root, parts, split, num_classes) -> Source:
+def _require(root, parts, split):
   wanted = list(dict.fromkeys(choose.names(NAME, split)))
   missing = {n: f"{os.path.join(root, n)}/<class>/<images>" for n in wanted}
   choose.require(NAME, split, [s for s, p in parts.items() if len(p[1])],
                  missing)
+
+
+def _select(root, parts, split, num_classes) -> Source:
+  _require(root, parts, split)
   return choose.select(NAME, parts, split, num_classes)
 
 
