@@ -88,3 +88,32 @@ def test_photos_of_any_size_copied_unchanged_train_like_the_folder(tmp_path):
   assert_weights_close(checkpoint_weights(tmp_path / "b" / "ckpt-6"),
                        checkpoint_weights(tmp_path / "a" / "ckpt-6"),
                        rtol=1e-6, atol=1e-7)
+
+
+def test_tfrecord_too_large_for_memory_is_refused_with_the_convert_path(
+    tmp_path):
+  from trainer.data.readers import tfrecord
+  tfr, ar = tmp_path / "tfr", tmp_path / "ar"
+  convert.convert("digits", registry.DataArgs(), "train,test", str(tfr),
+                  shards=2, fmt="png")
+  files = sorted(str(p) for p in tfr.glob("train-*"))
+  size = sum(p.stat().st_size for p in tfr.glob("train-*"))
+  tfrecord.check_fits_in_memory(files, available=int(size / 0.3))
+  with pytest.raises(UserError, match="--container=array_record"):
+    tfrecord.check_fits_in_memory(files, available=int(size / 0.5))
+  # The way out streams the files (no reader that loads the split), keeps
+  # the order and the records, and adds the class count.
+  convert.convert("tfrecord", registry.DataArgs(data_dir=str(tfr)),
+                  "train,test", str(ar), shards=3, fmt="png",
+                  container="array_record")
+  with pytest.raises(UserError, match="whole splits"):
+    convert.convert("tfrecord", registry.DataArgs(data_dir=str(tfr)),
+                    "x=train[:10]", str(tmp_path / "y"), shards=1, fmt="png",
+                    container="array_record")
+  split = "train[5:60]+test"
+  got = registry.get("array_record")(split, registry.DataArgs(
+      data_dir=str(ar)))
+  want = registry.get("tfrecord")(split, registry.DataArgs(data_dir=str(tfr)))
+  assert got.num_examples == want.num_examples and got.num_classes == 10
+  for a, b in zip(_all(got), _all(want)):
+    np.testing.assert_array_equal(a, b)

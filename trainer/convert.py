@@ -154,6 +154,64 @@ def write_split(source, out_dir: str, name: str, shards: int,
   return paths
 
 
+def _tfrecord_stream(files, skip_corrupt: bool):
+  """Serialized records of `files` in order, one file at a time (bounded
+  memory); a file that breaks midway: UserError, or its records before the
+  break with --skip_corrupt (logged)."""
+  from trainer.data.readers import corrupt, tfrecord
+  for path in files:
+    ds = tf.data.TFRecordDataset(path,
+                                 compression_type=tfrecord._compression(path))  # noqa: SLF001
+    count = 0
+    try:
+      for record in ds.as_numpy_iterator():
+        count += 1
+        yield record
+    except tf.errors.DataLossError as e:
+      corrupt.report("tfrecord", path, f"unreadable after {count} good "
+                     f"records ({corrupt.tf_reason(e)})", 1, skip_corrupt)
+
+
+def stream_tfrecord_split(args: registry.DataArgs, spec: str, out_dir: str,
+                          name: str, shards: int) -> list[str]:
+  """TFRecord split -> ArrayRecord shards without holding the split: one
+  pass counts the records and finds the class count (labels only), a
+  second copies each record, adding `num_classes`. Records keep their
+  image encoding, so images of any size stay as they are."""
+  from trainer.data.readers import choose
+  if not re.fullmatch(r"[A-Za-z_][\w-]*", spec):
+    raise UserError(f"--split item {spec!r}: converting --dataset=tfrecord "
+                    "to array_record streams whole splits; slice the "
+                    "result instead (--train_split='train[:80%]').")
+  files = choose.split_files("tfrecord", ".tfrecord", spec, args)
+  label_spec = {"label": records.FEATURES["label"]}
+  n, top = 0, -1
+  for record in _tfrecord_stream(files, args.skip_corrupt):
+    label = int(tf.io.parse_single_example(record, label_spec)["label"])
+    n, top = n + 1, max(top, label)
+  if not 1 <= shards <= n:
+    raise UserError(f"--shards={shards}: must be between 1 and the {n} "
+                    f"records of {spec}.")
+  paths = shard_paths(out_dir, name, shards, CONTAINERS["array_record"])
+  bounds = [i * n // shards for i in range(shards + 1)]
+  shard, writer = -1, None
+  for i, record in enumerate(_tfrecord_stream(files, True)):
+    if i == bounds[shard + 1]:
+      if writer:
+        writer.close()
+        os.replace(paths[shard] + ".tmp", paths[shard])
+      shard += 1
+      writer = _open_writer("array_record", paths[shard] + ".tmp")
+    example = tf.train.Example.FromString(record)
+    example.features.feature["num_classes"].int64_list.value[:] = [top + 1]
+    writer.write(example.SerializeToString())
+  writer.close()
+  os.replace(paths[shard] + ".tmp", paths[shard])
+  print(f"tfrecord:{spec}: {n} records -> {os.path.join(out_dir, name)}-*-of-"
+        f"{shards:05d}.array_record (streamed)", flush=True)
+  return paths
+
+
 def convert(dataset: str, args: registry.DataArgs, split_flag: str,
             out_dir: str, shards: int, fmt: str,
             container: str = "tfrecord") -> dict[str, list[str]]:
@@ -172,6 +230,10 @@ def convert(dataset: str, args: registry.DataArgs, split_flag: str,
   os.makedirs(out_dir, exist_ok=True)
   written = {}
   for name, spec in items:
+    if dataset == "tfrecord" and container == "array_record":
+      # Streamed: a TFRecord split may be too large to load.
+      written[name] = stream_tfrecord_split(args, spec, out_dir, name, shards)
+      continue
     try:
       source = reader(spec, args)
     except ValueError as e:

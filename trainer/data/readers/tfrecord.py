@@ -1,5 +1,10 @@
 """`--dataset=tfrecord`: tf.train.Example files, held in memory, random access.
 
+The in-memory reader: for splits that fit in memory. A split whose files
+exceed 40% of the available memory is refused before anything is read,
+with the way out: convert once (streaming) to ArrayRecord, which
+--dataset=array_record reads lazily.
+
 Files of a split: the globs given for it in `DataArgs.file_patterns`, else
 `{data_dir}/{split}-*.tfrecord` and `{data_dir}/{split}.tfrecord*`; sorted by
 path, records in file order (so `trainer.convert` shards read back in source
@@ -168,11 +173,49 @@ def _few(numbers: list[int]) -> str:
   return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
 
 
+# A compressed file holds more than its size; a guess, erring on the side of
+# refusing rather than of an out-of-memory kill.
+_COMPRESSION_RATIO = 4
+# Share of the available memory one split's records may take: they are held
+# as Python bytes (plus parsed copies while loading) and TF needs the rest.
+_MEMORY_SHARE = 0.4
+
+
+def available_memory_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo (Linux); None where it cannot be read."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def check_fits_in_memory(files, available: int | None) -> None:
+  """UserError, before anything is read, when the split cannot be held."""
+  if available is None:
+    return
+  size = sum(os.path.getsize(f) * (_COMPRESSION_RATIO if _compression(f)
+                                   else 1) for f in files)
+  if size > _MEMORY_SHARE * available:
+    raise UserError(
+        f"--dataset={NAME}: the {len(files)} file(s) of {files[0]}... hold "
+        f"~{size / 2**30:.1f} GiB and this reader keeps a split in memory "
+        f"({available / 2**30:.1f} GiB available). Convert once to a "
+        "random-access format read lazily: python -m trainer.convert "
+        "--dataset=tfrecord --data_dir=DIR --split=SPLIT --out=OUT "
+        "--container=array_record, then --dataset=array_record "
+        "--data_dir=OUT.")
+
+
 @registry.register(NAME)
 def tfrecord(split: str, args: registry.DataArgs) -> Source:
   parts, skipped, shapes, raws = {}, 0, {}, set()
   for name in dict.fromkeys(choose.names(NAME, split)):
     files = tuple(choose.split_files(NAME, ".tfrecord", name, args))
+    check_fits_in_memory(files, available_memory_bytes())
     stamps = tuple((os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
     items, labels, shape, raw, dropped = _load_split(files, stamps,
                                                      args.skip_corrupt)
