@@ -80,17 +80,25 @@ def test_worker_rows_equal_whole_batch_rows_for_encoded_images_of_any_size():
     encoded.append(tf.io.encode_png(pixels).numpy())
   encoded = tf.constant(encoded)
   seed = tf.constant([3, 96], tf.int64)
-  whole = resize.resize_batch(encoded, (12, 10), 3, True, seed, flip=True)
+  whole, ok = resize.resize_batch(encoded, (12, 10), 3, True, seed, flip=True)
+  np.testing.assert_array_equal(ok, np.ones(6))
   assert whole.shape == (6, 12, 10, 3)
   assert 0.0 <= float(tf.reduce_min(whole)) and float(tf.reduce_max(whole)) <= 1.0
   parts = [resize.resize_batch(encoded[a:a + 3], (12, 10), 3, True, seed,
-                               first_row=a, global_batch=6, flip=True)
+                               first_row=a, global_batch=6, flip=True)[0]
            for a in (0, 3)]
   np.testing.assert_array_equal(tf.concat(parts, 0).numpy(), whole.numpy())
   # A different batch start (seed) draws other crops.
-  other = resize.resize_batch(encoded, (12, 10), 3, True,
-                              tf.constant([3, 97], tf.int64), flip=True)
+  other, _ = resize.resize_batch(encoded, (12, 10), 3, True,
+                                 tf.constant([3, 97], tf.int64), flip=True)
   assert not np.array_equal(other.numpy(), whole.numpy())
+  # A row that does not decode: zeros and ok 0, the others unchanged.
+  damaged = tf.tensor_scatter_nd_update(encoded, [[4]], [b"not an image"])
+  out, ok = resize.resize_batch(damaged, (12, 10), 3, True, seed, flip=True)
+  np.testing.assert_array_equal(ok, [1, 1, 1, 1, 0, 1])
+  np.testing.assert_array_equal(out[4], np.zeros((12, 10, 3)))
+  np.testing.assert_array_equal(np.delete(out.numpy(), 4, 0),
+                                np.delete(whole.numpy(), 4, 0))
 
 
 def write_photo_folder(root, per_class: int, part: str, seed: int):

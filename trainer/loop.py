@@ -17,7 +17,7 @@ from trainer import best as best_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import optim, strategy as strategy_lib, summary, tasks, watch
 from trainer.config import Config, check_divisible
-from trainer.data import pipeline
+from trainer.data import damage, pipeline
 from trainer.errors import UserError
 from trainer.state import TrainState
 from trainer.step import Steps
@@ -288,8 +288,11 @@ class Runner:
       if _crossed(before, step, config.histograms_every):
         self.writers.histograms(self.writers.train, step,
                                 self._histograms.values(step))
-      if self._agree(stop.raised):
+      damaged = damage.found() and not config.skip_corrupt
+      if self._agree(stop.raised or damaged):
         self.save()
+        if damaged:
+          raise UserError(damage.error_line(config.dataset))
         raise Preempted(step)
       saved = _crossed(before, step, config.checkpoint_every) or done
       if saved:
@@ -408,6 +411,7 @@ class Runner:
     sums = self.steps.train_sums.read_and_reset()
     weight = max(sums.pop("weight"), 1.0)
     updates = sums.pop("updates")
+    skipped = sums.pop("skipped_examples")
     grad_norm = sums.pop("grad_norm") / max(updates, 1.0)
     metrics = {name: value / weight for name, value in sums.items()}
     done = step - interval_start
@@ -419,6 +423,7 @@ class Runner:
         "examples_per_sec": rate * config.global_batch_size,
         "grad_norm": grad_norm,
         "nonfinite_steps": float(self.state.nonfinite_steps.numpy()),
+        "skipped_examples": skipped,
         "input_wait_share": self._wait_probe.read_and_reset(),
     }
     self.writers.scalars(self.writers.train, step, scalars)

@@ -79,7 +79,8 @@ class Steps:
     self._metric_fns = dict(task.metrics())
     names = ["loss", "weight", *self._metric_fns]
     self.train_sums = self.sums_class(strategy,
-                                      names + ["grad_norm", "updates"])
+                                      names + ["grad_norm", "updates",
+                                               "skipped_examples"])
     self.eval_sums = self.sums_class(strategy, names)
     self._buffers = None
     if self.accum_steps > 1:
@@ -194,8 +195,10 @@ class Steps:
     grads = [tf.zeros(v.shape, tf.float32) if g is None
              else tf.convert_to_tensor(g, tf.float32)
              for g, v in zip(grads, variables)]
-    return grads, loss, self._stats(labels, outputs, per_example, weight,
-                                    loss_sum)
+    stats = self._stats(labels, outputs, per_example, weight, loss_sum)
+    if "skipped" in meta:   # damaged examples (trainer/data/damage.py)
+      stats["skipped_examples"] = tf.reduce_sum(meta["skipped"])
+    return grads, loss, stats
 
   def _accumulate(self, batch):
     features, labels, meta = batch

@@ -108,11 +108,14 @@ def decode(data):
 def resize_batch(images, size, channels: int, training: bool, seed,
                  first_row=0, global_batch: int | None = None,
                  flip: bool = False):
-  """Rows [first_row, first_row + b) of a global micro-batch -> float32
-  [b, H, W, channels] in [0, 1].
+  """Rows [first_row, first_row + b) of a global micro-batch -> (float32
+  [b, H, W, channels] in [0, 1], ok float32 [b]).
 
   images: uint8 [b, h, w, c] (one shape), or a string [b] tensor of encoded
   images of any size. seed: int64 [2] of the global micro-batch (training).
+  ok is 0 for an encoded image that does not decode (its row is then
+  zeros): the batch keeps its static shape and the caller gives the row
+  weight 0; arrays are always ok.
   """
   encoded = images.dtype == tf.string
   batch = tf.shape(images)[0]
@@ -140,11 +143,37 @@ def resize_batch(images, size, channels: int, training: bool, seed,
     out = tf.image.resize(tf.cast(crop, tf.float32), size, antialias=True)
     return tf.ensure_shape(out, [*size, channels])
 
-  out = tf.map_fn(one, (images, uniforms), fn_output_signature=tf.TensorSpec(
-      [*size, channels], tf.float32))
+  if encoded:
+    out, ok = _map_dropping_failures(one, images, uniforms, batch,
+                                     [*size, channels])
+  else:
+    out = tf.map_fn(one, (images, uniforms),
+                    fn_output_signature=tf.TensorSpec([*size, channels],
+                                                      tf.float32))
+    ok = tf.ones([batch], tf.float32)
   if training and flip:
     coin = mine(tf.random.stateless_uniform(
         [total, 1, 1, 1], seed=tf.random.experimental.stateless_fold_in(
             seed, _FLIP_SALT)))
     out = tf.where(coin < 0.5, tf.reverse(out, axis=[2]), out)
-  return tf.clip_by_value(out, 0.0, 255.0) * (1.0 / 255.0)
+  return tf.clip_by_value(out, 0.0, 255.0) * (1.0 / 255.0), ok
+
+
+def _map_dropping_failures(fn, items, uniforms, batch, shape):
+  """fn over the rows; a row whose fn raises (an image that does not
+  decode) becomes zeros with ok 0 instead of failing the pipeline. Graph
+  ops cannot catch errors, tf.data can: an inner dataset over the rows with
+  ignore_errors drops the failing ones, and the survivors are scattered
+  back to their row numbers."""
+  rows = tf.range(batch)
+  inner = tf.data.Dataset.from_tensor_slices((rows, items, uniforms)).map(
+      lambda i, item, u: (i, fn((item, u)))).ignore_errors()
+  # A batch in which every row failed yields no element: the empty pair
+  # appended after it is taken instead.
+  empty = tf.data.Dataset.from_tensors(
+      (tf.zeros([0], tf.int32), tf.zeros([0, *shape], tf.float32)))
+  kept, images = inner.batch(tf.cast(batch, tf.int64)).concatenate(
+      empty).take(1).get_single_element()
+  out = tf.scatter_nd(kept[:, None], images, tf.concat([[batch], shape], 0))
+  ok = tf.scatter_nd(kept[:, None], tf.ones_like(kept, tf.float32), [batch])
+  return tf.ensure_shape(out, [None, *shape]), ok

@@ -30,6 +30,8 @@ class Source:
     decode_channels: 0 when `gather` returns pixel arrays; otherwise its
       features are encoded images (tf.string [B], any size, as stored) and
       this is the channel count the model gets (see trainer.data.resize).
+    describe: example index -> where it comes from ("FILE" or "FILE record
+      N"), to name a damaged example found when it is read; or None.
   """
   name: str
   num_examples: int
@@ -39,6 +41,7 @@ class Source:
   num_classes: int | None = None
   skipped: int = 0
   decode_channels: int = 0
+  describe: Callable[[int], str] | None = None
 
 
 def _spec_of(array: np.ndarray) -> tf.TensorSpec:

@@ -102,12 +102,45 @@ def array_record(split: str, args: registry.DataArgs) -> Source:
     raise UserError(f"--dataset={NAME}: {files[0]} holds raw pixels of one "
                     f"shape {shape}; --image_size resizes encoded images of "
                     "any size: drop it or convert with --format=png.")
-  return lazy_records_source(f"{NAME}:{split}", source, keys, num_classes,
-                             shape, raw, args.any_size)
+  # Record numbers per file, to name a damaged record (each file's own
+  # index is read once more; nothing else).
+  starts = np.cumsum([0] + [len(_open((f,), _stamps([f]))) for f in files])
+
+  def where(key: int) -> str:
+    i = int(np.searchsorted(starts, key, side="right")) - 1
+    return f"{files[i]} record {key - starts[i]}"
+
+  result = lazy_records_source(f"{NAME}:{split}", source, keys, num_classes,
+                               shape, raw, args.any_size)
+  return dataclasses.replace(result, describe=lambda i: where(keys[i]))
 
 
 def _stamps(files) -> tuple:
   return tuple((os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+
+
+_EMPTY = tf.train.Example(features=tf.train.Features(feature={
+    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b""])),
+})).SerializeToString()
+
+
+def _read_one(reader, key: int) -> bytes:
+  try:
+    return reader[key]
+  except Exception:  # noqa: BLE001
+    return b""
+
+
+def _is_example(record: bytes) -> bool:
+  try:
+    example = tf.train.Example.FromString(record)
+  except Exception:  # noqa: BLE001 - protobuf's DecodeError
+    return False
+  feature = example.features.feature
+  return ("image" in feature and "label" in feature
+          and len(feature["image"].bytes_list.value) == 1
+          and len(feature["label"].int64_list.value) == 1)
 
 
 def lazy_records_source(name: str, reader, keys: np.ndarray,
@@ -116,7 +149,14 @@ def lazy_records_source(name: str, reader, keys: np.ndarray,
   """A Source whose `gather` looks its records up in `reader` (anything with
   `__getitems__(list of keys) -> list of bytes`) inside the tf.data map; the
   keys stay on the host (source.host_source), not in the graph."""
-  fetch = lambda batch_keys: reader.__getitems__(batch_keys.tolist())  # noqa: E731
+  def fetch(batch_keys):
+    try:
+      found = reader.__getitems__(batch_keys.tolist())
+    except Exception:  # noqa: BLE001 - a damaged chunk: find which, one by one
+      found = [_read_one(reader, k) for k in batch_keys.tolist()]
+    # A record that is not an Example becomes an empty one: its image does
+    # not decode, so it gets weight 0 (or stops the run) where it is used.
+    return [r if _is_example(r) else _EMPTY for r in found]
   labels = np.zeros(len(keys), np.int32)   # the records carry the labels
   records = host_source(name, keys, labels, num_classes, fetch=fetch)
 

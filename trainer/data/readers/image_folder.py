@@ -159,7 +159,8 @@ def image_folder(split: str, args: registry.DataArgs) -> Source:
     paths = np.concatenate([parts[k][0][i] for k, i in chosen])
     labels = np.concatenate([parts[k][1][i] for k, i in chosen])
     source = host_source(f"{NAME}:{split}", paths, labels, len(classes))
-    return lazy_files_source(source, channels)
+    return lazy_files_source(source, channels,
+                             describe=lambda i: paths[i].decode())
   parts, classes, shape, skipped_in = _scan(
       os.path.abspath(root), args.skip_corrupt, stamp)
   wanted = list(dict.fromkeys(choose.names(NAME, split)))
@@ -180,7 +181,7 @@ def _select(root, parts, split, num_classes) -> Source:
   return choose.select(NAME, parts, split, num_classes)
 
 
-def lazy_files_source(source: Source, channels: int) -> Source:
+def lazy_files_source(source: Source, channels: int, describe=None) -> Source:
   """A Source over file paths whose `gather` reads the files' bytes: the
   decode and resize happen in the task's preprocess (trainer.data.resize)."""
   def gather(indices):
@@ -189,4 +190,4 @@ def lazy_files_source(source: Source, channels: int) -> Source:
 
   return dataclasses.replace(source, gather=gather,
                              feature_spec=tf.TensorSpec([], tf.string),
-                             decode_channels=channels)
+                             decode_channels=channels, describe=describe)
