@@ -154,7 +154,11 @@ _HELP = {
     "model": f"Built-in model, one of {', '.join(MODELS)}, or "
              "'package.module:fn' with fn(input_spec, num_classes) -> "
              "keras.Model.",
-    "dataset": f"Built-in dataset, one of {', '.join(DATASETS)}.",
+    "dataset": f"Built-in dataset, one of {', '.join(DATASETS)}. "
+               "array_record and image_folder with --image_size read "
+               "lazily (memory and start-up flat in the number of "
+               "examples); tfrecord and image_folder without it load or "
+               "check every example at start-up.",
     "data_dir": "Directory holding the dataset's files.",
     "train_split": "TFDS-style split to train on: 'train', 'test[:8000]', "
                    "'train[10%:]', 'a+b'.",
@@ -163,7 +167,10 @@ _HELP = {
                      "'split=glob,split=glob' file patterns (default "
                      "DATA_DIR/SPLIT-*.tfrecord or SPLIT-*.array_record).",
     "skip_corrupt": "Skip (and count) corrupt records/images instead of "
-                    "stopping with an error.",
+                    "stopping with an error. Lazy readers (--image_size) "
+                    "find them when read: weight 0 in the batch, counted "
+                    "in the train scalar skipped_examples; without the "
+                    "flag the run saves a checkpoint and exits 2.",
     "augment": "Seeded, resumable augmentation for image sets (random crop "
                "with 4-pixel padding; horizontal flip for cifar10).",
     "image_size": "N or H,W: decode images of any size and channel count "
@@ -334,6 +341,14 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
                     "--strategy=mirrored (got "
                     f"--strategy={config.strategy}).")
   _validate_image_size(config.image_size)
+  if config.strategy == "parameter_server" and (
+      config.image_size or config.dataset == "array_record"):
+    # Remote parameter-server workers run the dataset function themselves
+    # and cannot call back into this process's Python (numpy_function).
+    raise UserError("--strategy=parameter_server cannot read lazily "
+                    "(--image_size, --dataset=array_record): its workers "
+                    "cannot run the Python record look-up; use a "
+                    "synchronous strategy, or an in-memory dataset.")
   try:
     shape = tuple(int(x) for x in config.synthetic_shape.split(","))
   except ValueError:
