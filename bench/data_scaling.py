@@ -4,6 +4,7 @@ examples: the lazy readers must stay flat in N.
   python -m bench.data_scaling write --kind=array_record --n=50000 --out=DIR
   python -m bench.data_scaling measure --kind=array_record --data_dir=DIR
   python -m bench.data_scaling table --sizes=50000,200000,400000 [--kinds=...]
+  python -m bench.data_scaling decode     # microseconds per image
 
 `write` makes N small JPEG examples (one 32x32 photo crop, the label varies)
 as an image folder or as ArrayRecord shards. `measure` runs in its own
@@ -26,22 +27,24 @@ import time
 KINDS = ("image_folder", "array_record", "image_folder_eager", "tfrecord")
 
 
-def _jpeg(seed: int) -> bytes:
+def _jpeg(seed: int, shape=(32, 32, 3)) -> bytes:
   import numpy as np
   import tensorflow as tf
   rng = np.random.default_rng(seed)
+  h, w, _ = shape
   # Smooth content (a gradient plus little noise) so JPEG stays small.
-  ramp = np.linspace(0, 255, 32, dtype=np.float32)
-  image = ramp[None, :, None] * 0.5 + ramp[:, None, None] * 0.5
-  image = image + rng.normal(0, 8, (32, 32, 3))
+  image = (np.linspace(0, 127, w, dtype=np.float32)[None, :, None] +
+           np.linspace(0, 127, h, dtype=np.float32)[:, None, None])
+  image = image + rng.normal(0, 8, shape)
   return tf.io.encode_jpeg(np.clip(image, 0, 255).astype(np.uint8)).numpy()
 
 
-def write(kind: str, n: int, out: str, classes: int = 10) -> None:
+def write(kind: str, n: int, out: str, classes: int = 10,
+          shape=(32, 32, 3)) -> None:
   """N examples in `out`: kind image_folder(_eager) or array_record/tfrecord."""
   from trainer.data import records
   os.makedirs(out, exist_ok=True)
-  images = [_jpeg(i) for i in range(16)]
+  images = [_jpeg(i, shape) for i in range(16)]
   if kind.startswith("image_folder"):
     for c in range(classes):
       os.makedirs(os.path.join(out, f"c{c}"), exist_ok=True)
@@ -60,7 +63,7 @@ def write(kind: str, n: int, out: str, classes: int = 10) -> None:
       import tensorflow as tf
       writer = tf.io.TFRecordWriter(path)
     for i in range(bounds[s], bounds[s + 1]):
-      writer.write(records.encode(images[i % 16], i % classes, (32, 32, 3),
+      writer.write(records.encode(images[i % 16], i % classes, shape,
                                   False, classes))
     writer.close()
 
@@ -106,6 +109,30 @@ def measure(kind: str, data_dir: str, repeats: int = 3) -> dict:
   return rows[0] if len(rows) == 1 else rows
 
 
+def decode_cost(shape=(28, 28, 1), size=(28, 28), batch: int = 128,
+                repeats: int = 20) -> dict:
+  """Microseconds per image to decode a batch of JPEGs, and to decode plus
+  random-resized-crop them (trainer.data.resize), fastest of `repeats`."""
+  import tensorflow as tf
+  from trainer.data import resize
+  encoded = tf.constant([_jpeg(i, shape) for i in range(batch)])
+  seed = tf.constant([0, 0], tf.int64)
+  decode_only = tf.function(lambda x: tf.map_fn(
+      resize.decode, x, fn_output_signature=tf.TensorSpec(None, tf.uint8)))
+  full = tf.function(lambda x: resize.resize_batch(
+      x, size, shape[-1], True, seed)[0])
+  out = {}
+  for name, fn in (("decode_us", decode_only), ("decode_crop_resize_us", full)):
+    fn(encoded)   # trace
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn(encoded)
+      best = min(best, time.perf_counter() - start)
+    out[name] = 1e6 * best / batch
+  return out
+
+
 def measure_in_subprocess(kind: str, data_dir: str, repeats: int = 3,
                           timeout: float = 600):
   """measure() in a fresh Python process (peak RSS is per process)."""
@@ -136,7 +163,8 @@ def table(kinds, sizes) -> list[dict]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("command", choices=("write", "measure", "table"))
+  parser.add_argument("command", choices=("write", "measure", "table",
+                                          "decode"))
   parser.add_argument("--kind", choices=KINDS, default="array_record")
   parser.add_argument("--kinds", default="image_folder,array_record")
   parser.add_argument("--n", type=int, default=50000)
@@ -147,6 +175,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.command == "write":
     write(args.kind, args.n, args.out)
+  elif args.command == "decode":
+    print(json.dumps(decode_cost()))
   elif args.command == "measure":
     print(json.dumps(measure(args.kind, args.data_dir, args.repeats)))
   else:
