@@ -39,7 +39,10 @@ class Task:
     and `meta["start"]` the global batch's first one: derive augmentation
     seeds from them (stateless ops) to keep resume exact, e.g. draw for the
     whole global batch from (seed, start) and keep rows pos - start, as
-    trainer.data.augment.crop_and_flip does. Returns (features, labels)."""
+    trainer.data.augment.crop_and_flip does. To drop an example while
+    shapes stay static, set meta["weight"] to 0 for its row (meta is the
+    pipeline's dict; meta["skipped"] = 1 also counts it in the train scalar
+    skipped_examples). Returns (features, labels)."""
     del meta, training
     return features, labels
 
