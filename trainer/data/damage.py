@@ -23,11 +23,14 @@ def note(dataset: str, where: list[str], skip_corrupt: bool) -> None:
       _first.append(where[0])
     for w in where:
       path = w.split(" record ")[0]
-      if skip_corrupt and path not in _files_logged:
+      if path not in _files_logged:
+        # Logged in every mode: evaluation reads with weight 0 too and
+        # never stops, so the log is where a damaged eval file shows.
         _files_logged.add(path)
-        logging.warning("--dataset=%s: skipping damaged example %s (weight "
-                        "0, counted in skipped_examples); further ones of "
-                        "this file are not logged.", dataset, w)
+        logging.warning("--dataset=%s: damaged example %s given weight 0%s; "
+                        "further ones of this file are not logged.", dataset,
+                        w, " (counted in skipped_examples)" if skip_corrupt
+                        else "")
 
 
 def found() -> bool:
