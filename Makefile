@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.data_scaling table --sizes=50000,200000,400000
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

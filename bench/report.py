@@ -120,6 +120,10 @@ def goals(summary: dict) -> list[dict]:
   for variant in ("fw_mnist", "fw_tfrecord"):
     g.append(_goal(f"input pipeline {variant} vs in-memory, cnn_b128", 0.95,
                    ">=", f"cnn_b128/{variant}", "cnn_b128/fw_default", summary))
+  for variant in ("fw_jpeg_folder", "fw_jpeg_array_record"):
+    g.append(_goal(f"on-disk JPEG {variant} vs in-memory, cnn_b128", 0.9,
+                   ">=", f"cnn_b128/{variant}", "cnn_b128/fw_default", summary,
+                   "lazy reading, decode and random-resized crop per example"))
   fp32 = summary.get("accuracy/fp32", {}).get("eval_accuracy")
   for variant in ("bf16", "xla"):
     acc = summary.get(f"accuracy/{variant}", {}).get("eval_accuracy")

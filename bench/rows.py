@@ -24,7 +24,8 @@ class Row:
   extra: bool = False       # diagnosis only: runs when named in --rows
   ref: str = ""             # compare with this row instead of <group>/raw
   workers: int = 0          # launch rows: number of worker processes
-  dataset: str = "synthetic"  # framework rows: mnist, tfrecord, synthetic
+  dataset: str = "synthetic"  # framework rows: mnist, tfrecord, synthetic,
+                              # jpeg_folder, jpeg_array_record
   note: str = ""
 
   @property
@@ -156,6 +157,15 @@ def catalog() -> list[Row]:
       Row("cnn_b128/fw_tfrecord", "framework", "cnn", 128,
           ("--strategy=default",), 50, 35.0, core=True, dataset="tfrecord",
           ref="cnn_b128/fw_default"),
+      # On-disk JPEGs read lazily (--image_size: decode + random-resized
+      # crop per example), as an image folder and as ArrayRecord, against
+      # the same shapes in memory (fw_default).
+      Row("cnn_b128/fw_jpeg_folder", "framework", "cnn", 128,
+          ("--strategy=default", "--image_size=28"), 50, 35.0, core=True,
+          dataset="jpeg_folder", ref="cnn_b128/fw_default"),
+      Row("cnn_b128/fw_jpeg_array_record", "framework", "cnn", 128,
+          ("--strategy=default", "--image_size=28"), 50, 35.0, core=True,
+          dataset="jpeg_array_record", ref="cnn_b128/fw_default"),
   ]
   # Accuracy of the speed options on real digits (MNIST test set split
   # 8000 train / 2000 eval): a short run each, same seed.

@@ -33,11 +33,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before any TF import
 
-from bench import common, report  # noqa: E402
+from bench import common, data_scaling, report  # noqa: E402
 from bench.rows import Row, catalog  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
+# On-disk JPEG rows: enough examples that an epoch outlasts a timed run.
+JPEG_EXAMPLES = 50000
 MNIST_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data",
                                           "mnist"))
 STARTUP_S = 20.0          # subprocess timeout allowance for imports, tracing
@@ -145,6 +147,11 @@ class Bench:
     shape = ",".join(str(x) for x in common.SHAPES[row.model])
     if row.dataset == "synthetic":
       return ["--dataset=synthetic", f"--synthetic_shape={shape}"]
+    if row.dataset.startswith("jpeg_"):
+      kind = {"jpeg_folder": "image_folder",
+              "jpeg_array_record": "array_record"}[row.dataset]
+      return [f"--dataset={kind}", f"--data_dir={self._jpegs(kind)}",
+              "--train_split=train", "--eval_split=train[:1024]"]
     if not os.path.isdir(MNIST_DIR):
       return None
     if row.dataset == "mnist":
@@ -157,6 +164,18 @@ class Bench:
                                        f"--data_dir={out}",
                                        "--train_split=test"]
     raise ValueError(row.dataset)
+
+  def _jpegs(self, kind: str) -> str:
+    """JPEG_EXAMPLES small grayscale JPEGs as an image folder or ArrayRecord
+    shards (bench.data_scaling.write), made once per kind."""
+    out = os.path.join(self.tmp, f"jpeg_{kind}")
+    if not os.path.isdir(out):
+      began = time.perf_counter()
+      data_scaling.write(kind, JPEG_EXAMPLES, out, shape=(28, 28, 1))
+      self.setup_notes.append(
+          f"{kind}: {JPEG_EXAMPLES} JPEGs of 28x28x1 by bench.data_scaling "
+          f"({time.perf_counter() - began:.0f} s)")
+    return out
 
   def _tfrecords(self) -> str | None:
     """MNIST test set as PNG TFRecords (trainer.convert), made once."""

@@ -16,7 +16,7 @@ RESOLVERS = ("tf_config", "slurm")
 COLLECTIVES = ("auto", "ring", "nccl")
 MODELS = ("mlp", "cnn", "resnet20")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "tfrecord",
-            "image_folder", "synthetic")
+            "array_record", "image_folder", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -48,6 +48,7 @@ class Config:
   file_patterns: str = ""
   skip_corrupt: bool = False
   augment: bool = False
+  image_size: str = ""
   synthetic_shape: str = "28,28,1"
   synthetic_classes: int = 10
   synthetic_examples: int = 4096
@@ -105,6 +106,14 @@ class Config:
     return self.global_batch_size // self.grad_accum_steps
 
   @property
+  def image_hw(self) -> tuple[int, int] | None:
+    """--image_size as (height, width), or None (images keep their shape)."""
+    if not self.image_size:
+      return None
+    sides = [int(x) for x in self.image_size.split(",")]
+    return (sides[0], sides[-1])
+
+  @property
   def effective_eval_batch_size(self) -> int:
     return self.eval_batch_size or self.global_batch_size
 
@@ -141,7 +150,9 @@ _HELP = {
                 "tpu (TPUStrategy; needs --tpu).",
     "cpu_replicas": "Split the host CPU into N logical devices so that "
                     "--strategy=mirrored runs N replicas without GPUs "
-                    "(0: do not split).",
+                    "(0: do not split). Refused with multiworker, whose "
+                    "workers use one CPU device each (GPU hosts: every "
+                    "local GPU).",
     "cluster_resolver": "Where --strategy=multiworker finds the cluster: "
                         "TF_CONFIG, or Slurm's environment.",
     "collective": "MultiWorkerMirroredStrategy collective implementation.",
@@ -160,17 +171,33 @@ _HELP = {
     "model": f"Built-in model, one of {', '.join(MODELS)}, or "
              "'package.module:fn' with fn(input_shape, num_classes) -> "
              "keras.Model (input_shape: the tuple (H, W, C)).",
-    "dataset": f"Built-in dataset, one of {', '.join(DATASETS)}.",
+    "dataset": f"Built-in dataset, one of {', '.join(DATASETS)}. "
+               "array_record and image_folder with --image_size read "
+               "lazily (memory and start-up flat in the number of "
+               "examples); tfrecord and image_folder without it load or "
+               "check every example at start-up.",
     "data_dir": "Directory holding the dataset's files.",
     "train_split": "TFDS-style split to train on: 'train', 'test[:8000]', "
                    "'train[10%:]', 'a+b'.",
     "eval_split": "TFDS-style split to evaluate on.",
-    "file_patterns": "--dataset=tfrecord: 'split=glob,split=glob' file "
-                     "patterns (default DATA_DIR/SPLIT-*.tfrecord).",
+    "file_patterns": "--dataset=tfrecord or array_record: "
+                     "'split=glob,split=glob' file patterns (default "
+                     "DATA_DIR/SPLIT-*.tfrecord or SPLIT-*.array_record).",
     "skip_corrupt": "Skip (and count) corrupt records/images instead of "
-                    "stopping with an error.",
+                    "stopping with an error. Lazy readers (--image_size) "
+                    "find them when read: weight 0 in the batch, counted "
+                    "in the train scalar skipped_examples; without the "
+                    "flag the run saves a checkpoint and exits 2.",
     "augment": "Seeded, resumable augmentation for image sets (random crop "
                "with 4-pixel padding; horizontal flip for cifar10).",
+    "image_size": "N or H,W: decode images of any size and channel count "
+                  "and resize them for the model (grayscale/RGBA -> the "
+                  "model's channels). Training draws a random-resized crop "
+                  "(area 8-100%, aspect 3/4-4/3) seeded from the example "
+                  "positions, plus a horizontal flip with --augment (not "
+                  "for digits/mnist); evaluation resizes the shorter side "
+                  "and centre-crops. image_folder then keeps only paths and "
+                  "decodes lazily. Empty: images must share one shape.",
     "synthetic_shape": "--dataset=synthetic: H,W,C of the random images.",
     "synthetic_classes": "--dataset=synthetic: number of classes.",
     "synthetic_examples": "--dataset=synthetic: examples per split.",
@@ -357,11 +384,29 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   if not config.model_dir:
     raise UserError("--model_dir is empty: give a directory for checkpoints "
                     "and summaries.")
-  if config.cpu_replicas > 1 and config.strategy not in ("mirrored",
-                                                          "multiworker"):
+  if config.cpu_replicas > 1 and config.strategy == "multiworker":
+    # TF 2.21's MultiWorkerMirroredStrategy takes one CPU device per worker
+    # whatever logical devices exist (collective_all_reduce_strategy.py,
+    # _initialize_local_devices): accepting the flag would silently run one
+    # replica per worker.
+    raise UserError(f"--cpu_replicas={config.cpu_replicas} does not work "
+                    "with --strategy=multiworker: TensorFlow's multi-worker "
+                    "strategy uses one CPU device per worker (on GPU hosts "
+                    "it uses every local GPU by itself); drop the flag, or "
+                    "use --strategy=mirrored for N replicas on one machine.")
+  if config.cpu_replicas > 1 and config.strategy != "mirrored":
     raise UserError(f"--cpu_replicas={config.cpu_replicas} needs "
-                    "--strategy=mirrored or multiworker (got "
+                    "--strategy=mirrored (got "
                     f"--strategy={config.strategy}).")
+  _validate_image_size(config.image_size)
+  if config.strategy == "parameter_server" and (
+      config.image_size or config.dataset == "array_record"):
+    # Remote parameter-server workers run the dataset function themselves
+    # and cannot call back into this process's Python (numpy_function).
+    raise UserError("--strategy=parameter_server cannot read lazily "
+                    "(--image_size, --dataset=array_record): its workers "
+                    "cannot run the Python record look-up; use a "
+                    "synchronous strategy, or an in-memory dataset.")
   try:
     shape = tuple(int(x) for x in config.synthetic_shape.split(","))
   except ValueError:
@@ -443,6 +488,16 @@ def check_batch_fits(config: Config, task) -> None:
           f"--eval_batch_size={config.eval_batch_size} is larger than "
           f"--eval_split={config.eval_split!r} ({n} examples); use at most "
           f"{n} (or 0: the global batch).")
+def _validate_image_size(text: str) -> None:
+  if not text:
+    return
+  try:
+    sides = [int(x) for x in text.split(",")]
+  except ValueError:
+    sides = []
+  if len(sides) not in (1, 2) or min(sides) <= 0:
+    raise UserError(f"--image_size={text!r} must be N or H,W with positive "
+                    "integers, e.g. 224 or 160,128.")
 
 
 def _validate_watch(config: Config) -> None:

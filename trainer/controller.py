@@ -16,6 +16,7 @@ from trainer import executors, guard, optim, summary, watch
 from trainer.config import Config
 from trainer.preemption import StopSignal as _StopSignal
 from trainer import rundir
+from trainer.data import damage
 from trainer.errors import UserError
 from trainer.guard import NonFiniteError  # noqa: F401  (re-exported)
 
@@ -223,8 +224,11 @@ class Controller:
       if _crossed(before, step, config.histograms_every):
         self.writers.histograms(self.writers.train, step,
                                 self._histograms.values(step))
-      if self.executor.agree(stop.raised):
+      damaged = damage.found() and not config.skip_corrupt
+      if self.executor.agree(stop.raised or damaged):
         self.save()
+        if damaged:
+          raise UserError(damage.error_line(config.dataset))
         raise Preempted(step)
       saved = _crossed(before, step, config.checkpoint_every) or done
       if saved:
@@ -270,6 +274,7 @@ class Controller:
     sums = self.steps.train_sums.read_and_reset()
     weight = max(sums.pop("weight"), 1.0)
     updates = sums.pop("updates")
+    skipped = sums.pop("skipped_examples")
     grad_norm = sums.pop("grad_norm") / max(updates, 1.0)
     metrics = {name: value / weight for name, value in sums.items()}
     done = step - interval_start
@@ -281,6 +286,7 @@ class Controller:
         "examples_per_sec": rate * config.global_batch_size,
         "grad_norm": grad_norm,
         "nonfinite_steps": float(self.state.nonfinite_steps.numpy()),
+        "skipped_examples": skipped,
         "input_wait_share": self._wait_probe.read_and_reset(),
     }
     self.writers.scalars(self.writers.train, step, scalars)

@@ -1,16 +1,24 @@
-"""Writes registered dataset splits as sharded TFRecords for --dataset=tfrecord.
+"""Writes registered dataset splits as sharded record files.
 
   python -m trainer.convert --dataset=mnist --data_dir=DIR
       --split=train=test[:8000],test=test[8000:] --out=OUT --shards=4
-      [--format=png|raw]
+      [--format=png|raw] [--container=tfrecord|array_record] [--any_size]
 
-writes OUT/{name}-{i:05d}-of-{N:05d}.tfrecord. Each item of --split is SPLIT
-(written under its own name) or NAME=SPLIT (any split string). Shards hold
-contiguous runs of examples in source order, so reading them in sorted file
-order (as the tfrecord reader does) yields the source order again: training
-from the shards sees the same batches as training from the original files.
-Record features: image (PNG bytes, or raw uint8 bytes with image_raw_shape),
-label, height, width, channels (int64).
+writes OUT/{name}-{i:05d}-of-{N:05d}.tfrecord (or .array_record). Each item
+of --split is SPLIT (written under its own name) or NAME=SPLIT (any split
+string). Shards hold contiguous runs of examples in source order, so reading
+them in sorted file order (as the readers do) yields the source order again:
+training from the shards sees the same batches as training from the original
+files. Record features (trainer/data/records.py): image (PNG bytes, or raw
+uint8 bytes with image_raw_shape), label, height, width, channels,
+num_classes (int64).
+
+--container=array_record writes ArrayRecord files (`group_size:1`: one
+record per chunk, so the trainer looks each example up by number without
+reading the rest; --dataset=array_record reads them lazily, at any size).
+--any_size reads the dataset as --image_size would (image_folder: paths
+only) and copies each encoded image unchanged, whatever its size; height
+and width are then written as 0 and the trainer needs --image_size.
 """
 
 import glob
@@ -36,6 +44,13 @@ def _define_flags():
   flags.DEFINE_string("format", "png", "png (lossless, smaller) or raw "
                       "(uncompressed bytes, fastest to read).")
   flags.DEFINE_bool("skip_corrupt", False, "Skip corrupt input records.")
+  flags.DEFINE_string("container", "tfrecord", "tfrecord (read into memory "
+                      "by --dataset=tfrecord) or array_record (random "
+                      "access, read lazily by --dataset=array_record).")
+  flags.DEFINE_bool("any_size", False, "Read the dataset as --image_size "
+                    "does (image_folder: paths only, nothing decoded) and "
+                    "copy every encoded image unchanged, of any size "
+                    "(needs --container=array_record).")
 
 
 def _parse_flags(argv):
@@ -56,10 +71,11 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from trainer.data import registry, splits  # noqa: E402
+from trainer.data import records, registry, splits  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FORMATS = ("png", "raw")
+CONTAINERS = {"tfrecord": ".tfrecord", "array_record": ".array_record"}
 _BATCH = 256
 
 
@@ -87,29 +103,33 @@ def parse_split_flag(text: str) -> list[tuple[str, str]]:
   return out
 
 
-def shard_paths(out_dir: str, name: str, shards: int) -> list[str]:
+def shard_paths(out_dir: str, name: str, shards: int,
+                suffix: str = ".tfrecord") -> list[str]:
   # Zero-padded numbers: sorted names are shard order.
-  return [os.path.join(out_dir, f"{name}-{i:05d}-of-{shards:05d}.tfrecord")
+  return [os.path.join(out_dir, f"{name}-{i:05d}-of-{shards:05d}{suffix}")
           for i in range(shards)]
 
 
-def _example(data: bytes, label: int, shape, raw: bool) -> bytes:
-  ints = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=v))
-  feature = {
-      "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-      "label": ints([label]),
-      "height": ints([shape[0]]),
-      "width": ints([shape[1]]),
-      "channels": ints([shape[2]]),
-  }
-  if raw:
-    feature["image_raw_shape"] = ints(list(shape))
-  return tf.train.Example(
-      features=tf.train.Features(feature=feature)).SerializeToString()
+def _open_writer(container: str, path: str):
+  """An object with write(bytes) and close() for one shard."""
+  if container == "array_record":
+    from array_record.python import array_record_module
+    # group_size:1: every record its own chunk, so a look-up by number
+    # decompresses one record, not a group of them.
+    return array_record_module.ArrayRecordWriter(path, "group_size:1")
+  return tf.io.TFRecordWriter(path)
 
 
 def _check_spec(source) -> tuple[int, int, int]:
+  """The one image shape of `source`, or (0, 0, channels) when it hands out
+  encoded images of any size."""
   spec, label = source.feature_spec, source.label_spec
+  if source.decode_channels:
+    if not (isinstance(label, tf.TensorSpec) and label.shape.rank == 0
+            and label.dtype.is_integer):
+      raise UserError(f"{source.name}: trainer.convert writes integer "
+                      f"labels, not {label}.")
+    return (0, 0, source.decode_channels)
   if (not isinstance(spec, tf.TensorSpec) or spec.dtype != tf.uint8
       or spec.shape.rank != 3 or not spec.shape.is_fully_defined()
       or not isinstance(label, tf.TensorSpec) or label.shape.rank != 0
@@ -120,15 +140,21 @@ def _check_spec(source) -> tuple[int, int, int]:
 
 
 def write_split(source, out_dir: str, name: str, shards: int,
-                fmt: str) -> list[str]:
+                fmt: str, container: str = "tfrecord") -> list[str]:
   """Writes `source` in order as `shards` contiguous shards; returns paths."""
   shape = _check_spec(source)
+  any_size = not shape[0]
+  if any_size and (container != "array_record" or fmt != "png"):
+    raise UserError(f"{source.name}: images of any size are copied as they "
+                    "are only into --container=array_record (--format=png); "
+                    "the tfrecord reader needs one shape.")
   n = source.num_examples
   if not 1 <= shards <= n:
     raise UserError(f"--shards={shards}: must be between 1 and the "
                     f"{n} examples of {source.name}.")
-  paths = shard_paths(out_dir, name, shards)
-  pattern = os.path.join(out_dir, f"{name}-*.tfrecord")
+  suffix = CONTAINERS[container]
+  paths = shard_paths(out_dir, name, shards, suffix)
+  pattern = os.path.join(out_dir, f"{name}-*{suffix}")
   stale = set(glob.glob(pattern)) - set(paths)
   if stale:
     # The reader globs NAME-*.tfrecord: old shards would be read as well.
@@ -137,9 +163,10 @@ def write_split(source, out_dir: str, name: str, shards: int,
   raw = fmt == "raw"
 
   def encode(images, labels):
-    data = images if raw else tf.map_fn(tf.io.encode_png, images,
-                                        fn_output_signature=tf.string)
-    return data, labels
+    if raw or any_size:   # raw pixels, or encoded files copied unchanged
+      return images, labels
+    return tf.map_fn(tf.io.encode_png, images,
+                     fn_output_signature=tf.string), labels
 
   # In order (deterministic map); PNG encoding of one batch runs while the
   # previous one is written.
@@ -157,20 +184,83 @@ def write_split(source, out_dir: str, name: str, shards: int,
           writer.close()
           os.replace(paths[shard] + ".tmp", paths[shard])
         shard += 1
-        writer = tf.io.TFRecordWriter(paths[shard] + ".tmp")
+        writer = _open_writer(container, paths[shard] + ".tmp")
       payload = np.ascontiguousarray(item).tobytes() if raw else item
-      writer.write(_example(payload, int(label), shape, raw))
+      writer.write(records.encode(payload, int(label), shape, raw,
+                                  source.num_classes or 0))
       written += 1
   writer.close()
   os.replace(paths[shard] + ".tmp", paths[shard])
   return paths
 
 
+def _tfrecord_stream(files, skip_corrupt: bool):
+  """Serialized records of `files` in order, one file at a time (bounded
+  memory); a file that breaks midway: UserError, or its records before the
+  break with --skip_corrupt (logged)."""
+  from trainer.data.readers import corrupt, tfrecord
+  for path in files:
+    ds = tf.data.TFRecordDataset(path,
+                                 compression_type=tfrecord._compression(path))  # noqa: SLF001
+    count = 0
+    try:
+      for record in ds.as_numpy_iterator():
+        count += 1
+        yield record
+    except tf.errors.DataLossError as e:
+      corrupt.report("tfrecord", path, f"unreadable after {count} good "
+                     f"records ({corrupt.tf_reason(e)})", 1, skip_corrupt)
+
+
+def stream_tfrecord_split(args: registry.DataArgs, spec: str, out_dir: str,
+                          name: str, shards: int) -> list[str]:
+  """TFRecord split -> ArrayRecord shards without holding the split: one
+  pass counts the records and finds the class count (labels only), a
+  second copies each record, adding `num_classes`. Records keep their
+  image encoding, so images of any size stay as they are."""
+  from trainer.data.readers import choose
+  if not re.fullmatch(r"[A-Za-z_][\w-]*", spec):
+    raise UserError(f"--split item {spec!r}: converting --dataset=tfrecord "
+                    "to array_record streams whole splits; slice the "
+                    "result instead (--train_split='train[:80%]').")
+  files = choose.split_files("tfrecord", ".tfrecord", spec, args)
+  label_spec = {"label": records.FEATURES["label"]}
+  n, top = 0, -1
+  for record in _tfrecord_stream(files, args.skip_corrupt):
+    label = int(tf.io.parse_single_example(record, label_spec)["label"])
+    n, top = n + 1, max(top, label)
+  if not 1 <= shards <= n:
+    raise UserError(f"--shards={shards}: must be between 1 and the {n} "
+                    f"records of {spec}.")
+  paths = shard_paths(out_dir, name, shards, CONTAINERS["array_record"])
+  bounds = [i * n // shards for i in range(shards + 1)]
+  shard, writer = -1, None
+  for i, record in enumerate(_tfrecord_stream(files, True)):
+    if i == bounds[shard + 1]:
+      if writer:
+        writer.close()
+        os.replace(paths[shard] + ".tmp", paths[shard])
+      shard += 1
+      writer = _open_writer("array_record", paths[shard] + ".tmp")
+    example = tf.train.Example.FromString(record)
+    example.features.feature["num_classes"].int64_list.value[:] = [top + 1]
+    writer.write(example.SerializeToString())
+  writer.close()
+  os.replace(paths[shard] + ".tmp", paths[shard])
+  print(f"tfrecord:{spec}: {n} records -> {os.path.join(out_dir, name)}-*-of-"
+        f"{shards:05d}.array_record (streamed)", flush=True)
+  return paths
+
+
 def convert(dataset: str, args: registry.DataArgs, split_flag: str,
-            out_dir: str, shards: int, fmt: str) -> dict[str, list[str]]:
+            out_dir: str, shards: int, fmt: str,
+            container: str = "tfrecord") -> dict[str, list[str]]:
   """Converts each --split item; returns {output name: shard paths}."""
   if fmt not in FORMATS:
     raise UserError(f"--format={fmt!r}: use one of {', '.join(FORMATS)}.")
+  if container not in CONTAINERS:
+    raise UserError(f"--container={container!r}: use one of "
+                    f"{', '.join(CONTAINERS)}.")
   try:
     reader = registry.get(dataset)
   except KeyError:
@@ -180,13 +270,19 @@ def convert(dataset: str, args: registry.DataArgs, split_flag: str,
   os.makedirs(out_dir, exist_ok=True)
   written = {}
   for name, spec in items:
+    if dataset == "tfrecord" and container == "array_record":
+      # Streamed: a TFRecord split may be too large to load.
+      written[name] = stream_tfrecord_split(args, spec, out_dir, name, shards)
+      continue
     try:
       source = reader(spec, args)
     except ValueError as e:
       raise UserError(f"--dataset={dataset}: {e}") from None
-    written[name] = write_split(source, out_dir, name, shards, fmt)
+    written[name] = write_split(source, out_dir, name, shards, fmt,
+                                container)
     print(f"{source.name}: {source.num_examples} examples -> "
-          f"{os.path.join(out_dir, name)}-*-of-{shards:05d}.tfrecord"
+          f"{os.path.join(out_dir, name)}-*-of-{shards:05d}"
+          f"{CONTAINERS[container]}"
           f" (skipped as corrupt: {source.skipped})", flush=True)
   return written
 
@@ -201,8 +297,9 @@ def main(argv):
       if not getattr(f, required):
         raise UserError(f"--{required} is required.")
     args = registry.DataArgs(data_dir=f.data_dir or None,
-                             skip_corrupt=f.skip_corrupt)
-    convert(f.dataset, args, f.split, f.out, f.shards, f.format)
+                             skip_corrupt=f.skip_corrupt,
+                             any_size=f.any_size)
+    convert(f.dataset, args, f.split, f.out, f.shards, f.format, f.container)
   except UserError as e:
     print(f"trainer.convert: {e}", file=sys.stderr)
     sys.exit(2)

@@ -10,6 +10,7 @@ same public StepContext (trainer.step.context) a user's step gets.
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import layers
@@ -43,7 +44,10 @@ class Task:
     and `meta["start"]` the global batch's first one: derive augmentation
     seeds from them (stateless ops) to keep resume exact, e.g. draw for the
     whole global batch from (seed, start) and keep rows pos - start, as
-    trainer.data.augment.crop_and_flip does. Returns (features, labels)."""
+    trainer.data.augment.crop_and_flip does. To drop an example while
+    shapes stay static, set meta["weight"] to 0 for its row (meta is the
+    pipeline's dict; meta["skipped"] = 1 also counts it in the train scalar
+    skipped_examples). Returns (features, labels)."""
     del meta, training
     return features, labels
 
@@ -143,17 +147,61 @@ class ClassificationTask(Task):
       self._sources[split] = readers_for(self.config, split)
     return self._sources[split]
 
+  # Text-like sets whose meaning a mirror image changes: never flipped.
+  _NO_FLIP = ("digits", "mnist")
+
   def preprocess(self, features, labels, meta, training):
-    from trainer.data import augment
+    from trainer.data import augment, resize
+    config = self.config
+    seed = tf.stack([tf.constant(config.seed, tf.int64), meta["start"][0]])
+    first_row = meta["pos"][0] - meta["start"][0]
+    if config.image_hw:
+      source = self.source(config.train_split)
+      channels = source.decode_channels or source.feature_spec.shape[-1]
+      images, ok = resize.resize_batch(
+          features, config.image_hw, channels, training, seed,
+          first_row=first_row, global_batch=config.micro_batch_size,
+          flip=config.augment and config.dataset not in self._NO_FLIP)
+      if source.decode_channels:
+        self._drop_damaged(meta, ok, training)
+      return images, labels
     images = tf.cast(features, tf.float32) * (1.0 / 255.0)
-    if training and self.config.augment:
-      seed = tf.stack([tf.constant(self.config.seed, tf.int64),
-                       meta["start"][0]])
+    if training and config.augment:
       images = augment.crop_and_flip(
-          images, seed, flip=self.config.dataset == "cifar10",
-          first_row=meta["pos"][0] - meta["start"][0],
-          global_batch=self.config.micro_batch_size)
+          images, seed, flip=config.dataset == "cifar10",
+          first_row=first_row, global_batch=config.micro_batch_size)
     return images, labels
+
+  def _drop_damaged(self, meta, ok, training):
+    """A row whose image did not decode: weight 0, counted in meta
+    "skipped", and named on the host (trainer.data.damage). meta is the
+    pipeline's dict: setting its entries here is how preprocess drops an
+    example while shapes stay static."""
+    from trainer.data import damage, pipeline
+    config = self.config
+    split = config.train_split if training else config.eval_split
+    source = self.source(split)
+    meta["weight"] = meta["weight"] * ok
+    meta["skipped"] = 1.0 - ok
+    index = (pipeline.example_indices(meta["pos"], source.num_examples,
+                                      config.seed) if training else
+             tf.minimum(meta["pos"], source.num_examples - 1))
+
+    def note(indices, oks):
+      where = [source.describe(int(i)) if source.describe else source.name
+               for i, good in zip(indices, oks) if good < 1]
+      damage.note(config.dataset, where, config.skip_corrupt)
+      return np.int64(0)
+
+    def report():
+      with tf.control_dependencies([tf.numpy_function(
+          note, [index, ok], tf.int64, stateful=True)]):
+        return tf.constant(0, tf.int64)
+
+    done = tf.cond(tf.reduce_min(ok) < 1.0, report,
+                   lambda: tf.constant(0, tf.int64))
+    with tf.control_dependencies([done]):
+      meta["weight"] = tf.identity(meta["weight"])
 
   def build_model(self, input_spec) -> keras.Model:
     num_classes = self.source(self.config.train_split).num_classes

@@ -20,7 +20,8 @@ def data_args(config) -> registry.DataArgs:
       synthetic_shape=tuple(int(x) for x in config.synthetic_shape.split(",")),
       synthetic_classes=config.synthetic_classes,
       synthetic_examples=config.synthetic_examples,
-      file_patterns=tuple(patterns))
+      file_patterns=tuple(patterns),
+      any_size=bool(config.image_size))
 
 
 def readers_for(config, split: str):

@@ -45,7 +45,8 @@ def _options(shard_policy) -> tf.data.Options:
 def train_dataset(task, split: str, batch_size: int, seed: int,
                   start_position: int):
   """Endless global micro-batches (features, labels, meta) from position
-  `start_position` on. meta: pos int64 [B], start int64 [B], weight f32 [B]."""
+  `start_position` on. meta: pos int64 [B], start int64 [B], weight f32 [B],
+  skipped f32 [B] (1: a damaged example, given weight 0 by preprocess)."""
   custom = getattr(task, "train_dataset", None)
   if custom is not None:
     return _custom_train_dataset(custom, batch_size, seed, start_position)
@@ -101,7 +102,8 @@ def _training_loader(task, split: str, seed: int):
     features, labels = source.gather(example_indices(positions, n, seed))
     meta = {"pos": positions,
             "start": tf.fill([rows], start),
-            "weight": tf.ones([rows], tf.float32)}
+            "weight": tf.ones([rows], tf.float32),
+            "skipped": tf.zeros([rows], tf.float32)}
     features, labels = task.preprocess(features, labels, meta, True)
     return features, labels, meta
   return load
@@ -124,7 +126,8 @@ def _custom_train_dataset(make, batch_size, seed, start_position):
     features, labels = batch
     meta = {"pos": start + tf.range(batch_size, dtype=tf.int64),
             "start": tf.fill([batch_size], start),
-            "weight": tf.ones([batch_size], tf.float32)}
+            "weight": tf.ones([batch_size], tf.float32),
+            "skipped": tf.zeros([batch_size], tf.float32)}
     return features, labels, meta
 
   ds = tf.data.Dataset.zip((ds, starts)).map(add_meta)
@@ -144,7 +147,8 @@ def eval_dataset(task, split: str, batch_size: int):
     features, labels = source.gather(tf.minimum(positions, n - 1))
     meta = {"pos": positions,
             "start": tf.fill([batch_size], positions[0]),
-            "weight": tf.cast(positions < n, tf.float32)}
+            "weight": tf.cast(positions < n, tf.float32),
+            "skipped": tf.zeros([batch_size], tf.float32)}
     features, labels = task.preprocess(features, labels, meta, False)
     return features, labels, meta
 
@@ -166,7 +170,7 @@ def input_spec(task, split: str):
   source = task.source(split)
   features, labels = source.gather(tf.zeros([1], tf.int64))
   meta = {"pos": tf.zeros([1], tf.int64), "start": tf.zeros([1], tf.int64),
-          "weight": tf.ones([1], tf.float32)}
+          "weight": tf.ones([1], tf.float32), "skipped": tf.zeros([1])}
   features, _ = task.preprocess(features, labels, meta, False)
   return tf.nest.map_structure(
       lambda t: tf.TensorSpec(t.shape[1:], t.dtype), features)

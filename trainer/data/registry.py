@@ -19,6 +19,10 @@ class DataArgs:
   synthetic_examples: int = 4096
   # --dataset=tfrecord: glob patterns per split name, "train=a/*.tfrecord".
   file_patterns: tuple[tuple[str, str], ...] = ()
+  # Set by --image_size: readers may hand out encoded images of any size
+  # (Source.decode_channels; the task's preprocess decodes and resizes them)
+  # and so read lazily, without decoding anything at start-up.
+  any_size: bool = False
 
 
 Reader = Callable[[str, DataArgs], Source]

@@ -27,6 +27,11 @@ class Source:
     label_spec: tf.TensorSpec (or nest) of one example's labels.
     num_classes: class count for classification sets, None otherwise.
     skipped: records dropped as corrupt while loading (with --skip_corrupt).
+    decode_channels: 0 when `gather` returns pixel arrays; otherwise its
+      features are encoded images (tf.string [B], any size, as stored) and
+      this is the channel count the model gets (see trainer.data.resize).
+    describe: example index -> where it comes from ("FILE" or "FILE record
+      N"), to name a damaged example found when it is read; or None.
   """
   name: str
   num_examples: int
@@ -35,6 +40,8 @@ class Source:
   label_spec: Any
   num_classes: int | None = None
   skipped: int = 0
+  decode_channels: int = 0
+  describe: Callable[[int], str] | None = None
 
 
 def _spec_of(array: np.ndarray) -> tf.TensorSpec:
@@ -73,3 +80,36 @@ def array_source(name: str, features, labels, num_classes: int | None = None,
       label_spec=tf.nest.map_structure(_spec_of, labels),
       num_classes=num_classes,
       skipped=skipped)
+
+
+def host_source(name: str, items: np.ndarray, labels: np.ndarray,
+                num_classes: int | None, fetch=None) -> Source:
+  """A Source over host NumPy arrays looked up OUTSIDE the graph.
+
+  array_source captures its arrays as graph constants: fine for decoded
+  images that must be in memory anyway, but tracing and the graph then grow
+  with N (measured: 5 s to trace a map over 32k paths). Here a batch's rows
+  are picked by a numpy_function, so start-up does not depend on N.
+  `items`: int64 keys or bytes (paths); `fetch(items of the batch) ->
+  np.ndarray of bytes` turns them into the features (e.g. records by key),
+  else the items themselves are the (string) features.
+  """
+  if len(items) != len(labels):
+    raise ValueError(f"{name}: {len(items)} items but {len(labels)} labels.")
+  labels = np.asarray(labels, np.int32)
+
+  def pick(indices):
+    rows = items[indices]
+    if fetch is not None:
+      rows = fetch(rows)
+    return np.asarray(rows, dtype=object), labels[indices]
+
+  def gather(indices):
+    features, labs = tf.numpy_function(pick, [indices], (tf.string, tf.int32),
+                                       stateful=False)
+    return tf.ensure_shape(features, [None]), tf.ensure_shape(labs, [None])
+
+  return Source(name=name, num_examples=len(labels), gather=gather,
+                feature_spec=tf.TensorSpec([], tf.string),
+                label_spec=tf.TensorSpec([], tf.int32),
+                num_classes=num_classes)

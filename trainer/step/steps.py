@@ -62,8 +62,8 @@ class Steps:
     self.update_batch = config.global_batch_size
     self.micro_batch = config.micro_batch_size
     self.fp16 = config.mixed_precision == "mixed_float16"
-    self.train_sums = self.sums_class(strategy, ["weight",
-                                                 "grad_norm", "updates"])
+    self.train_sums = self.sums_class(
+        strategy, ["weight", "grad_norm", "updates", "skipped_examples"])
     self.eval_sums = self.sums_class(strategy, ["weight"])
     self._buffers = None
     if self.accum_steps > 1 and optimizers:
@@ -143,7 +143,12 @@ class Steps:
     if not ctx.handed:
       raise UserError("Task.train_step handed no gradients to the context: "
                       "call ctx.minimize(tape, loss) or ctx.apply_gradients.")
-    return ctx.handed, self._sums_of(metrics, meta["weight"])
+    stats = self._sums_of(metrics, meta["weight"])
+    if "skipped" in meta:
+      # Damaged examples the pipeline gave weight 0 (--skip_corrupt).
+      stats["skipped_examples"] = tf.reduce_sum(
+          tf.cast(meta["skipped"], tf.float32))
+    return ctx.handed, stats
 
   def _sums_of(self, metrics, weight) -> dict:
     if not isinstance(metrics, dict):

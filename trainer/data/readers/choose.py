@@ -1,5 +1,8 @@
 """Split selection for file-based readers, with errors a user can act on."""
 
+import glob
+import os
+
 import numpy as np
 
 from trainer.data import splits
@@ -41,3 +44,29 @@ def select(dataset: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
     return select_arrays(dataset, parts, split, num_classes)
   except ValueError as e:
     raise UserError(f"--dataset={dataset}: {e}") from None
+
+
+def split_files(dataset: str, suffix: str, split_name: str, args) -> list[str]:
+  """Sorted record files of one split name; UserError when none match.
+
+  The globs given for it in --file_patterns, else DATA_DIR/SPLIT-*SUFFIX
+  (trainer.convert's shards) and DATA_DIR/SPLIT{SUFFIX}*."""
+  patterns = [p for s, p in args.file_patterns if s == split_name]
+  if not args.file_patterns:
+    if not args.data_dir:
+      raise UserError(f"--dataset={dataset} needs --data_dir=DIR holding "
+                      f"SPLIT-*{suffix} files (e.g. from trainer.convert), or "
+                      "--file_patterns=SPLIT=GLOB,...")
+    patterns = [os.path.join(args.data_dir, f"{split_name}-*{suffix}"),
+                os.path.join(args.data_dir, f"{split_name}{suffix}*")]
+  elif not patterns:
+    raise UserError(f"--dataset={dataset}: no file pattern for split "
+                    f"{split_name!r}; --file_patterns names "
+                    f"{sorted({s for s, _ in args.file_patterns})}.")
+  files = sorted({f for p in patterns for f in glob.glob(p)
+                  if os.path.isfile(f)})
+  if not files:
+    raise UserError(f"--dataset={dataset}: no files match "
+                    f"{' or '.join(patterns)} for split {split_name!r}; check "
+                    "the path, or write them with python -m trainer.convert.")
+  return files

@@ -8,20 +8,29 @@ Classes: the sorted class-folder names (across all splits) -> ids 0, 1, ...
 Order: files sorted by (class, path), then shuffled ONCE with a fixed seed
 (not --seed), so that every run sees the same order and a slice such as
 train[80%:] holds all classes in about their overall proportions.
-Images (.png .jpg .jpeg .gif .bmp) must share one shape; each is decoded once
-at load time (an undecodable file: UserError, or skipped and counted with
---skip_corrupt), then read from disk and decoded per batch by `gather`.
+Images: .png .jpg .jpeg .gif .bmp.
+  With --image_size (lazy): only the paths are held; `gather` reads the
+  files of a batch and the task's preprocess decodes and resizes them
+  (trainer.data.resize), so any size and channel count is accepted and
+  start-up does not grow with the images. The model gets 1 channel when the
+  first 8 images are grayscale, 3 otherwise.
+  Without it (the old path, for folders of one shape): every image is
+  decoded once at start-up to check that all share one shape (an
+  undecodable file: UserError, or skipped and counted with --skip_corrupt),
+  then read from disk and decoded per batch by `gather`.
 """
 
+import dataclasses
 import functools
 import os
 import zlib
 
 import numpy as np
+import tensorflow as tf
 
-from trainer.data import registry
+from trainer.data import registry, splits
 from trainer.data.readers import choose, corrupt, images
-from trainer.data.source import Source
+from trainer.data.source import Source, host_source
 from trainer.errors import UserError
 
 NAME = "image_folder"
@@ -54,10 +63,8 @@ def _image_files(class_dir: str) -> list[str]:
   return sorted(found)
 
 
-@functools.lru_cache(maxsize=2)
-def _scan(root: str, skip_corrupt: bool, stamp: float):
-  """(split -> (paths, labels), classes, shape, skipped per split)."""
-  del stamp  # cache key only
+def _listing(root: str):
+  """(split -> (paths, labels) sorted by class then path, classes)."""
   dirs = _split_dirs(root)
   classes = sorted({c for d in dirs.values() for c in _subdirs(d)})
   if not classes:
@@ -73,10 +80,27 @@ def _scan(root: str, skip_corrupt: bool, stamp: float):
       labels += [index[c]] * len(files)
     listed[split] = (np.array(paths, dtype=object),
                      np.array(labels, dtype=np.int32))
-  everything = np.concatenate([p for p, _ in listed.values()])
-  if everything.size == 0:
+  if not any(len(p) for p, _ in listed.values()):
     raise UserError(f"--dataset={NAME}: no {'/'.join(_EXTENSIONS)} files "
                     f"under {root}.")
+  return listed, classes
+
+
+def _shuffled(split: str, paths: np.ndarray, labels: np.ndarray):
+  # One generator per split, so a split's order does not depend on the
+  # others' sizes.
+  rng = np.random.default_rng([_ORDER_SEED, zlib.crc32(split.encode())])
+  order = rng.permutation(len(labels))
+  return paths[order], labels[order]
+
+
+@functools.lru_cache(maxsize=2)
+def _scan(root: str, skip_corrupt: bool, stamp: float):
+  """Without --image_size: every image decoded once to check that all share
+  one shape. (split -> (paths, labels), classes, shape, skipped per split)."""
+  del stamp  # cache key only
+  listed, classes = _listing(root)
+  everything = np.concatenate([p for p, _ in listed.values()])
   shapes = images.probe_shapes(everything, from_paths=True)
   bad = (shapes < 0).any(axis=1)
   for path in everything[bad]:
@@ -88,12 +112,34 @@ def _scan(root: str, skip_corrupt: bool, stamp: float):
   for split, (paths, labels) in listed.items():
     keep = np.array([p in good for p in paths], dtype=bool)
     skipped_in[split] = int((~keep).sum())
-    # One generator per split, so a split's order does not depend on the
-    # others' sizes.
-    rng = np.random.default_rng([_ORDER_SEED, zlib.crc32(split.encode())])
-    order = rng.permutation(int(keep.sum()))
-    parts[split] = (paths[keep][order], labels[keep][order])
+    parts[split] = _shuffled(split, paths[keep], labels[keep])
   return parts, classes, shape, skipped_in
+
+
+@functools.lru_cache(maxsize=2)
+def _lazy(root: str, stamp: float):
+  """With --image_size: paths only, nothing decoded (start-up and memory do
+  not grow with the images' size; a damaged file is found when read).
+  (split -> (paths, labels), classes, channels)."""
+  del stamp  # cache key only
+  listed, classes = _listing(root)
+  # Paths as bytes (what tf.io.read_file takes), one array per split.
+  parts = {split: _shuffled(split, np.array([p.encode() for p in paths],
+                                            dtype=object), labels)
+           for split, (paths, labels) in listed.items()}
+  everything = np.concatenate([p for p, _ in listed.values()])
+  return parts, classes, _model_channels(everything[:_CHANNEL_PROBES])
+
+
+_CHANNEL_PROBES = 8
+
+
+def _model_channels(paths: np.ndarray) -> int:
+  """1 when the first few (sorted) images are all grayscale, else 3: a fixed
+  number of files is read, whatever the size of the folder."""
+  shapes = images.probe_shapes(paths, from_paths=True)
+  readable = shapes[(shapes >= 0).all(axis=1)]
+  return 1 if len(readable) and (readable[:, 2] < 3).all() else 3
 
 
 @registry.register(NAME)
@@ -102,12 +148,46 @@ def image_folder(split: str, args: registry.DataArgs) -> Source:
   if not root or not os.path.isdir(root):
     raise UserError(f"--dataset={NAME} needs --data_dir=DIR, a directory of "
                     f"class folders (DIR/<class>/<image>); got {root!r}.")
+  stamp = os.stat(root).st_mtime
+  if args.any_size:
+    parts, classes, channels = _lazy(os.path.abspath(root), stamp)
+    _require(root, parts, split)
+    try:
+      chosen = splits.select(split, {k: len(v[1]) for k, v in parts.items()})
+    except ValueError as e:
+      raise UserError(f"--dataset={NAME}: {e}") from None
+    paths = np.concatenate([parts[k][0][i] for k, i in chosen])
+    labels = np.concatenate([parts[k][1][i] for k, i in chosen])
+    source = host_source(f"{NAME}:{split}", paths, labels, len(classes))
+    return lazy_files_source(source, channels,
+                             describe=lambda i: paths[i].decode())
   parts, classes, shape, skipped_in = _scan(
-      os.path.abspath(root), args.skip_corrupt, os.stat(root).st_mtime)
+      os.path.abspath(root), args.skip_corrupt, stamp)
+  wanted = list(dict.fromkeys(choose.names(NAME, split)))
+  source = _select(root, parts, split, len(classes))
+  return images.decoding_source(source, shape, from_paths=True,
+                                skipped=sum(skipped_in[n] for n in wanted))
+
+
+def _require(root, parts, split):
   wanted = list(dict.fromkeys(choose.names(NAME, split)))
   missing = {n: f"{os.path.join(root, n)}/<class>/<images>" for n in wanted}
   choose.require(NAME, split, [s for s, p in parts.items() if len(p[1])],
                  missing)
-  source = choose.select(NAME, parts, split, len(classes))
-  return images.decoding_source(source, shape, from_paths=True,
-                                skipped=sum(skipped_in[n] for n in wanted))
+
+
+def _select(root, parts, split, num_classes) -> Source:
+  _require(root, parts, split)
+  return choose.select(NAME, parts, split, num_classes)
+
+
+def lazy_files_source(source: Source, channels: int, describe=None) -> Source:
+  """A Source over file paths whose `gather` reads the files' bytes: the
+  decode and resize happen in the task's preprocess (trainer.data.resize)."""
+  def gather(indices):
+    paths, labels = source.gather(indices)
+    return tf.map_fn(tf.io.read_file, paths), labels
+
+  return dataclasses.replace(source, gather=gather,
+                             feature_spec=tf.TensorSpec([], tf.string),
+                             decode_channels=channels, describe=describe)

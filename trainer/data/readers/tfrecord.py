@@ -1,5 +1,10 @@
 """`--dataset=tfrecord`: tf.train.Example files, held in memory, random access.
 
+The in-memory reader: for splits that fit in memory. A split whose files
+exceed 40% of the available memory is refused before anything is read,
+with the way out: convert once (streaming) to ArrayRecord, which
+--dataset=array_record reads lazily.
+
 Files of a split: the globs given for it in `DataArgs.file_patterns`, else
 `{data_dir}/{split}-*.tfrecord` and `{data_dir}/{split}.tfrecord*`; sorted by
 path, records in file order (so `trainer.convert` shards read back in source
@@ -25,27 +30,18 @@ Without --skip_corrupt any of these raises UserError naming the file.
 
 import dataclasses
 import functools
-import glob
 import os
 
 import numpy as np
 import tensorflow as tf
 
 from trainer.data import registry
+from trainer.data.records import FEATURES as _FEATURES
 from trainer.data.readers import choose, corrupt, images
 from trainer.data.source import Source
 from trainer.errors import UserError
 
 NAME = "tfrecord"
-_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "height": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-    "width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-    "channels": tf.io.FixedLenFeature([], tf.int64, default_value=0),
-    "image_raw_shape": tf.io.FixedLenFeature([3], tf.int64,
-                                             default_value=[0, 0, 0]),
-}
 
 
 def _compression(path: str) -> str:
@@ -177,34 +173,49 @@ def _few(numbers: list[int]) -> str:
   return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
 
 
-def split_files(split_name: str, args: registry.DataArgs) -> list[str]:
-  """Sorted files of one split name; UserError when none match."""
-  patterns = [p for s, p in args.file_patterns if s == split_name]
-  if not args.file_patterns:
-    if not args.data_dir:
-      raise UserError(f"--dataset={NAME} needs --data_dir=DIR holding "
-                      "SPLIT-*.tfrecord files (e.g. from trainer.convert), or "
-                      "--file_patterns=SPLIT=GLOB,...")
-    patterns = [os.path.join(args.data_dir, f"{split_name}-*.tfrecord"),
-                os.path.join(args.data_dir, f"{split_name}.tfrecord*")]
-  elif not patterns:
-    raise UserError(f"--dataset={NAME}: no file pattern for split "
-                    f"{split_name!r}; --file_patterns names "
-                    f"{sorted({s for s, _ in args.file_patterns})}.")
-  files = sorted({f for p in patterns for f in glob.glob(p)
-                  if os.path.isfile(f)})
-  if not files:
-    raise UserError(f"--dataset={NAME}: no files match {' or '.join(patterns)}"
-                    f" for split {split_name!r}; check the path, or write "
-                    "them with python -m trainer.convert.")
-  return files
+# A compressed file holds more than its size; a guess, erring on the side of
+# refusing rather than of an out-of-memory kill.
+_COMPRESSION_RATIO = 4
+# Share of the available memory one split's records may take: they are held
+# as Python bytes (plus parsed copies while loading) and TF needs the rest.
+_MEMORY_SHARE = 0.4
+
+
+def available_memory_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo (Linux); None where it cannot be read."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def check_fits_in_memory(files, available: int | None) -> None:
+  """UserError, before anything is read, when the split cannot be held."""
+  if available is None:
+    return
+  size = sum(os.path.getsize(f) * (_COMPRESSION_RATIO if _compression(f)
+                                   else 1) for f in files)
+  if size > _MEMORY_SHARE * available:
+    raise UserError(
+        f"--dataset={NAME}: the {len(files)} file(s) of {files[0]}... hold "
+        f"~{size / 2**30:.1f} GiB and this reader keeps a split in memory "
+        f"({available / 2**30:.1f} GiB available). Convert once to a "
+        "random-access format read lazily: python -m trainer.convert "
+        "--dataset=tfrecord --data_dir=DIR --split=SPLIT --out=OUT "
+        "--container=array_record, then --dataset=array_record "
+        "--data_dir=OUT.")
 
 
 @registry.register(NAME)
 def tfrecord(split: str, args: registry.DataArgs) -> Source:
   parts, skipped, shapes, raws = {}, 0, {}, set()
   for name in dict.fromkeys(choose.names(NAME, split)):
-    files = tuple(split_files(name, args))
+    files = tuple(choose.split_files(NAME, ".tfrecord", name, args))
+    check_fits_in_memory(files, available_memory_bytes())
     stamps = tuple((os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
     items, labels, shape, raw, dropped = _load_split(files, stamps,
                                                      args.skip_corrupt)

@@ -1,0 +1,186 @@
+"""`--dataset=array_record`: ArrayRecord files, read lazily by random access.
+
+ArrayRecord (the `array-record` package that TFDS and Grain read) stores an
+index of its records in each file, so a record is looked up by number
+without reading the others: start-up opens the files' indexes only, and
+memory does not grow with the number of examples (an int64 key per example
+of the split, nothing decoded). `python -m trainer.convert
+--container=array_record` writes them (with `group_size:1`, one record per
+compressed chunk, which is what makes a single look-up cheap).
+
+Files of a split: the globs given for it in --file_patterns, else
+DATA_DIR/SPLIT-*.array_record and DATA_DIR/SPLIT.array_record*; sorted by
+path, records in file order. Records are tf.train.Examples with the fields
+of trainer/data/records.py; `num_classes` must be in the first record (the
+class count is not found by scanning every label).
+
+Images: without --image_size, every record must have the first record's
+shape (read from its height/width/channels); with it, encoded images of any
+size are handed to the task's preprocess, which decodes and resizes them.
+Raw (--format=raw) records need one shape and no --image_size resizing of
+the bytes (they are pixels, not an encoded image).
+"""
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import registry, splits
+from trainer.data.readers import choose
+from trainer.data.records import FEATURES
+from trainer.data.source import Source, host_source
+from trainer.errors import UserError
+
+NAME = "array_record"
+SUFFIX = ".array_record"
+
+
+@functools.lru_cache(maxsize=4)
+def _open(files: tuple[str, ...], stamps: tuple):
+  """One ArrayRecordDataSource over `files` (cached per file set, so
+  "train[:80%]" and "train[80%:]" share it)."""
+  del stamps  # cache key only: re-open replaced files
+  # Imported here: array_record's module defines absl flags of its own,
+  # which must not appear in trainer.main's --helpfull.
+  from array_record.python import array_record_data_source
+  try:
+    return array_record_data_source.ArrayRecordDataSource(list(files))
+  except Exception as e:  # noqa: BLE001 - the C++ reader raises several types
+    raise UserError(f"--dataset={NAME}: cannot open {', '.join(files)} as "
+                    f"ArrayRecord files ({type(e).__name__}: {e}); write them "
+                    "with python -m trainer.convert --container=array_record."
+                    ) from None
+
+
+def _first(source, where: str) -> dict:
+  """The parsed first record: shape, encoding and class count of the split."""
+  try:
+    record = source[0]
+    f = tf.io.parse_single_example(record, FEATURES)
+  except Exception as e:  # noqa: BLE001
+    raise UserError(f"--dataset={NAME}: the first record of {where} is not a "
+                    f"tf.train.Example with 'image' and 'label' ({e}).") from None
+  return {k: v.numpy() for k, v in f.items()}
+
+
+@registry.register(NAME)
+def array_record(split: str, args: registry.DataArgs) -> Source:
+  names = list(dict.fromkeys(choose.names(NAME, split)))
+  files, sizes = [], {}
+  for name in names:
+    found = choose.split_files(NAME, SUFFIX, name, args)
+    sizes[name] = len(_open(tuple(found), _stamps(found)))
+    files += found
+  source = _open(tuple(files), _stamps(files))
+  first = _first(source, files[0])
+  num_classes = int(first["num_classes"])
+  if num_classes <= 0:
+    raise UserError(f"--dataset={NAME}: {files[0]} records carry no "
+                    "'num_classes' (int64) feature; write them with python -m "
+                    "trainer.convert --container=array_record, or add it.")
+  # Record keys of the selected examples: the split's files are numbered
+  # consecutively in `names` order.
+  offsets = dict(zip(names, np.cumsum([0] + [sizes[n] for n in names])))
+  try:
+    chosen = splits.select(split, sizes)
+  except ValueError as e:
+    raise UserError(f"--dataset={NAME}: {e}") from None
+  keys = np.concatenate([offsets[n] + idx for n, idx in chosen]).astype(
+      np.int64)
+  raw = bool(first["image_raw_shape"].any())
+  shape = tuple(int(x) for x in (first["image_raw_shape"] if raw else
+                                 (first["height"], first["width"],
+                                  first["channels"])))
+  if not args.any_size and not all(shape):
+    raise UserError(f"--dataset={NAME}: {files[0]} does not record one image "
+                    "shape (height/width/channels are 0: images of any "
+                    "size); pass --image_size=N or H,W.")
+  if raw and args.any_size:
+    raise UserError(f"--dataset={NAME}: {files[0]} holds raw pixels of one "
+                    f"shape {shape}; --image_size resizes encoded images of "
+                    "any size: drop it or convert with --format=png.")
+  # Record numbers per file, to name a damaged record (each file's own
+  # index is read once more; nothing else).
+  starts = np.cumsum([0] + [len(_open((f,), _stamps([f]))) for f in files])
+
+  def where(key: int) -> str:
+    i = int(np.searchsorted(starts, key, side="right")) - 1
+    return f"{files[i]} record {key - starts[i]}"
+
+  result = lazy_records_source(f"{NAME}:{split}", source, keys, num_classes,
+                               shape, raw, args.any_size)
+  return dataclasses.replace(result, describe=lambda i: where(keys[i]))
+
+
+def _stamps(files) -> tuple:
+  return tuple((os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+
+
+_EMPTY = tf.train.Example(features=tf.train.Features(feature={
+    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0])),
+    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b""])),
+})).SerializeToString()
+
+
+def _read_one(reader, key: int) -> bytes:
+  try:
+    return reader[key]
+  except Exception:  # noqa: BLE001
+    return b""
+
+
+def _is_example(record: bytes) -> bool:
+  try:
+    example = tf.train.Example.FromString(record)
+  except Exception:  # noqa: BLE001 - protobuf's DecodeError
+    return False
+  feature = example.features.feature
+  return ("image" in feature and "label" in feature
+          and len(feature["image"].bytes_list.value) == 1
+          and len(feature["label"].int64_list.value) == 1)
+
+
+def lazy_records_source(name: str, reader, keys: np.ndarray,
+                        num_classes: int, shape, raw: bool,
+                        any_size: bool) -> Source:
+  """A Source whose `gather` looks its records up in `reader` (anything with
+  `__getitems__(list of keys) -> list of bytes`) inside the tf.data map; the
+  keys stay on the host (source.host_source), not in the graph."""
+  def fetch(batch_keys):
+    try:
+      found = reader.__getitems__(batch_keys.tolist())
+    except Exception:  # noqa: BLE001 - a damaged chunk: find which, one by one
+      found = [_read_one(reader, k) for k in batch_keys.tolist()]
+    # A record that is not an Example becomes an empty one: its image does
+    # not decode, so it gets weight 0 (or stops the run) where it is used.
+    return [r if _is_example(r) else _EMPTY for r in found]
+  labels = np.zeros(len(keys), np.int32)   # the records carry the labels
+  records = host_source(name, keys, labels, num_classes, fetch=fetch)
+
+  def gather(indices):
+    serialized, _ = records.gather(indices)
+    f = tf.io.parse_example(serialized, FEATURES)
+    labels = tf.cast(f["label"], tf.int32)
+    if any_size:
+      return f["image"], labels
+    if raw:
+      images = tf.io.decode_raw(f["image"], tf.uint8)
+      return tf.reshape(images, [-1, *shape]), labels
+    spec = tf.TensorSpec(shape, tf.uint8)
+    images = tf.map_fn(
+        lambda data: tf.ensure_shape(tf.io.decode_image(
+            data, channels=shape[-1], dtype=tf.uint8,
+            expand_animations=False), shape),
+        f["image"], fn_output_signature=spec)
+    return images, labels
+
+  if any_size:
+    spec = tf.TensorSpec([], tf.string)
+    channels = 1 if 0 < shape[-1] < 3 else 3
+  else:
+    spec, channels = tf.TensorSpec(shape, tf.uint8), 0
+  return dataclasses.replace(records, gather=gather, feature_spec=spec,
+                             decode_channels=channels)
