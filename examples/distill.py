@@ -21,11 +21,10 @@ What it shows:
   (1 - A) * CE(labels, student), scaled by the global batch by the context.
 """
 
-import os
-
 import keras
 import tensorflow as tf
 
+from examples import frozen
 from trainer.errors import UserError
 from trainer.task import ClassificationTask
 
@@ -38,39 +37,6 @@ def student_model(input_shape, num_classes) -> keras.Model:
   return keras.Model(inputs, keras.layers.Dense(num_classes,
                                                 dtype="float32")(x),
                      name="student")
-
-
-def load_teacher(teacher_dir: str, input_spec, dataset: str) -> keras.Model:
-  """The main model of the run in `teacher_dir`, with its latest weights,
-  frozen. Refuses a run on another dataset or a checkpoint that does not
-  hold the model's weights."""
-  from trainer.export import load_config
-  from trainer.task import from_config
-  if not os.path.isdir(teacher_dir):
-    raise UserError(f"--task_args=teacher_dir={teacher_dir}: no such "
-                    "directory; train the teacher first (see examples/"
-                    "distill.py).")
-  config = load_config(teacher_dir)
-  if config.dataset != dataset:
-    raise UserError(f"the teacher in {teacher_dir} was trained on "
-                    f"--dataset={config.dataset}, not {dataset}; distill on "
-                    "the teacher's dataset.")
-  latest = tf.train.latest_checkpoint(teacher_dir)
-  if latest is None:
-    raise UserError(f"--task_args=teacher_dir={teacher_dir} holds no "
-                    "checkpoint; train the teacher first.")
-  teacher = from_config(config).build_model(input_spec)
-  if not isinstance(teacher, keras.Model):
-    raise UserError(f"the task of {teacher_dir} builds several models; "
-                    "distill from a single-model run.")
-  status = tf.train.Checkpoint(model=teacher).restore(latest).expect_partial()
-  try:
-    status.assert_existing_objects_matched()
-  except AssertionError as e:
-    raise UserError(f"{latest} does not hold the teacher's weights "
-                    f"({str(e).splitlines()[0][:200]}).") from None
-  teacher.trainable = False
-  return teacher
 
 
 def kd_loss(labels, student_logits, teacher_logits, temperature, alpha):
@@ -109,8 +75,9 @@ class Distill(ClassificationTask):
 
   def build_model(self, input_spec):
     return {"model": super().build_model(input_spec),
-            "teacher": load_teacher(self.teacher_dir, input_spec,
-                                    self.config.dataset)}
+            "teacher": frozen.load(self.teacher_dir, input_spec,
+                                   self.config.dataset,
+                                   "--task_args=teacher_dir")}
 
   def train_step(self, batch, ctx):
     images, labels = batch
