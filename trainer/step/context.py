@@ -28,8 +28,10 @@ for the built-in step and for a user's:
     differentiable (its gradient is one more all-reduce);
   * `ctx.uniform(shape)` / `ctx.normal(shape)`: per-example stateless
     random draws keyed by the run seed and the example's stream position,
-    so a resumed or re-split run draws the same numbers for each example;
-    layers.Dropout inside the step is seeded the same way;
+    so a resumed or re-split run (replicas, workers, --grad_accum_steps)
+    draws the same numbers for each example; (layers.Dropout inside the
+    step is seeded per micro-batch: the same across replicas, workers and
+    resumes, not across --grad_accum_steps);
   * the returned dict: per-example metrics ([local batch] tensors, or
     scalars meaning a per-example mean), reported as train/<name> like
     `loss`, as means over all examples (padding rows have weight 0).
@@ -93,10 +95,21 @@ class StepContext:
 
   # ---- randomness --------------------------------------------------------
   def _rows(self, draw, salt: int, row_shape, dtype):
-    """This replica's rows of a draw over the whole global micro-batch."""
-    seed = tf.random.experimental.stateless_fold_in(self.seed, salt + 1000)
-    full = draw([self._steps.micro_batch, *row_shape], seed=seed, dtype=dtype)
-    first = tf.cast(self._meta["pos"][0] - self._meta["start"][0], tf.int32)
+    """This replica's rows of a draw over the whole UPDATE (all its
+    micro-batches), keyed by the update's first position: an example gets
+    the same numbers whatever --grad_accum_steps and replica or worker
+    count (a draw per micro-batch would change with K). Positions start
+    at 0 and advance by the update's batch, so the update begins at the
+    multiple below; 2x rows cover an offset left by a resume with another
+    --global_batch_size."""
+    update = self._steps.update_batch
+    start = self._meta["start"][0]
+    update_start = start - start % update
+    seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(self._steps.seed, tf.int64), update_start]),
+        salt + 1000)
+    full = draw([2 * update, *row_shape], seed=seed, dtype=dtype)
+    first = tf.cast(self._meta["pos"][0] - update_start, tf.int32)
     rows = tf.shape(self._meta["pos"])[0]
     return full[first:first + rows]
 
