@@ -162,3 +162,23 @@ class NanDCGAN(ExactDCGAN):
     ctx.minimize(tape, d_loss, "discriminator")
     ctx.minimize(tape, g_loss, "generator")
     return {"d_loss": d_per_example}
+
+
+from examples import simclr  # noqa: E402
+
+
+class LocalSimCLR(simclr.SimCLR):
+  """A WRONG contrastive step: negatives from the replica's own rows only
+  (no all_gather), so its loss depends on how the batch is split."""
+
+  def train_step(self, batch, ctx):
+    images, _ = batch
+    a, b = simclr.view(images, ctx, salt=0), simclr.view(images, ctx, salt=10)
+    with tf.GradientTape() as tape:
+      z_a, z_b = self.embed(a, ctx), self.embed(b, ctx)
+      per_example = simclr.nt_xent(z_a, z_b, ctx.positions, z_a, z_b,
+                                   ctx.positions, ctx.weight,
+                                   self.temperature)
+      loss = ctx.scale_loss(per_example)
+    ctx.minimize(tape, loss)
+    return {"loss": per_example}

@@ -44,7 +44,9 @@ def _raw_gan(config, initial, steps):
   def step(images, start):
     seed = tf.random.experimental.stateless_fold_in(
         tf.stack([tf.constant(config.seed, tf.int64), start]), 1000)
-    z = tf.random.stateless_normal([batch, dcgan.LATENT], seed=seed)
+    # ctx.normal's draw: 2x the update's rows, this update's first ones.
+    z = tf.random.stateless_normal([2 * batch, dcgan.LATENT],
+                                   seed=seed)[:batch]
     with tf.GradientTape(persistent=True) as tape:
       fake = g(z, training=True)
       real_logits, fake_logits = d(images, training=True), d(fake,
@@ -236,3 +238,46 @@ def test_nt_xent_equals_numpy_and_does_not_depend_on_the_split():
   np.testing.assert_allclose(padded.numpy(),
                              _np_nt_xent(a[:7], b[:7], temperature),
                              rtol=1e-5)
+
+
+# ---- a NaN in one optimizer's gradients drops the whole update ---------
+def _everything(run):
+  """Every variable an update may change, read eagerly, by position."""
+  variables = [v for m in run.models.values() for v in m.variables]
+  variables += [v for o in run.parts.optimizers.values() for v in o.variables]
+  return [np.array(v) for v in variables]
+
+
+def test_nan_in_one_optimizer_drops_the_whole_update_on_both_paths(tmp_path):
+  """NanDCGAN: the generator's loss and gradient are NaN in the 4th
+  update (stream position 100), the discriminator's finite. The unguarded
+  chunk (the executor's first try) reports it and its start is restored;
+  the guarded loop (the replay) drops it: neither optimizer applied, not
+  even the finite discriminator's, not even Adam's iteration count."""
+  config = Config(task="plugin_tasks:NanDCGAN", global_batch_size=32,
+                  train_steps=3, steps_per_loop=3, summary_every=3,
+                  eval_every=0, mode="train", model_dir=str(tmp_path / "r"))
+  run = controller_lib.create(config)
+  run.train(evaluate=False)
+  state, steps, one = run.state, run.parts.steps, tf.constant(1, tf.int64)
+  assert int(state.position.numpy()) == 96   # the next batch holds 100
+  before = _everything(run)
+  # The unguarded chunk applies unconditionally and says it went bad.
+  assert not bool(steps.unguarded_chunk(run.executor.train_iterator(), one))
+  assert any(not np.all(np.isfinite(a)) for a in _everything(run))
+  steps.shadow.restore()
+  for a, b in zip(_everything(run), before):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.position.numpy()) == 96
+  # The guarded loop drops the update whole.
+  steps.guarded_loop(run.executor.train_iterator(), one)
+  for a, b in zip(_everything(run), before):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.global_step.numpy()) == 3
+  assert int(state.nonfinite_steps.numpy()) == 1
+  assert int(state.position.numpy()) == 128
+  # The next (finite) update applies both optimizers again.
+  steps.guarded_loop(run.executor.train_iterator(), one)
+  assert int(state.global_step.numpy()) == 4
+  after = _everything(run)
+  assert sum(not np.array_equal(a, b) for a, b in zip(after, before)) > 10
