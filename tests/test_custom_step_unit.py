@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from conftest import assert_weights_close, checkpoint_weights
 import plugin_tasks
+from bench import gan
 from trainer import controller as controller_lib
 from trainer.config import Config
 
@@ -39,25 +40,15 @@ def _raw_gan(config, initial, steps):
   d.set_weights(initial["discriminator"])
   opt_d, opt_g = plugin_tasks.gan_adam(), plugin_tasks.gan_adam()
   batch = config.global_batch_size
+  update = tf.function(gan.simultaneous_step(g, d, opt_d, opt_g))
 
-  @tf.function
   def step(images, start):
     seed = tf.random.experimental.stateless_fold_in(
         tf.stack([tf.constant(config.seed, tf.int64), start]), 1000)
     # ctx.normal's draw: 2x the update's rows, this update's first ones.
     z = tf.random.stateless_normal([2 * batch, dcgan.LATENT],
                                    seed=seed)[:batch]
-    with tf.GradientTape(persistent=True) as tape:
-      fake = g(z, training=True)
-      real_logits, fake_logits = d(images, training=True), d(fake,
-                                                             training=True)
-      d_loss = tf.reduce_mean(dcgan.bce(1, real_logits)
-                              + dcgan.bce(0, fake_logits))
-      g_loss = tf.reduce_mean(dcgan.bce(1, fake_logits))
-    d_grads = tape.gradient(d_loss, d.trainable_variables)
-    g_grads = tape.gradient(g_loss, g.trainable_variables)
-    opt_d.apply_gradients(zip(d_grads, d.trainable_variables))
-    opt_g.apply_gradients(zip(g_grads, g.trainable_variables))
+    update(images, z)
 
   data = iter(pipeline.train_dataset(task, config.train_split, batch,
                                      config.seed, 0))
