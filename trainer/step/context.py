@@ -186,7 +186,30 @@ class StepContext:
           "ctx.all_gather is not available under --strategy=parameter_server "
           "(workers do not step together); use --strategy=mirrored or "
           "multiworker.")
-    return tf.distribute.get_replica_context().all_gather(value, axis)
+    context = tf.distribute.get_replica_context()
+    if isinstance(self._steps.strategy,
+                  tf.distribute.MultiWorkerMirroredStrategy):
+      return tf.nest.map_structure(
+          lambda x: _gather_by_sum(context, x, axis), value)
+    return context.all_gather(value, axis)
+
+
+def _gather_by_sum(context, value, axis: int):
+  """all_gather as an all-reduce: each replica puts its rows in its own
+  block of zeros, the SUM is every replica's rows in replica order. Used
+  under multi-worker, where TF 2.21's ReplicaContext.all_gather fails at
+  trace time ("ValueError: destinations can not be empty"). Exact (one
+  non-zero term per element) and differentiable (the all-reduce's
+  gradient is an all-reduce). Needs the same shape on every replica,
+  which the step has (global batch divisible by the replicas)."""
+  value = tf.convert_to_tensor(value)
+  replicas = context.num_replicas_in_sync
+  mine = tf.one_hot(context.replica_id_in_sync_group, replicas,
+                    dtype=value.dtype)
+  mine = tf.reshape(mine, [replicas] + [1] * value.shape.rank)
+  summed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                              mine * value[None])
+  return tf.concat(tf.unstack(summed, num=replicas), axis=axis)
 
 
 def seeds_scope(steps, meta):
@@ -198,3 +221,4 @@ def seeds_scope(steps, meta):
       # not static. Random draws happen only in training (micro-batches).
       global_batch=steps.micro_batch)
   return layer_seeds.scope(seeds)
+
