@@ -1,5 +1,6 @@
 """A frozen model from an earlier run: rebuilt from RUN/config.json, its
-latest checkpoint's weights restored, trainable=False. Used by the
+latest checkpoint's weights restored (the moving average if the run had
+--ema_decay, as its evaluation used), trainable=False. Used by the
 distillation teacher and the SimCLR linear probe's encoder."""
 
 import os
@@ -41,12 +42,19 @@ def load(run_dir: str, input_spec, dataset: str, flag: str) -> keras.Model:
     tracked = tf.Module(name="model")
     for name, model in built.items():
       setattr(tracked, name, model)
-  status = tf.train.Checkpoint(model=tracked).restore(latest).expect_partial()
+  objects = {"model": tracked}
+  if config.ema_decay:
+    from trainer.ema import EMA
+    objects["ema"] = EMA([v for m in built.values()
+                          for v in m.trainable_variables], config.ema_decay)
+  status = tf.train.Checkpoint(**objects).restore(latest).expect_partial()
   try:
     status.assert_existing_objects_matched()
   except AssertionError as e:
     raise UserError(f"{latest} does not hold the weights of the run's "
                     f"models ({str(e).splitlines()[0][:200]}).") from None
+  if "ema" in objects:
+    objects["ema"].swap_in()
   model = built.get("model") or next(iter(built.values()))
   model.trainable = False
   return model

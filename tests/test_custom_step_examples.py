@@ -12,9 +12,10 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-  """The built-in cnn, trained by an earlier run."""
+  """The built-in cnn, trained by an earlier run with a moving average."""
   model_dir = tmp_path_factory.mktemp("teacher") / "run"
   result = last_json(run_trainer(*FAST, "--model=cnn", "--train_steps=150",
+                                 "--ema_decay=0.9",
                                  f"--model_dir={model_dir}"))
   assert result["eval_accuracy"] >= 0.85
   return model_dir
@@ -27,13 +28,13 @@ def test_distilled_student_learns_from_the_frozen_teacher(tmp_path, teacher):
                      f"--task_args=teacher_dir={teacher}",
                      "--train_steps=300", f"--model_dir={student}")
   assert last_json(proc)["eval_accuracy"] >= 0.85
-  # The teacher in the student's checkpoint is the teacher run's model,
+  # The teacher in the student's checkpoint is the teacher run's model
+  # with its moving average swapped in (as its evaluation used it),
   # untouched by 300 updates (frozen), and saved under model/teacher.
   saved = checkpoint_weights(student)
   theirs = checkpoint_weights(teacher)
   teacher_keys = [k for k in saved if k.startswith("model/teacher/")]
-  originals = sorted(k for k in theirs
-                     if k.startswith("optimizer/_trainable_variables/"))
+  originals = sorted(k for k in theirs if k.startswith("ema/averages/"))
   assert teacher_keys and len(teacher_keys) == len(originals)
   mine = sorted(saved[k].tobytes() for k in teacher_keys)
   assert mine == sorted(theirs[k].tobytes() for k in originals)

@@ -40,6 +40,11 @@ class EMA(tf.Module):
       else:
         average.assign(tf.cast(tf.convert_to_tensor(source), average.dtype))
 
+  def swap_in(self):
+    """The averages in place of the weights, for good (eagerly): a model
+    loaded from a checkpoint for use, as evaluation sees it."""
+    self._copy(to_model=True)
+
   @contextlib.contextmanager
   def swapped_in(self):
     """The averages in place of the weights inside the block (eagerly)."""
