@@ -272,3 +272,23 @@ def test_nan_in_one_optimizer_drops_the_whole_update_on_both_paths(tmp_path):
   assert int(state.global_step.numpy()) == 4
   after = _everything(run)
   assert sum(not np.array_equal(a, b) for a, b in zip(after, before)) > 10
+
+
+def test_export_uses_the_moving_average(tmp_path):
+  """trainer.export of a run with --ema_decay rebuilds the model with the
+  averages (what its evaluation used), not the raw weights."""
+  from trainer import export
+  config = Config(model="cnn", dataset="digits", global_batch_size=32,
+                  train_steps=4, steps_per_loop=2, summary_every=2,
+                  eval_every=0, mode="train", ema_decay=0.5,
+                  model_dir=str(tmp_path / "run"))
+  run = controller_lib.create(config)
+  run.train(evaluate=False)
+  averages = [np.array(a) for a in run.parts.ema.averages]
+  raw = [np.array(v) for v in run.model.trainable_variables]
+  model, _, path, _ = export.restore_model(config.model_dir)
+  assert path.endswith("ckpt-4")
+  exported = [np.array(v) for v in model.trainable_variables]
+  for e, a in zip(exported, averages):
+    np.testing.assert_array_equal(e, a)
+  assert any(not np.array_equal(e, r) for e, r in zip(exported, raw))

@@ -4,7 +4,8 @@
       [--checkpoint=PATH] [--tflite]
 
 The model is rebuilt from DIR/config.json (same task, model and dataset
-flags) and the checkpoint's model weights are restored into it: the latest
+flags) and the checkpoint's model weights are restored into it (with
+--ema_decay, the moving average of them, which evaluation used too): the latest
 checkpoint in DIR, or --checkpoint (a checkpoint prefix such as
 DIR/ckpt-600, or a directory such as DIR/best, whose latest one is used).
 
@@ -105,12 +106,19 @@ def restore_model(model_dir: str, checkpoint: str = ""):
     raise UserError(f"the task's features are {spec}, not one image tensor: "
                     "trainer.export handles single-input models only.")
   model = task.build_model(spec)
-  status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+  objects = {"model": model}
+  if config.ema_decay:
+    # The run evaluated its moving average: export that, not the raw weights.
+    from trainer.ema import EMA
+    objects["ema"] = EMA(model.trainable_variables, config.ema_decay)
+  status = tf.train.Checkpoint(**objects).restore(path).expect_partial()
   try:
     status.assert_existing_objects_matched()
   except AssertionError as e:
     raise UserError(f"{path} does not hold this model's weights "
                     f"({str(e).splitlines()[0][:200]}).") from None
+  if "ema" in objects:
+    objects["ema"].swap_in()
   return model, spec, path, config
 
 
