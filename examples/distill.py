@@ -13,9 +13,10 @@ weight of the distillation term; 1 - A weighs the cross-entropy on labels).
 
 What it shows:
 - `build_model` returns {"model": student, "teacher": teacher}: the student
-  is the main model (evaluation, export); the teacher is rebuilt from the
-  earlier run's config.json, its checkpoint's model weights are restored
-  into it (refused with one line if they do not match), and it is frozen
+  is the main model (evaluation); the teacher is rebuilt from the earlier
+  run's config.json, its checkpoint's model weights (its moving average if
+  it ran with --ema_decay) are restored into it (refused with one line if
+  they do not match; examples/frozen.py), and it is frozen
   (`trainable=False`), so the default optimizer updates the student only.
 - `train_step`: per-example loss = A * T^2 * KL(teacher_T || student_T) +
   (1 - A) * CE(labels, student), scaled by the global batch by the context.
