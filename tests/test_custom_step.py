@@ -144,7 +144,6 @@ def test_gan_sigkill_then_resume_equals_uninterrupted(tmp_path):
 # ---- a NaN in one optimizer's gradients drops the whole update ---------
 # (tests/test_custom_step_unit.py checks the variables around the bad
 # update on both paths; here the whole run.)
-@pytest.mark.slow
 def test_nan_dropped_by_the_guarded_loop_in_a_chunk(tmp_path):
   """A chunk of 6 updates with the bad 4th inside: the unguarded chunk
   stops, the chunk's start is restored and all 6 replayed under the guard.

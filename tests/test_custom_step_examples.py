@@ -21,7 +21,6 @@ def teacher(tmp_path_factory):
   return model_dir
 
 
-@pytest.mark.slow
 def test_distilled_student_learns_from_the_frozen_teacher(tmp_path, teacher):
   student = tmp_path / "student"
   proc = run_trainer(*FAST, "--task=examples.distill:Distill",
@@ -50,7 +49,6 @@ def test_distill_refuses_a_missing_teacher(tmp_path):
   assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.slow
 def test_simclr_then_linear_probe(tmp_path):
   encoder = tmp_path / "simclr"
   pretrain = last_json(run_trainer(
