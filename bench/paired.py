@@ -18,6 +18,13 @@ Contenders, all on the same model, batch and Adam:
 Summaries, checkpoints and the input-wait probe run between chunks in the
 trainer and are not part of a chunk; bench.run's rows include them.
 
+The GAN row (`--gan`; --model is then ignored), examples/dcgan.py at --batch:
+  gan_raw        bench.gan's hand-written loop: tf.function, GradientTape,
+                 two Keras Adams, simultaneous updates (x raw = 1)
+  gan_framework  Steps.unguarded_chunk of the trainer on examples.dcgan:DCGAN
+                 (its two optimizers, one reduction each, per-example noise
+                 from the stream position), on the framework's input pipeline
+
 Multi-worker (each process one worker of a MultiWorkerMirroredStrategy):
 
   python -m launch.local --workers=2 --pin_cores --trainer_module=bench.paired \
@@ -106,6 +113,14 @@ def _runner(args, model_dir: str):
       strategy=args.strategy))
 
 
+def _gan_runner(args, model_dir: str):
+  from trainer import controller
+  from trainer.config import Config
+  return controller.create(Config(
+      task="examples.dcgan:DCGAN", global_batch_size=args.batch,
+      model_dir=model_dir))
+
+
 def _framework(runner, guarded: bool):
   import tensorflow as tf
   iterator = runner.executor.train_iterator()  # noqa: SLF001
@@ -123,6 +138,8 @@ def main(argv=None) -> int:
   p.add_argument("--strategy", default="default",
                  choices=("default", "multiworker"),
                  help="multiworker: run under launch.local (module doc)")
+  p.add_argument("--gan", action="store_true",
+                 help="the GAN row: gan_raw vs gan_framework (module doc)")
   args = p.parse_args(argv)
   from absl import logging
   # Quiet while the runners are built; restored after (tests call main()).
@@ -137,6 +154,15 @@ def main(argv=None) -> int:
 
 
 def _contenders(args, tmp: str) -> dict:
+  if args.gan:
+    if args.strategy != "default":
+      raise SystemExit("bench.paired: --gan runs under --strategy=default "
+                       "only.")
+    from bench import gan
+    args.model = "dcgan"
+    return {"gan_raw": gan.raw_loop(args.batch),
+            "gan_framework": _framework(
+                _gan_runner(args, os.path.join(tmp, "gan")), guarded=False)}
   if args.strategy == "default":
     return {
         "raw": _raw(args, fused=False),
@@ -179,8 +205,9 @@ def _measure(args, tmp: str) -> int:
         f"{args.batch}: {args.rounds} rounds of {args.interval} updates "
         "each; x raw = median over rounds of "
         "raw time / contender time [quartiles]")
+  reference = times[next(iter(times))]   # raw (gan_raw): the first one
   for name, ts in times.items():
-    ratios = [r / t for r, t in zip(times["raw"], ts)]
+    ratios = [r / t for r, t in zip(reference, ts)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     print(f"  {name:18s} {1000 * statistics.median(ts) / args.interval:6.3f} "
           f"ms/update  x raw {statistics.median(ratios):.3f} "

@@ -138,3 +138,68 @@ class TwoInputs(Task):
 
   def loss(self, labels, outputs):
     return tf.reduce_mean(tf.square(outputs - labels), axis=-1)
+# ---- user-written steps (issue 14) ------------------------------------
+from examples import dcgan  # noqa: E402
+
+# Adam's epsilon for the GAN equality tests. With Keras' 1e-7, Adam turns
+# float-rounding differences in near-zero gradients (1 vs 2 replicas sum
+# the batch in another order; so does a hand-written loop) into weight
+# differences of ~1e-3 within 20 updates (measured: 1e-8 after update 1,
+# 3e-4 after update 4, 6e-3 after 20); with 1e-2 they stay ~1e-8, so the
+# tests can demand rtol 1e-5. The step itself is the example's.
+GAN_EPSILON = 1e-2
+
+
+def gan_adam():
+  return keras.optimizers.Adam(2e-3, beta_1=0.5, epsilon=GAN_EPSILON)
+
+
+class ExactDCGAN(dcgan.DCGAN):
+  """examples.dcgan:DCGAN with GAN_EPSILON in both Adams."""
+
+  def optimizers(self):
+    return {"discriminator": gan_adam(), "generator": gan_adam()}
+
+
+class NanDCGAN(ExactDCGAN):
+  """The generator's loss (and so its gradient) is NaN at stream position
+  POISONED_POSITION; the discriminator's stays finite. The framework must
+  drop that whole update: neither optimizer applied."""
+
+  def train_step(self, batch, ctx):
+    images, _ = batch
+    g, d = ctx.models["generator"], ctx.models["discriminator"]
+    z = ctx.normal([dcgan.LATENT])
+    poison = tf.where(tf.equal(ctx.positions, POISONED_POSITION),
+                      tf.constant(np.nan, tf.float32), 1.0)
+    with tf.GradientTape(persistent=True) as tape:
+      fake = g(z, training=True)
+      real_logits = d(images, training=True)
+      fake_logits = d(fake, training=True)
+      d_per_example = dcgan.bce(1, real_logits) + dcgan.bce(0, fake_logits)
+      g_per_example = dcgan.bce(1, fake_logits) * poison
+      d_loss = ctx.scale_loss(d_per_example, d)
+      g_loss = ctx.scale_loss(g_per_example, g)
+    ctx.minimize(tape, d_loss, "discriminator")
+    ctx.minimize(tape, g_loss, "generator")
+    return {"d_loss": d_per_example}
+
+
+from examples import simclr  # noqa: E402
+
+
+class LocalSimCLR(simclr.SimCLR):
+  """A WRONG contrastive step: negatives from the replica's own rows only
+  (no all_gather), so its loss depends on how the batch is split."""
+
+  def train_step(self, batch, ctx):
+    images, _ = batch
+    a, b = simclr.view(images, ctx, salt=0), simclr.view(images, ctx, salt=10)
+    with tf.GradientTape() as tape:
+      z_a, z_b = self.embed(a, ctx), self.embed(b, ctx)
+      per_example = simclr.nt_xent(z_a, z_b, ctx.positions, z_a, z_b,
+                                   ctx.positions, ctx.weight,
+                                   self.temperature)
+      loss = ctx.scale_loss(per_example)
+    ctx.minimize(tape, loss)
+    return {"loss": per_example}

@@ -173,6 +173,19 @@ def test_paired_runs_every_contender_interleaved(capsys):
   assert all(float(l[1]) > 0 for l in lines)   # ms/update
 
 
+def test_paired_gan_row(capsys):
+  """bench.paired --gan on a tiny setting (no timing asserted): the
+  hand-written GAN loop is the reference, the trainer's chunk raced."""
+  from bench import paired
+  assert paired.main(["--gan", "--batch=8", "--interval=2",
+                      "--rounds=3"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("dcgan default")
+  lines = [l.split() for l in out[1:]]
+  assert [l[0] for l in lines] == ["gan_raw", "gan_framework"]
+  assert lines[0][5] == "1.000" and all(float(l[1]) > 0 for l in lines)
+
+
 @pytest.mark.timeout(240)
 def test_paired_multiworker_under_launch_local():
   """bench.paired as the module of 2 local workers (no timing asserted):

@@ -301,7 +301,10 @@ class Controller:
     """learning_rate (the --lr_schedule), or each task optimizer's own."""
     if not self.parts.flag_optimizer:
       optimizers = self.parts.optimizers
-      rates = {name: float(o.learning_rate) for name, o in optimizers.items()}
+      # float() of a Keras variable fails when its value is a
+      # MirroredVariable (more than one replica): read it as a tensor.
+      rates = {name: float(tf.convert_to_tensor(o.learning_rate))
+               for name, o in optimizers.items()}
       if len(rates) == 1:
         return {"learning_rate": next(iter(rates.values()))}
       return {f"learning_rate/{name}": v for name, v in rates.items()}

@@ -28,8 +28,10 @@ for the built-in step and for a user's:
     differentiable (its gradient is one more all-reduce);
   * `ctx.uniform(shape)` / `ctx.normal(shape)`: per-example stateless
     random draws keyed by the run seed and the example's stream position,
-    so a resumed or re-split run draws the same numbers for each example;
-    layers.Dropout inside the step is seeded the same way;
+    so a resumed or re-split run (replicas, workers, --grad_accum_steps)
+    draws the same numbers for each example; (layers.Dropout inside the
+    step is seeded per micro-batch: the same across replicas, workers and
+    resumes, not across --grad_accum_steps);
   * the returned dict: per-example metrics ([local batch] tensors, or
     scalars meaning a per-example mean), reported as train/<name> like
     `loss`, as means over all examples (padding rows have weight 0).
@@ -93,10 +95,21 @@ class StepContext:
 
   # ---- randomness --------------------------------------------------------
   def _rows(self, draw, salt: int, row_shape, dtype):
-    """This replica's rows of a draw over the whole global micro-batch."""
-    seed = tf.random.experimental.stateless_fold_in(self.seed, salt + 1000)
-    full = draw([self._steps.micro_batch, *row_shape], seed=seed, dtype=dtype)
-    first = tf.cast(self._meta["pos"][0] - self._meta["start"][0], tf.int32)
+    """This replica's rows of a draw over the whole UPDATE (all its
+    micro-batches), keyed by the update's first position: an example gets
+    the same numbers whatever --grad_accum_steps and replica or worker
+    count (a draw per micro-batch would change with K). Positions start
+    at 0 and advance by the update's batch, so the update begins at the
+    multiple below; 2x rows cover an offset left by a resume with another
+    --global_batch_size."""
+    update = self._steps.update_batch
+    start = self._meta["start"][0]
+    update_start = start - start % update
+    seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(self._steps.seed, tf.int64), update_start]),
+        salt + 1000)
+    full = draw([2 * update, *row_shape], seed=seed, dtype=dtype)
+    first = tf.cast(self._meta["pos"][0] - update_start, tf.int32)
     rows = tf.shape(self._meta["pos"])[0]
     return full[first:first + rows]
 
@@ -173,7 +186,30 @@ class StepContext:
           "ctx.all_gather is not available under --strategy=parameter_server "
           "(workers do not step together); use --strategy=mirrored or "
           "multiworker.")
-    return tf.distribute.get_replica_context().all_gather(value, axis)
+    context = tf.distribute.get_replica_context()
+    if isinstance(self._steps.strategy,
+                  tf.distribute.MultiWorkerMirroredStrategy):
+      return tf.nest.map_structure(
+          lambda x: _gather_by_sum(context, x, axis), value)
+    return context.all_gather(value, axis)
+
+
+def _gather_by_sum(context, value, axis: int):
+  """all_gather as an all-reduce: each replica puts its rows in its own
+  block of zeros, the SUM is every replica's rows in replica order. Used
+  under multi-worker, where TF 2.21's ReplicaContext.all_gather fails at
+  trace time ("ValueError: destinations can not be empty"). Exact (one
+  non-zero term per element) and differentiable (the all-reduce's
+  gradient is an all-reduce). Needs the same shape on every replica,
+  which the step has (global batch divisible by the replicas)."""
+  value = tf.convert_to_tensor(value)
+  replicas = context.num_replicas_in_sync
+  mine = tf.one_hot(context.replica_id_in_sync_group, replicas,
+                    dtype=value.dtype)
+  mine = tf.reshape(mine, [replicas] + [1] * value.shape.rank)
+  summed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                              mine * value[None])
+  return tf.concat(tf.unstack(summed, num=replicas), axis=axis)
 
 
 def seeds_scope(steps, meta):
@@ -185,3 +221,4 @@ def seeds_scope(steps, meta):
       # not static. Random draws happen only in training (micro-batches).
       global_batch=steps.micro_batch)
   return layer_seeds.scope(seeds)
+
