@@ -153,8 +153,11 @@ class ClassificationTask(Task):
   def preprocess(self, features, labels, meta, training):
     from trainer.data import augment, resize
     config = self.config
-    seed = tf.stack([tf.constant(config.seed, tf.int64), meta["start"][0]])
-    first_row = meta["pos"][0] - meta["start"][0]
+    if training or config.image_hw:
+      # Draws for the whole global batch from (seed, its first position),
+      # this batch's rows kept: the same for each example on any topology.
+      seed = tf.stack([tf.constant(config.seed, tf.int64), meta["start"][0]])
+      first_row = meta["pos"][0] - meta["start"][0]
     if config.image_hw:
       source = self.source(config.train_split)
       channels = source.decode_channels or source.feature_spec.shape[-1]
