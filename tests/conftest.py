@@ -1,4 +1,10 @@
-"""Shared test helpers: run the CLI in a subprocess, read checkpoints."""
+"""Shared test helpers: run the CLI in a subprocess, read checkpoints and
+event files.
+
+tests/unit/ holds in-process tests (one process, no trainer subprocess):
+`pytest -m "not slow"` runs them alone, in a couple of minutes. tests/e2e/
+holds the end-to-end ones (the CLI, launchers, clusters, resume after
+kills); every test there is marked `slow` here."""
 
 import json
 import os
@@ -11,6 +17,14 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if E2E in Path(str(item.fspath)).resolve().parents:
+      item.add_marker(pytest.mark.slow)
 SHARED = REPO.parent / "shared"
 MNIST_DIR = SHARED / "data" / "mnist"
 

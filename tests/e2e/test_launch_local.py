@@ -16,7 +16,7 @@ from launch import codes
 from launch import local
 from launch import plan
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # A stand-in for the trainer and the servers. argv: OUTDIR PLAN_JSON, where PLAN maps a task
 # name ('worker 1', 'chief', '*') to an action. Every start writes OUTDIR/<name>.<pid>.json

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAINER = ["python", "-m", "trainer.main"]
 SERVER = ["python", "-m", "launch.server"]
 

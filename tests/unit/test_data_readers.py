@@ -18,7 +18,7 @@ from trainer.errors import UserError
 
 pytestmark = pytest.mark.timeout(120)
 
-REAL_MNIST = (Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_MNIST = (Path(__file__).resolve().parents[2].parent / "shared" / "data"
               / "mnist")
 
 

@@ -16,7 +16,7 @@ from trainer.errors import UserError
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _all(source):
