@@ -8,9 +8,11 @@ kills); every test there is marked `slow` here."""
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +88,6 @@ def stop(proc, sig=signal.SIGKILL, timeout=30):
 
 def wait_for_file(path, proc, timeout=120):
   """Waits until `path` exists while `proc` still runs (fails otherwise)."""
-  import time
   deadline = time.monotonic() + timeout
   while not path.exists():
     assert proc.poll() is None, f"trainer exited {proc.returncode} early"
@@ -169,3 +170,151 @@ def mnist_dir():
     pytest.skip(f"{MNIST_DIR} is absent: the shared MNIST files come with "
                 "the CI checkout (../shared), not with a user's clone.")
   return MNIST_DIR
+
+
+# ---- data files -----------------------------------------------------------
+def cifar_batch(n, seed):
+  """(data uint8 [n,3072] channel-major, labels list) of n random images."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (n, 3072), dtype=np.uint8), \
+      [int(x) for x in rng.integers(0, 10, n)]
+
+
+def write_cifar_python(path, data, labels):
+  with open(path, "wb") as f:
+    pickle.dump({b"data": data, b"labels": labels, b"batch_label": b"x"}, f)
+
+
+def write_cifar_binary(path, data, labels):
+  records = np.concatenate([np.array(labels, np.uint8)[:, None], data], axis=1)
+  records.tofile(path)
+
+
+def write_cifar(root, fmt, sizes=(2, 3, 2, 1, 2), test_size=3, skip=()):
+  """Five data batches and a test batch; returns {split: (data, labels)}."""
+  directory, suffix, write = {
+      "py": ("cifar-10-batches-py", "", write_cifar_python),
+      "bin": ("cifar-10-batches-bin", ".bin", write_cifar_binary)}[fmt]
+  directory = root / directory
+  directory.mkdir()
+  batches = [cifar_batch(n, seed=i) for i, n in enumerate(sizes + (test_size,))]
+  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+  for name, (data, labels) in zip(names, batches):
+    if name not in skip:
+      write(directory / (name + suffix), data, labels)
+  train = (np.concatenate([d for d, _ in batches[:5]]),
+           np.concatenate([l for _, l in batches[:5]]))
+  return directory, {"train": train, "test": batches[5]}
+
+
+def write_photo_folder(root, per_class: int, part: str, seed: int):
+  """Crops of scikit-learn's two real photographs, of many sizes, as JPEG
+  (RGB), grayscale PNG and RGBA PNG; train crops come from the left 60% of
+  each photo, test crops from the right 40% (no pixel in both)."""
+  import sklearn
+  import tensorflow as tf
+  rng = np.random.default_rng(seed)
+  base = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
+  for name in ("china", "flower"):
+    photo = tf.io.decode_jpeg(tf.io.read_file(
+        os.path.join(base, name + ".jpg"))).numpy()
+    h, w = photo.shape[:2]
+    x0, x1 = (0, int(w * 0.6)) if part == "train" else (int(w * 0.6), w)
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    for i in range(per_class):
+      ch = int(rng.integers(20, 160))
+      cw = int(rng.integers(20, min(160, x1 - x0)))
+      y, x = int(rng.integers(0, h - ch)), int(rng.integers(x0, x1 - cw))
+      crop = photo[y:y + ch, x:x + cw]
+      if i % 3 == 0:
+        data, ext = tf.io.encode_jpeg(crop), "jpg"
+      elif i % 3 == 1:
+        data, ext = tf.io.encode_png(tf.image.rgb_to_grayscale(crop)), "png"
+      else:
+        alpha = np.full(crop.shape[:2] + (1,), 255, np.uint8)
+        data, ext = tf.io.encode_png(np.concatenate([crop, alpha], -1)), "png"
+      with open(os.path.join(root, name, f"{i:04d}.{ext}"), "wb") as f:
+        f.write(data.numpy())
+
+
+# ---- a local parameter-server cluster -------------------------------------
+# Small and fast; train summaries every 50 updates = one coordinator round.
+PS_FLAGS = ["--strategy=parameter_server", "--model=cnn", "--dataset=digits",
+            "--global_batch_size=32", "--steps_per_loop=20",
+            "--summary_every=50", "--eval_every=0", "--progress=log"]
+
+
+class Cluster:
+  """`python -m launch.local --workers=N --ps=M -- FLAGS` in the background,
+  output in a log file; finds its server processes through /proc."""
+
+  def __init__(self, tmp_path, flags, workers=2, ps=1, name="launch",
+               launcher_flags=()):
+    self.log_path = tmp_path / f"{name}.log"
+    self._log = open(self.log_path, "w")
+    cmd = [sys.executable, "-m", "launch.local", f"--workers={workers}",
+           f"--ps={ps}", "--timeout_s=240", "--grace_s=5", *launcher_flags,
+           "--", *flags]
+    self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=self._log,
+                                 stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    self.seen = {}
+
+  def log(self) -> str:
+    return self.log_path.read_text(errors="replace")
+
+  def children(self) -> dict:
+    """'worker0' / 'ps0' / 'chief0' -> pid, for the launcher's children."""
+    found = {}
+    for entry in os.listdir("/proc"):
+      if not entry.isdigit():
+        continue
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        if ppid != self.proc.pid:
+          continue
+        with open(f"/proc/{entry}/environ", "rb") as f:
+          environ = f.read().split(b"\0")
+      except (OSError, ValueError, IndexError):
+        continue
+      for item in environ:
+        if item.startswith(b"TF_CONFIG="):
+          task = json.loads(item[len(b"TF_CONFIG="):])["task"]
+          found[f"{task['type']}{task['index']}"] = int(entry)
+    self.seen.update(found)
+    return found
+
+  def wait_for(self, predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      if predicate():
+        return
+      if self.proc.poll() is not None:
+        raise AssertionError(f"launcher exited {self.proc.returncode} before "
+                             f"{what}:\n{self.log()[-4000:]}")
+      time.sleep(0.1)
+    raise AssertionError(f"no {what} within {timeout} s:\n{self.log()[-4000:]}")
+
+  def wait(self, timeout) -> int:
+    return self.proc.wait(timeout=timeout)
+
+  def stop(self):
+    """Stops the launcher (its children die with it: PDEATHSIG) and any
+    child of it still alive."""
+    if self.proc.poll() is None:
+      self.children()
+      try:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    try:
+      self.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      pass
+    for pid in self.seen.values():
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        pass
+    self._log.close()

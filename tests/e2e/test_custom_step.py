@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from conftest import (REPO, assert_weights_close, checkpoint_weights, env,

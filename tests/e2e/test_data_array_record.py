@@ -6,7 +6,7 @@ import pytest
 
 from conftest import (assert_weights_close, checkpoint_weights, last_json,
                       run_trainer)
-from test_data_image_size import write_photo_folder
+from conftest import write_photo_folder
 from trainer import convert
 from trainer.data import registry
 from trainer.errors import UserError

@@ -2,13 +2,12 @@
 channel conversion, worker slices, and real photos of every size training."""
 
 import math
-import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import last_json, run_trainer
+from conftest import last_json, run_trainer, write_photo_folder
 from trainer.data import resize
 
 pytestmark = pytest.mark.timeout(300)
@@ -99,35 +98,6 @@ def test_worker_rows_equal_whole_batch_rows_for_encoded_images_of_any_size():
   np.testing.assert_array_equal(out[4], np.zeros((12, 10, 3)))
   np.testing.assert_array_equal(np.delete(out.numpy(), 4, 0),
                                 np.delete(whole.numpy(), 4, 0))
-
-
-def write_photo_folder(root, per_class: int, part: str, seed: int):
-  """Crops of scikit-learn's two real photographs, of many sizes, as JPEG
-  (RGB), grayscale PNG and RGBA PNG; train crops come from the left 60% of
-  each photo, test crops from the right 40% (no pixel in both)."""
-  import sklearn
-  rng = np.random.default_rng(seed)
-  base = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
-  for name in ("china", "flower"):
-    photo = tf.io.decode_jpeg(tf.io.read_file(
-        os.path.join(base, name + ".jpg"))).numpy()
-    h, w = photo.shape[:2]
-    x0, x1 = (0, int(w * 0.6)) if part == "train" else (int(w * 0.6), w)
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-    for i in range(per_class):
-      ch = int(rng.integers(20, 160))
-      cw = int(rng.integers(20, min(160, x1 - x0)))
-      y, x = int(rng.integers(0, h - ch)), int(rng.integers(x0, x1 - cw))
-      crop = photo[y:y + ch, x:x + cw]
-      if i % 3 == 0:
-        data, ext = tf.io.encode_jpeg(crop), "jpg"
-      elif i % 3 == 1:
-        data, ext = tf.io.encode_png(tf.image.rgb_to_grayscale(crop)), "png"
-      else:
-        alpha = np.full(crop.shape[:2] + (1,), 255, np.uint8)
-        data, ext = tf.io.encode_png(np.concatenate([crop, alpha], -1)), "png"
-      with open(os.path.join(root, name, f"{i:04d}.{ext}"), "wb") as f:
-        f.write(data.numpy())
 
 
 def test_photos_of_every_size_train_to_high_accuracy(tmp_path):

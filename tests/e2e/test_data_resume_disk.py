@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (REPO, assert_weights_close, checkpoint_weights, env,
                       last_json, max_rel_diff, run_trainer, start_trainer, stop)
-from test_data_image_size import write_photo_folder
+from conftest import write_photo_folder
 
 pytestmark = pytest.mark.timeout(600)
 

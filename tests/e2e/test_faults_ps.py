@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from test_ps import PS_FLAGS, Cluster
+from conftest import PS_FLAGS, Cluster
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import REPO, run_trainer
-from test_data_readers import _write_cifar, cifar_batch
+from conftest import cifar_batch, write_cifar
 from trainer.data import registry
 from trainer.errors import UserError
 
@@ -33,7 +33,7 @@ def _hostile_batch(path, marker):
 
 
 def test_hostile_pickle_is_refused_before_it_runs(tmp_path):
-  directory, _ = _write_cifar(tmp_path, "py")
+  directory, _ = write_cifar(tmp_path, "py")
   marker = tmp_path / "ran"
   _hostile_batch(directory / "data_batch_1", marker)
   with pytest.raises(UserError) as e:
@@ -58,7 +58,7 @@ def test_hostile_pickle_is_refused_before_it_runs(tmp_path):
 def test_real_format_pickles_still_load(tmp_path):
   """Protocol 2 with NumPy 1's module names (numpy.core.multiarray, as the
   published files use) and protocol 4 with NumPy 2's both load."""
-  directory, expected = _write_cifar(tmp_path, "py")
+  directory, expected = write_cifar(tmp_path, "py")
   data, labels = cifar_batch(3, seed=9)
   old = pickle.dumps({b"data": data, b"labels": [int(l) for l in labels],
                       b"batch_label": b"testing batch 1 of 1",

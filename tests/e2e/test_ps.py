@@ -6,97 +6,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO, env, last_json, run_trainer, event_steps
+from conftest import PS_FLAGS, Cluster, event_steps, last_json, run_trainer
 
 pytestmark = pytest.mark.timeout(300)
-
-# Small and fast; train summaries every 50 updates = one coordinator round.
-PS_FLAGS = ["--strategy=parameter_server", "--model=cnn", "--dataset=digits",
-            "--global_batch_size=32", "--steps_per_loop=20",
-            "--summary_every=50", "--eval_every=0", "--progress=log"]
-
-
-class Cluster:
-  """`python -m launch.local --workers=N --ps=M -- FLAGS` in the background,
-  output in a log file; finds its server processes through /proc."""
-
-  def __init__(self, tmp_path, flags, workers=2, ps=1, name="launch",
-               launcher_flags=()):
-    self.log_path = tmp_path / f"{name}.log"
-    self._log = open(self.log_path, "w")
-    cmd = [sys.executable, "-m", "launch.local", f"--workers={workers}",
-           f"--ps={ps}", "--timeout_s=240", "--grace_s=5", *launcher_flags,
-           "--", *flags]
-    self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=self._log,
-                                 stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    self.seen = {}
-
-  def log(self) -> str:
-    return self.log_path.read_text(errors="replace")
-
-  def children(self) -> dict:
-    """'worker0' / 'ps0' / 'chief0' -> pid, for the launcher's children."""
-    found = {}
-    for entry in os.listdir("/proc"):
-      if not entry.isdigit():
-        continue
-      try:
-        with open(f"/proc/{entry}/stat") as f:
-          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        if ppid != self.proc.pid:
-          continue
-        with open(f"/proc/{entry}/environ", "rb") as f:
-          environ = f.read().split(b"\0")
-      except (OSError, ValueError, IndexError):
-        continue
-      for item in environ:
-        if item.startswith(b"TF_CONFIG="):
-          task = json.loads(item[len(b"TF_CONFIG="):])["task"]
-          found[f"{task['type']}{task['index']}"] = int(entry)
-    self.seen.update(found)
-    return found
-
-  def wait_for(self, predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-      if predicate():
-        return
-      if self.proc.poll() is not None:
-        raise AssertionError(f"launcher exited {self.proc.returncode} before "
-                             f"{what}:\n{self.log()[-4000:]}")
-      time.sleep(0.1)
-    raise AssertionError(f"no {what} within {timeout} s:\n{self.log()[-4000:]}")
-
-  def wait(self, timeout) -> int:
-    return self.proc.wait(timeout=timeout)
-
-  def stop(self):
-    """Stops the launcher (its children die with it: PDEATHSIG) and any
-    child of it still alive."""
-    if self.proc.poll() is None:
-      self.children()
-      try:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-    try:
-      self.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      pass
-    for pid in self.seen.values():
-      try:
-        os.kill(pid, signal.SIGKILL)
-      except (ProcessLookupError, PermissionError):
-        pass
-    self._log.close()
-
 
 def _chief_json(log: str) -> dict:
   lines = [l[len("[chief] "):] for l in log.splitlines()

@@ -5,13 +5,13 @@ Each test writes tiny files in the exact on-disk format and reads them back.
 
 import gzip
 import os
-import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import write_cifar
 from trainer.data import registry
 from trainer.data.readers import cifar10, keras_cache, mnist
 from trainer.errors import UserError
@@ -49,23 +49,6 @@ def write_mnist_idx(directory, split, images, labels, gz=True):
             images, 2051)
   write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{ext}"),
             labels, 2049)
-
-
-def cifar_batch(n, seed):
-  """(data uint8 [n,3072] channel-major, labels list) of n random images."""
-  rng = np.random.default_rng(seed)
-  return rng.integers(0, 256, (n, 3072), dtype=np.uint8), \
-      [int(x) for x in rng.integers(0, 10, n)]
-
-
-def write_cifar_python(path, data, labels):
-  with open(path, "wb") as f:
-    pickle.dump({b"data": data, b"labels": labels, b"batch_label": b"x"}, f)
-
-
-def write_cifar_binary(path, data, labels):
-  records = np.concatenate([np.array(labels, np.uint8)[:, None], data], axis=1)
-  records.tofile(path)
 
 
 # ---- mnist / fashion_mnist ------------------------------------------------
@@ -179,27 +162,10 @@ def test_real_mnist_test_set():
 # ---- cifar10 ----------------------------------------------------------------
 
 
-def _write_cifar(root, fmt, sizes=(2, 3, 2, 1, 2), test_size=3, skip=()):
-  """Five data batches and a test batch; returns {split: (data, labels)}."""
-  directory, suffix, write = {
-      "py": ("cifar-10-batches-py", "", write_cifar_python),
-      "bin": ("cifar-10-batches-bin", ".bin", write_cifar_binary)}[fmt]
-  directory = root / directory
-  directory.mkdir()
-  batches = [cifar_batch(n, seed=i) for i, n in enumerate(sizes + (test_size,))]
-  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-  for name, (data, labels) in zip(names, batches):
-    if name not in skip:
-      write(directory / (name + suffix), data, labels)
-  train = (np.concatenate([d for d, _ in batches[:5]]),
-           np.concatenate([l for _, l in batches[:5]]))
-  return directory, {"train": train, "test": batches[5]}
-
-
 @pytest.mark.parametrize("fmt,pass_parent", [("py", True), ("py", False),
                                              ("bin", True), ("bin", False)])
 def test_cifar10(tmp_path, fmt, pass_parent):
-  directory, expected = _write_cifar(tmp_path, fmt)
+  directory, expected = write_cifar(tmp_path, fmt)
   args = registry.DataArgs(data_dir=str(tmp_path if pass_parent else directory))
   for split in ("train", "test"):
     source = registry.get("cifar10")(split, args)
@@ -216,7 +182,7 @@ def test_cifar10(tmp_path, fmt, pass_parent):
 
 
 def test_cifar10_missing_batch(tmp_path):
-  directory, expected = _write_cifar(tmp_path, "py", skip=("data_batch_3",))
+  directory, expected = write_cifar(tmp_path, "py", skip=("data_batch_3",))
   args = registry.DataArgs(data_dir=str(tmp_path))
   with pytest.raises(UserError, match="data_batch_3"):
     registry.get("cifar10")("train", args)
@@ -227,7 +193,7 @@ def test_cifar10_missing_batch(tmp_path):
 
 
 def test_cifar10_truncated_binary(tmp_path):
-  directory, _ = _write_cifar(tmp_path, "bin")
+  directory, _ = write_cifar(tmp_path, "bin")
   path = directory / "test_batch.bin"
   path.write_bytes(path.read_bytes()[:-100])
   with pytest.raises(UserError, match="test_batch.bin.*truncated"):
@@ -242,6 +208,6 @@ def test_cifar10_keras_cache(tmp_path, monkeypatch):
     registry.get("cifar10")("test", registry.DataArgs())
   target = tmp_path / "datasets" / "cifar-10-batches-py-target"
   target.mkdir(parents=True)
-  _write_cifar(target, "py")
+  write_cifar(target, "py")
   assert registry.get("cifar10")("test", registry.DataArgs()).num_examples == 3
   cifar10._downloaded.cache_clear()
