@@ -95,6 +95,17 @@ def wait_for_file(path, proc, timeout=120):
     time.sleep(0.02)
 
 
+def stop_all(procs, timeout=30):
+  """SIGKILLs every process group of `procs` still running and reaps them."""
+  for proc in procs:
+    if proc.poll() is None:
+      try:
+        os.killpg(proc.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+
+
 # Not part of the trained state: how often save() ran, and the run's flags.
 _NOT_STATE = ("save_counter/", "config/")
 

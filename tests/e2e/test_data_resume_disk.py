@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (REPO, assert_weights_close, checkpoint_weights, env,
                       last_json, max_rel_diff, run_trainer, start_trainer, stop)
-from conftest import write_photo_folder
+from conftest import wait_for_file, write_photo_folder
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,21 +34,13 @@ def _flags(photos):
           "--mode=train", "--seed=5"]
 
 
-def _wait_for(path, proc, timeout=180):
-  deadline = time.monotonic() + timeout
-  while not path.exists():
-    assert proc.poll() is None, f"trainer exited {proc.returncode} early"
-    assert time.monotonic() < deadline, f"{path} never appeared"
-    time.sleep(0.02)
-
-
 def test_sigkill_then_resume_equals_uninterrupted(photos, tmp_path):
   flags = _flags(photos)
   run_trainer(*flags, f"--model_dir={tmp_path / 'a'}")
   model_dir = tmp_path / "b"
   proc = start_trainer(*flags, f"--model_dir={model_dir}")
   try:
-    _wait_for(model_dir / "ckpt-5.index", proc)
+    wait_for_file(model_dir / "ckpt-5.index", proc)
     time.sleep(random.uniform(0.0, 0.5))
     assert stop(proc, signal.SIGKILL) == -signal.SIGKILL
   finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (REPO, assert_weights_close, checkpoint_weights, env,
-                      max_rel_diff, run_trainer, trainer_cmd)
+                      max_rel_diff, run_trainer, stop_all, trainer_cmd)
 from launch import cluster as launch_cluster
 
 pytestmark = pytest.mark.timeout(400)
@@ -203,16 +203,11 @@ def _start_two_workers(tmp_path, model_dir, *flags):
           logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
       time.sleep(0.1)
   except BaseException:
-    _kill_all(procs)          # the caller never gets them: stop them here
+    stop_all(procs)          # the caller never gets them: stop them here
     raise
   return procs, logs
 
 
-def _kill_all(procs):
-  for proc in procs:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
@@ -234,7 +229,7 @@ def test_dead_peer_ends_the_survivor_within_peer_timeout(tmp_path):
                   f"peer died\n{logs[0].read_text()[-3000:]}")
     took = time.monotonic() - killed_at
   finally:
-    _kill_all(procs)
+    stop_all(procs)
   text = logs[0].read_text()
   assert code == 4, text[-3000:]
   errors = [l for l in text.splitlines() if "error:" in l]
@@ -256,7 +251,7 @@ def test_sigterm_to_one_worker_makes_every_worker_save(tmp_path):
     procs[1].send_signal(signal.SIGTERM)          # worker 1 only
     codes = [p.wait(timeout=120) for p in procs]
   finally:
-    _kill_all(procs)
+    stop_all(procs)
   texts = [log.read_text() for log in logs]
   assert codes == [75, 75], [t[-2000:] for t in texts]
   steps = {json.loads([l for l in t.splitlines() if l.startswith("{")][-1])

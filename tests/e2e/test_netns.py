@@ -11,14 +11,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, env
+from conftest import REPO, env, stop_all
 from launch import cluster as launch_cluster
 
 pytestmark = pytest.mark.timeout(400)
@@ -84,11 +83,6 @@ def _start(hosts, model_dir, log_dir, attempt, *extra):
   return procs
 
 
-def _kill(procs):
-  for proc in procs:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 def _latest_step(model_dir):
@@ -123,7 +117,7 @@ def test_link_down_ends_both_workers_and_a_relaunch_resumes(two_hosts,
                     f"{read(f'first.worker{index}.log')[-3000:]}")
       took.append(time.monotonic() - down_at)
   finally:
-    _kill(procs)
+    stop_all(procs)
   for index, proc in enumerate(procs):
     text = read(f"first.worker{index}.log")
     assert proc.returncode not in (0, None), text[-3000:]
@@ -145,7 +139,7 @@ def test_link_down_ends_both_workers_and_a_relaunch_resumes(two_hosts,
     for proc in procs:
       proc.wait(timeout=240)
   finally:
-    _kill(procs)
+    stop_all(procs)
   for index, proc in enumerate(procs):
     text = read(f"second.worker{index}.log")
     assert proc.returncode == 0, text[-3000:]
