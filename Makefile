@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/python -m trainer.main --model_dir=runs/make_run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
