@@ -9,6 +9,10 @@ chunk (--interval updates) of each contender back to back, so machine drift
 hits all of them alike, and the figure is the median over rounds of the
 per-round ratio raw time / contender time (with its quartiles).
 
+The first line of the output names the machine (bench.machine): CPU model,
+the instruction-set flags TF's kernels depend on (avx512f, avx512_bf16,
+amx_*), cores, and the load average before the run and after it.
+
 Contenders, all on the same model, batch and Adam:
   raw          bench.workers' hand-written loop, Keras' Adam
   raw_fused    the same loop with the framework's optimizer (fused kernels)
@@ -51,7 +55,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import common  # noqa: E402
+from bench import common, machine  # noqa: E402
 
 
 def _raw(args, fused: bool):
@@ -186,8 +190,14 @@ def _contenders(args, tmp: str) -> dict:
   }
 
 
+def _load_text() -> str:
+  now = machine.load()
+  return "load avg " + ("/".join(f"{x:.2f}" for x in now) if now else "?")
+
+
 def _measure(args, tmp: str) -> int:
   import tensorflow as tf
+  machine_at_start = machine.info()   # load before this process's own work
   contenders = _contenders(args, tmp)
   n = tf.constant(args.interval)
   for run in contenders.values():   # trace and warm up
@@ -200,6 +210,7 @@ def _measure(args, tmp: str) -> int:
       run(n)   # an eager call of a tf.function returns when it has run
       times[name].append(time.perf_counter() - began)
   replicas = getattr(args, "replicas", 1)
+  print(machine.header(machine_at_start) + f"; after: {_load_text()}")
   print(f"{args.model} {args.strategy} ({replicas} replica"
         f"{'s' if replicas > 1 else ''}) global batch "
         f"{args.batch}: {args.rounds} rounds of {args.interval} updates "

@@ -165,7 +165,11 @@ def test_paired_runs_every_contender_interleaved(capsys):
   assert paired.main(["--batch=8", "--interval=2", "--rounds=4"]) == 0
   # Global logging is left as it was (later tests in this process log).
   assert logging.get_verbosity() == verbosity
-  lines = [l.split() for l in capsys.readouterr().out.splitlines()[1:]]
+  out = capsys.readouterr().out.splitlines()
+  # First the machine (CPU, flags, cores, load), then the setting.
+  assert out[0].startswith("machine: ") and "load avg" in out[0]
+  assert out[1].startswith("cnn default (1 replica) global batch 8")
+  lines = [l.split() for l in out[2:]]
   assert [l[0] for l in lines] == ["raw", "raw_fused", "framework",
                                    "framework_guarded"]
   by = {l[0]: l for l in lines}
@@ -180,8 +184,9 @@ def test_paired_gan_row(capsys):
   assert paired.main(["--gan", "--batch=8", "--interval=2",
                       "--rounds=3"]) == 0
   out = capsys.readouterr().out.splitlines()
-  assert out[0].startswith("dcgan default")
-  lines = [l.split() for l in out[1:]]
+  assert out[0].startswith("machine: ")
+  assert out[1].startswith("dcgan default")
+  lines = [l.split() for l in out[2:]]
   assert [l[0] for l in lines] == ["gan_raw", "gan_framework"]
   assert lines[0][5] == "1.000" and all(float(l[1]) > 0 for l in lines)
 
