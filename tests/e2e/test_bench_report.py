@@ -284,3 +284,20 @@ def test_paired_end_to_end_runs_the_trainers_loop(tmp_path, capsys):
   rows = [l.split() for l in out[2:6]]
   assert [r[0] for r in rows] == list(times) and rows[0][5] == "1.000"
   assert out[6].startswith("  end_to_end inside executor.run")
+
+
+def test_trace_breaks_down_both_loops(capsys):
+  """bench.trace on a tiny setting (no timing asserted): both loops are
+  traced, and each category that both must have (the model's forward and
+  backward ops, the optimizer's, Keras' or the fused kernel) is found."""
+  from bench import trace
+  assert trace.main(["--batch=8", "--updates=4", "--data=synthetic"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("machine: ")
+  assert out[2].split() == ["raw_data", "framework"]
+  rows = {l[:22].strip(): [float(x) for x in l[22:].split()]
+          for l in out[3:]}
+  for kind in ("wall", "forward", "backward", "optimizer"):
+    assert all(v > 0 for v in rows[kind]), (kind, out)
+  # The trainer's pipeline runs tf.data threads; so does the raw loop's.
+  assert rows["input pipeline CPU"][1] > 0
