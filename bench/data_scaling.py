@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from bench import machine
+
 KINDS = ("image_folder", "array_record", "image_folder_eager", "tfrecord")
 
 
@@ -176,11 +178,12 @@ def main(argv=None):
   if args.command == "write":
     write(args.kind, args.n, args.out)
   elif args.command == "decode":
-    print(json.dumps(decode_cost()))
+    print(json.dumps({**decode_cost(), "machine": machine.info()}))
   elif args.command == "measure":
     print(json.dumps(measure(args.kind, args.data_dir, args.repeats)))
   else:
     rows = table(args.kinds.split(","), [int(x) for x in args.sizes.split(",")])
+    print(machine.header(machine.info()))
     print("| reader | examples | start-up to first batch, cold (s) | warm (s) "
           "| peak RSS (MB) |")
     print("|---|---|---|---|---|")

@@ -9,6 +9,10 @@ chunk (--interval updates) of each contender back to back, so machine drift
 hits all of them alike, and the figure is the median over rounds of the
 per-round ratio raw time / contender time (with its quartiles).
 
+The first line of the output names the machine (bench.machine): CPU model,
+the instruction-set flags TF's kernels depend on (avx512f, avx512_bf16,
+amx_*), cores, and the load average before the run and after it.
+
 Contenders, all on the same model, batch and Adam:
   raw          bench.workers' hand-written loop, Keras' Adam
   raw_fused    the same loop with the framework's optimizer (fused kernels)
@@ -16,7 +20,21 @@ Contenders, all on the same model, batch and Adam:
                non-finite guard), on the framework's own input pipeline
   framework_guarded  Steps.guarded_loop: the per-update guard (tf.cond)
 Summaries, checkpoints and the input-wait probe run between chunks in the
-trainer and are not part of a chunk; bench.run's rows include them.
+trainer and are not part of a chunk; bench.run's rows include them, and so
+does the end-to-end row.
+
+The end-to-end row (`--end_to_end`; bench/end_to_end.py has the details):
+the trainer's real Controller.train with CLI defaults, one round = one
+summary interval (--interval, default 100 updates) of each of
+  raw_data          a hand-written loop on the same examples in memory (x raw = 1)
+  framework         Steps.unguarded_chunk on the trainer's pipeline
+  framework_cached  the same chunk on 32 cached batches (no pipeline work)
+  end_to_end        the trainer's loop from one summary write to the next
+                    (pipeline, probe, progress, checks, summary included)
+on --data=auto (../shared/data/mnist's test split if present, else
+synthetic), printed with the share of end_to_end spent inside the chunks.
+
+  python -m bench.paired --end_to_end --model=cnn --batch=32 --rounds=20
 
 The GAN row (`--gan`; --model is then ignored), examples/dcgan.py at --batch:
   gan_raw        bench.gan's hand-written loop: tf.function, GradientTape,
@@ -51,7 +69,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import common  # noqa: E402
+from bench import common, end_to_end, machine  # noqa: E402
 
 
 def _raw(args, fused: bool):
@@ -133,14 +151,22 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="bench.paired")
   p.add_argument("--model", default="cnn", choices=sorted(common.SHAPES))
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--interval", type=int, default=50)
+  p.add_argument("--interval", type=int, default=None,
+                 help="updates per round (default 50; --end_to_end: 100, "
+                      "the summary interval)")
   p.add_argument("--rounds", type=int, default=60)
   p.add_argument("--strategy", default="default",
                  choices=("default", "multiworker"),
                  help="multiworker: run under launch.local (module doc)")
   p.add_argument("--gan", action="store_true",
                  help="the GAN row: gan_raw vs gan_framework (module doc)")
+  end_to_end.add_flags(p)
   args = p.parse_args(argv)
+  if args.interval is None:
+    args.interval = 100 if args.end_to_end else 50
+  if args.end_to_end and (args.gan or args.strategy != "default"):
+    raise SystemExit("bench.paired: --end_to_end runs the built-in task "
+                     "under --strategy=default only.")
   from absl import logging
   # Quiet while the runners are built; restored after (tests call main()).
   previous = logging.get_verbosity()
@@ -186,7 +212,32 @@ def _contenders(args, tmp: str) -> dict:
   }
 
 
+def _load_text() -> str:
+  now = machine.load()
+  return "load avg " + ("/".join(f"{x:.2f}" for x in now) if now else "?")
+
+
+def _print_end_to_end(args, times, details, machine_at_start) -> None:
+  print(machine.header(machine_at_start) + f"; after: {_load_text()}")
+  print(f"{args.model} end to end on {details['data']}, global batch "
+        f"{args.batch}: {args.rounds} rounds of one summary interval "
+        f"({args.interval} updates) each; x raw = median over rounds of "
+        "raw_data time / contender time [quartiles]")
+  _table(times, args.interval)
+  inside = [c / t for c, t in zip(details["inside_chunks"],
+                                  times["end_to_end"])]
+  q1, _, q3 = statistics.quantiles(inside, n=4)
+  print(f"  end_to_end inside executor.run (chunks, probe): median "
+        f"{statistics.median(inside):.3f} of its time [{q1:.3f}, "
+        f"{q3:.3f}]; the rest is host work between chunks")
+
+
 def _measure(args, tmp: str) -> int:
+  machine_at_start = machine.info()   # load before this process's own work
+  if args.end_to_end:
+    times, details = end_to_end.measure(args, tmp)
+    _print_end_to_end(args, times, details, machine_at_start)
+    return 0
   import tensorflow as tf
   contenders = _contenders(args, tmp)
   n = tf.constant(args.interval)
@@ -200,19 +251,26 @@ def _measure(args, tmp: str) -> int:
       run(n)   # an eager call of a tf.function returns when it has run
       times[name].append(time.perf_counter() - began)
   replicas = getattr(args, "replicas", 1)
+  print(machine.header(machine_at_start) + f"; after: {_load_text()}")
   print(f"{args.model} {args.strategy} ({replicas} replica"
         f"{'s' if replicas > 1 else ''}) global batch "
         f"{args.batch}: {args.rounds} rounds of {args.interval} updates "
         "each; x raw = median over rounds of "
         "raw time / contender time [quartiles]")
-  reference = times[next(iter(times))]   # raw (gan_raw): the first one
+  _table(times, args.interval)
+  return 0
+
+
+def _table(times: dict, interval: int) -> None:
+  """One line per contender: median ms/update, and the median and
+  quartiles of the per-round ratio to the first contender (the raw loop)."""
+  reference = times[next(iter(times))]
   for name, ts in times.items():
     ratios = [r / t for r, t in zip(reference, ts)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
-    print(f"  {name:18s} {1000 * statistics.median(ts) / args.interval:6.3f} "
+    print(f"  {name:18s} {1000 * statistics.median(ts) / interval:6.3f} "
           f"ms/update  x raw {statistics.median(ratios):.3f} "
           f"[{q1:.3f}, {q3:.3f}]")
-  return 0
 
 
 if __name__ == "__main__":

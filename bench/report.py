@@ -1,7 +1,7 @@
 """Turns the measured runs into the result table, the goal checks, and the
 terminal / Markdown / JSON outputs."""
 
-from bench import common
+from bench import common, machine
 
 
 def _ratio(a, b):
@@ -210,9 +210,11 @@ def _header_lines(data) -> list[str]:
       f"{run['repeats']} repeat(s) per row, >= {run['min_seconds']:g} s and "
       f">= {run['min_intervals']} intervals of steady state per run, first "
       f"{run['warmup_intervals']} intervals dropped",
-      f"machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs "
-      f"({' '.join(m.get('simd', []))}), TF {m.get('tensorflow')}, Keras "
-      f"{m.get('keras')}, Python {m.get('python')}, git {m.get('git', '?')}",
+      machine.header(m) + (
+          f" (at start {'/'.join(f'{x:.2f}' for x in m['load_start'])})"
+          if m.get("load_start") else ""),
+      f"TF {m.get('tensorflow')}, Keras {m.get('keras')}, Python "
+      f"{m.get('python')}, git {m.get('git', '?')}",
   ]
   if run.get("interrupted"):
     lines.append("INTERRUPTED: only the runs finished before Ctrl-C are shown")

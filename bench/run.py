@@ -23,7 +23,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before any TF import
 
-from bench import common, data_scaling, report  # noqa: E402
+from bench import common, data_scaling, machine, report  # noqa: E402
 from bench.rows import Row, catalog  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -400,22 +399,9 @@ def select_rows(args) -> list[Row]:
 
 
 def machine_info() -> dict:
-  info = {"cpus": os.cpu_count(), "platform": platform.platform(),
-          "python": platform.python_version(),
-          "loadavg_start": open("/proc/loadavg").read().split()[:3]}
-  try:
-    with open("/proc/cpuinfo") as f:
-      text = f.read()
-    for line in text.splitlines():
-      if line.startswith("model name"):
-        info["cpu"] = line.split(":", 1)[1].strip()
-        break
-    flags = next((l.split(":", 1)[1].split() for l in text.splitlines()
-                  if l.startswith("flags")), [])
-    info["simd"] = [f for f in ("avx2", "avx512f", "avx512_bf16",
-                                "avx512_vnni", "amx_bf16") if f in flags]
-  except OSError:
-    pass
+  """bench.machine's record (CPU, TF-relevant flags, cores, load) and the
+  git revision."""
+  info = machine.info()
   try:
     info["git"] = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=REPO,
@@ -470,6 +456,7 @@ def main(argv=None) -> int:
   rows = select_rows(args)
 
   began = time.monotonic()
+  load_start = machine.load()
   started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
   bench = Bench(args)
   log(f"{len(rows)} rows x {args.repeats} repeats; temp dir {bench.tmp}")
@@ -515,7 +502,8 @@ def main(argv=None) -> int:
        "min_intervals": args.min_intervals,
        "warmup_intervals": common.WARMUP_INTERVALS,
        "started": started_at, "duration_s": round(time.monotonic() - began),
-       "machine": {**machine_info(), **flops.get("versions", {}),
+       "machine": {**machine_info(), "load_start": load_start,
+                   **flops.get("versions", {}),
                    "threads": flops.get("threads")},
        "setup_notes": bench.setup_notes, "interrupted": interrupted})
   text = report.terminal(data)

@@ -165,7 +165,11 @@ def test_paired_runs_every_contender_interleaved(capsys):
   assert paired.main(["--batch=8", "--interval=2", "--rounds=4"]) == 0
   # Global logging is left as it was (later tests in this process log).
   assert logging.get_verbosity() == verbosity
-  lines = [l.split() for l in capsys.readouterr().out.splitlines()[1:]]
+  out = capsys.readouterr().out.splitlines()
+  # First the machine (CPU, flags, cores, load), then the setting.
+  assert out[0].startswith("machine: ") and "load avg" in out[0]
+  assert out[1].startswith("cnn default (1 replica) global batch 8")
+  lines = [l.split() for l in out[2:]]
   assert [l[0] for l in lines] == ["raw", "raw_fused", "framework",
                                    "framework_guarded"]
   by = {l[0]: l for l in lines}
@@ -180,8 +184,9 @@ def test_paired_gan_row(capsys):
   assert paired.main(["--gan", "--batch=8", "--interval=2",
                       "--rounds=3"]) == 0
   out = capsys.readouterr().out.splitlines()
-  assert out[0].startswith("dcgan default")
-  lines = [l.split() for l in out[1:]]
+  assert out[0].startswith("machine: ")
+  assert out[1].startswith("dcgan default")
+  lines = [l.split() for l in out[2:]]
   assert [l[0] for l in lines] == ["gan_raw", "gan_framework"]
   assert lines[0][5] == "1.000" and all(float(l[1]) > 0 for l in lines)
 
@@ -209,3 +214,90 @@ def test_paired_multiworker_under_launch_local():
         proc.stdout[-2000:]
     assert all(float(l[1]) > 0 for l in lines)
     assert dict((l[0], l[5]) for l in lines)["raw"] == "1.000"
+
+
+def test_end_to_end_data_is_mnist_when_present_else_synthetic(tmp_path):
+  from bench import end_to_end
+  fallback = end_to_end.data_settings("auto", str(tmp_path))
+  assert fallback["fields"]["dataset"] == "synthetic"
+  assert "synthetic" in fallback["label"]
+  with pytest.raises(SystemExit, match="no MNIST files"):
+    end_to_end.data_settings("mnist", str(tmp_path))
+  (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+  found = end_to_end.data_settings("auto", str(tmp_path))
+  assert found["fields"]["dataset"] == "mnist"
+  assert found["fields"]["train_split"] == "test"
+  assert end_to_end.data_settings("synthetic", str(tmp_path))["fields"][
+      "dataset"] == "synthetic"
+
+
+def test_end_to_end_raw_side_reads_the_trainers_examples():
+  """Same data on both sides: the hand-written loop's in-memory arrays,
+  at the indices of the trainer's first batch, equal that batch as the
+  trainer's pipeline and preprocessing give it (another code path)."""
+  import argparse
+  import numpy as np
+  from bench import end_to_end
+  from trainer import build
+  from trainer.data import pipeline
+  args = argparse.Namespace(model="cnn", batch=16, interval=10,
+                            data="synthetic")
+  config = end_to_end._config(args, "unused", 100)  # noqa: SLF001
+  parts = build.parts(config)
+  source = parts.task.source(config.train_split)
+  images, labels = end_to_end.in_memory(source)
+  assert images.dtype == np.float32 and images.shape == (10000, 28, 28, 1)
+  assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.9
+  features, batch_labels, meta = next(iter(pipeline.train_dataset(
+      parts.task, config.train_split, 16, config.seed, 0)))
+  index = pipeline.example_indices(meta["pos"], source.num_examples,
+                                   config.seed).numpy()
+  assert len(set(index)) == 16   # a shuffled batch, not rows 0..15
+  np.testing.assert_array_equal(features.numpy(), images[index])
+  np.testing.assert_array_equal(batch_labels.numpy(), labels[index])
+
+
+def test_paired_end_to_end_runs_the_trainers_loop(tmp_path, capsys):
+  """The end-to-end contender (no timing asserted): the trainer really ran
+  every interval and wrote its summaries; every contender has one time per
+  round; the chunk share of the trainer's interval is a share; the table
+  names the machine and the data, with the raw loop as reference."""
+  import argparse
+  from bench import end_to_end, machine, paired
+  from tests.conftest import event_steps
+  args = argparse.Namespace(model="cnn", batch=8, interval=10, rounds=3,
+                            data="synthetic")
+  times, details = end_to_end.measure(args, str(tmp_path))
+  assert list(times) == ["raw_data", "framework", "framework_cached",
+                         "end_to_end"]
+  assert all(len(ts) == 3 and min(ts) > 0 for ts in times.values())
+  total = (3 + end_to_end.WARMUP_INTERVALS + 1) * 10
+  assert details["global_step"] == total
+  assert all(0 < c < t for c, t in zip(details["inside_chunks"],
+                                        times["end_to_end"]))
+  assert event_steps(str(tmp_path / "e2e" / "train"), "steps_per_sec") == \
+      list(range(10, total + 1, 10))
+  paired._print_end_to_end(args, times, details, machine.info())  # noqa: SLF001
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("machine: ")
+  assert out[1].startswith("cnn end to end on synthetic 28x28x1")
+  rows = [l.split() for l in out[2:6]]
+  assert [r[0] for r in rows] == list(times) and rows[0][5] == "1.000"
+  assert out[6].startswith("  end_to_end inside executor.run")
+
+
+def test_trace_breaks_down_both_loops(capsys):
+  """bench.trace on a tiny setting (no timing asserted): both loops are
+  traced, and each category that both must have (the model's forward and
+  backward ops, the optimizer's, Keras' or the fused kernel) is found."""
+  from bench import trace
+  assert trace.main(["--batch=8", "--updates=4", "--data=synthetic"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("machine: ")
+  assert out[2].split() == ["raw_data", "framework"]
+  rows = {l[:22].strip(): [float(x) for x in l[22:].split()]
+          for l in out[3:]}
+  for kind in ("wall", "forward", "backward", "optimizer"):
+    assert all(v > 0 for v in rows[kind]), (kind, out)
+  # The trainer's pipeline runs tf.data threads; so does the raw loop's.
+  assert rows["input pipeline CPU"][1] > 0
