@@ -197,7 +197,19 @@ def main(argv=None) -> int:
            args.updates)
     return 0
   from absl import logging
+  # Quiet while tracing; restored after (tests call main() in-process, and
+  # a verbosity left at ERROR hides the log records later tests read).
+  previous = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
+  try:
+    results = _measure(args)
+  finally:
+    logging.set_verbosity(previous)
+  _print(results, args.updates)
+  return 0
+
+
+def _measure(args) -> dict:
   import tensorflow as tf
   with tempfile.TemporaryDirectory(prefix="bench_trace_") as tmp:
     contenders = _contenders(args, tmp)
@@ -210,8 +222,7 @@ def main(argv=None) -> int:
       threads, main_ps = _trace(run, n, args.updates,
                                 os.path.join(tmp, "trace_" + name))
       results[name] = breakdown(threads, main_ps, args.updates)
-  _print(results, args.updates)
-  return 0
+  return results
 
 
 if __name__ == "__main__":

@@ -175,6 +175,17 @@ def event_steps(directory, tag) -> list[int]:
   return steps
 
 
+@pytest.fixture(autouse=True)
+def _absl_verbosity_restored():
+  """In-process callers of main()s (bench, trainer) may change absl's
+  verbosity; a later test reading log records (caplog) must not depend on
+  which test ran before it in the same worker."""
+  from absl import logging
+  previous = logging.get_verbosity()
+  yield
+  logging.set_verbosity(previous)
+
+
 @pytest.fixture
 def mnist_dir():
   if not MNIST_DIR.is_dir():
