@@ -5,22 +5,22 @@ executor (trainer.executors) that knows how a chunk runs on the strategy;
 it never builds anything and never touches a strategy itself.
 """
 
+import contextlib
 import json
 import os
 import time
 
 from absl import logging
 import tensorflow as tf
+
 from trainer import best as best_lib
-from trainer import executors, guard, optim, summary, watch
+from trainer import executors, guard, optim, rundir, summary, watch
 from trainer.config import Config
-from trainer.preemption import StopSignal as _StopSignal
-from trainer import rundir
 from trainer.data import damage
 from trainer.errors import UserError
+from trainer.preemption import StopSignal as _StopSignal
 from trainer.guard import NonFiniteError  # noqa: F401  (re-exported)
 
-PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL: saved; run the same command again
 
 
 class Preempted(Exception):
@@ -60,6 +60,18 @@ class Controller:
   steps = property(lambda self: self.parts.steps)
 
   # ---- helpers ----------------------------------------------------------
+  @contextlib.contextmanager
+  def _translated_errors(self):
+    """Errors out of the executor's work as the executor names them (a lost
+    parameter server: ParameterServerLost, exit 4 with one line)."""
+    try:
+      yield
+    except Exception as e:   # noqa: BLE001 - translated, re-raised
+      translated = self.executor.translate(e)
+      if translated is e:
+        raise
+      raise translated from None
+
   @property
   def global_step(self) -> int:
     return int(self.state.global_step.numpy())
@@ -127,12 +139,8 @@ class Controller:
       self.writers.config(self.global_step, config)
     stop = _StopSignal().install()
     try:
-      result.update(self._train_chunks(stop, evaluate))
-    except Exception as e:   # noqa: BLE001 - translated, re-raised
-      translated = self.executor.translate(e)
-      if translated is e:
-        raise
-      raise translated from None
+      with self._translated_errors():
+        result.update(self._train_chunks(stop, evaluate))
     finally:
       stop.uninstall()
       self._profiler.stop()
@@ -314,25 +322,15 @@ class Controller:
   def evaluate_checkpoint(self, path: str | None = None) -> dict:
     if path and os.path.isdir(path):   # e.g. --checkpoint=MODEL_DIR/best
       path = tf.train.latest_checkpoint(path) or path
-    try:
+    with self._translated_errors():
       restored = self.checkpointer.restore(self.config, path)
-    except tf.errors.OpError as e:
-      translated = self.executor.translate(e)
-      if translated is e:
-        raise
-      raise translated from None
     if restored is None:
       raise UserError(f"--mode=eval: no checkpoint in --model_dir="
                       f"{self.config.model_dir}; train first or pass "
                       "--checkpoint=PATH.")
     logging.info("evaluating %s (step %d)", restored, self.global_step)
-    try:
+    with self._translated_errors():
       metrics = self.evaluate()
-    except tf.errors.OpError as e:
-      translated = self.executor.translate(e)
-      if translated is e:
-        raise
-      raise translated from None
     return {"global_step": self.global_step, "checkpoint": restored,
             **_prefixed("eval", metrics)}
 
