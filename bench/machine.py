@@ -9,36 +9,9 @@ move with it, so every bench output starts with `header(info())`.
 import os
 import platform
 
-# The flags that change which oneDNN/Eigen kernels TF runs (fp32 and bf16).
-TF_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
-            "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def parse_cpuinfo(text: str) -> dict:
-  """/proc/cpuinfo text -> {"cpu": model name, "flags": the TF_FLAGS set,
-  "sockets_cores": logical processors listed}. Pure: tests feed it text."""
-  model, flags, processors = None, [], 0
-  for line in text.splitlines():
-    key, _, value = line.partition(":")
-    key = key.strip()
-    if key == "processor":
-      processors += 1
-    elif key == "model name" and model is None:
-      model = value.strip()
-    elif key == "flags" and not flags:
-      flags = value.split()
-  present = set(flags)
-  return {"cpu": model or "unknown CPU",
-          "flags": [f for f in TF_FLAGS if f in present],
-          "processors_listed": processors}
-
-
-def _read(path: str) -> str | None:
-  try:
-    with open(path) as f:
-      return f.read()
-  except OSError:
-    return None
+# One copy, in the trainer (--mixed_precision=auto reads the same flags).
+from trainer.cpuinfo import TF_FLAGS, parse_cpuinfo  # noqa: F401
+from trainer.cpuinfo import read as _read
 
 
 def load() -> list[float] | None:

@@ -36,6 +36,24 @@ synthetic), printed with the share of end_to_end spent inside the chunks.
 
   python -m bench.paired --end_to_end --model=cnn --batch=32 --rounds=20
 
+On-disk input (`--on_disk`; issue 15's goal: >= 0.9 of in-memory), the
+trainer's chunk (cnn, Adam, --batch) on three sources of one shape
+(--image_size, square, 1 channel):
+  in_memory     --dataset=synthetic arrays of that shape (x raw = 1)
+  image_folder  --examples JPEGs (bench.data_scaling.write) in a folder,
+                read lazily with --image_size: read, decode, random-resized
+                crop and resize per batch
+  array_record  the same JPEGs in ArrayRecord shards, read the same way
+Before each timed chunk the process sleeps --settle seconds: a contender's
+pipeline keeps filling its prefetch buffer after its chunk, and that work
+must not land in the next contender's time.
+
+Mixed precision (`--mixed_precision=mixed_bfloat16`): the contenders are
+  raw, raw_mixed_bfloat16, framework, framework_mixed_bfloat16
+(the same loops, the second of each pair under that Keras policy), so x raw
+is the speed-up over the fp32 hand-written loop. Accuracy is not measured
+here: compare eval_accuracy of two real runs (bench/README.md).
+
 The GAN row (`--gan`; --model is then ignored), examples/dcgan.py at --batch:
   gan_raw        bench.gan's hand-written loop: tf.function, GradientTape,
                  two Keras Adams, simultaneous updates (x raw = 1)
@@ -72,13 +90,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench import common, end_to_end, machine  # noqa: E402
 
 
-def _raw(args, fused: bool):
+def _raw(args, fused: bool, precision: str = "float32"):
   """bench.workers' raw loop, as a callable running one chunk."""
   import numpy as np
   import tensorflow as tf
   from bench import workers
   worker_args = argparse.Namespace(
-      model=args.model, batch=args.batch, examples=4096, precision="float32",
+      model=args.model, batch=args.batch, examples=4096, precision=precision,
       jit_compile=False, fused_optimizer=fused)
   model = workers._model(worker_args)  # noqa: SLF001
   optimizer = workers.make_optimizer(worker_args, model)
@@ -121,14 +139,14 @@ def _raw_distributed(args, strategy):
   return train_loop
 
 
-def _runner(args, model_dir: str):
+def _runner(args, model_dir: str, precision: str = "float32"):
   from trainer import controller
   from trainer.config import Config
   shape = ",".join(str(d) for d in common.SHAPES[args.model])
   return controller.create(Config(
       model=args.model, dataset="synthetic", synthetic_shape=shape,
       global_batch_size=args.batch, optimizer="adam", model_dir=model_dir,
-      strategy=args.strategy))
+      strategy=args.strategy, mixed_precision=precision))
 
 
 def _gan_runner(args, model_dir: str):
@@ -137,6 +155,27 @@ def _gan_runner(args, model_dir: str):
   return controller.create(Config(
       task="examples.dcgan:DCGAN", global_batch_size=args.batch,
       model_dir=model_dir))
+
+
+def _on_disk(args, tmp: str) -> dict:
+  from bench import data_scaling
+  from trainer import controller
+  from trainer.config import Config
+  side = args.image_size
+  common_flags = dict(model="cnn", global_batch_size=args.batch,
+                      optimizer="adam")
+  contenders = {"in_memory": _framework(controller.create(Config(
+      dataset="synthetic", synthetic_shape=f"{side},{side},1",
+      model_dir=os.path.join(tmp, "in_memory"), **common_flags)),
+      guarded=False)}
+  for kind in ("image_folder", "array_record"):
+    data = os.path.join(tmp, "data_" + kind)
+    data_scaling.write(kind, args.examples, data, shape=(side, side, 1))
+    contenders[kind] = _framework(controller.create(Config(
+        dataset=kind, data_dir=data, image_size=str(side),
+        eval_split="train[:1%]", model_dir=os.path.join(tmp, kind),
+        **common_flags)), guarded=False)
+  return contenders
 
 
 def _framework(runner, guarded: bool):
@@ -160,6 +199,19 @@ def main(argv=None) -> int:
                  help="multiworker: run under launch.local (module doc)")
   p.add_argument("--gan", action="store_true",
                  help="the GAN row: gan_raw vs gan_framework (module doc)")
+  p.add_argument("--on_disk", action="store_true",
+                 help="in-memory arrays vs lazily read JPEGs (module doc)")
+  p.add_argument("--image_size", type=int, default=64,
+                 help="--on_disk: the images' side (the issue's 64)")
+  p.add_argument("--examples", type=int, default=8192,
+                 help="--on_disk: JPEGs written per format")
+  p.add_argument("--settle", type=float, default=None,
+                 help="seconds to sleep before each timed chunk (default: "
+                      "1 with --on_disk, else 0)")
+  p.add_argument("--mixed_precision", default="",
+                 choices=("", "mixed_bfloat16", "mixed_float16"),
+                 help="race the fp32 raw loop and chunk against both under "
+                      "this Keras policy (module doc)")
   end_to_end.add_flags(p)
   args = p.parse_args(argv)
   if args.interval is None:
@@ -167,6 +219,16 @@ def main(argv=None) -> int:
   if args.end_to_end and (args.gan or args.strategy != "default"):
     raise SystemExit("bench.paired: --end_to_end runs the built-in task "
                      "under --strategy=default only.")
+  if args.settle is None:
+    args.settle = 1.0 if args.on_disk else 0.0
+  if args.on_disk and (args.gan or args.end_to_end or args.mixed_precision
+                       or args.strategy != "default"):
+    raise SystemExit("bench.paired: --on_disk runs alone, under "
+                     "--strategy=default.")
+  if args.mixed_precision and (args.gan or args.end_to_end
+                              or args.strategy != "default"):
+    raise SystemExit("bench.paired: --mixed_precision races the built-in "
+                     "chunk under --strategy=default only.")
   from absl import logging
   # Quiet while the runners are built; restored after (tests call main()).
   previous = logging.get_verbosity()
@@ -180,6 +242,8 @@ def main(argv=None) -> int:
 
 
 def _contenders(args, tmp: str) -> dict:
+  if args.on_disk:
+    return _on_disk(args, tmp)
   if args.gan:
     if args.strategy != "default":
       raise SystemExit("bench.paired: --gan runs under --strategy=default "
@@ -189,6 +253,22 @@ def _contenders(args, tmp: str) -> dict:
     return {"gan_raw": gan.raw_loop(args.batch),
             "gan_framework": _framework(
                 _gan_runner(args, os.path.join(tmp, "gan")), guarded=False)}
+  if args.strategy == "default" and args.mixed_precision:
+    # The fp32 raw loop first: bench.workers sets Keras' global policy for
+    # the bf16 one, and each runner sets it from its config.
+    import keras
+    contenders = {
+        "raw": _raw(args, fused=False),
+        f"raw_{args.mixed_precision}": _raw(args, fused=False,
+                                            precision=args.mixed_precision),
+        "framework": _framework(_runner(args, os.path.join(tmp, "fast")),
+                                guarded=False),
+        f"framework_{args.mixed_precision}": _framework(
+            _runner(args, os.path.join(tmp, "mixed"),
+                    precision=args.mixed_precision), guarded=False),
+    }
+    keras.mixed_precision.set_global_policy("float32")
+    return contenders
   if args.strategy == "default":
     return {
         "raw": _raw(args, fused=False),
@@ -247,11 +327,21 @@ def _measure(args, tmp: str) -> int:
   times = {name: [] for name in contenders}
   for _ in range(args.rounds):
     for name, run in contenders.items():
+      if args.settle:
+        time.sleep(args.settle)
       began = time.perf_counter()
       run(n)   # an eager call of a tf.function returns when it has run
       times[name].append(time.perf_counter() - began)
   replicas = getattr(args, "replicas", 1)
   print(machine.header(machine_at_start) + f"; after: {_load_text()}")
+  if args.on_disk:
+    print(f"cnn on {args.image_size}x{args.image_size}x1 images, batch "
+          f"{args.batch}: the trainer's chunk on in-memory arrays and on "
+          f"{args.examples} JPEGs read lazily; {args.rounds} rounds of "
+          f"{args.interval} updates; x raw = median over rounds of "
+          "in_memory time / contender time [quartiles]")
+    _table(times, args.interval)
+    return 0
   print(f"{args.model} {args.strategy} ({replicas} replica"
         f"{'s' if replicas > 1 else ''}) global batch "
         f"{args.batch}: {args.rounds} rounds of {args.interval} updates "

@@ -2,6 +2,7 @@
 profiler trace, for the hand-written loop and for the trainer's chunk.
 
   python -m bench.trace --model=cnn --batch=32 --updates=100
+  python -m bench.trace --gan --batch=64 --updates=100   # the GAN row
   python -m bench.trace --xplane=MODEL_DIR/train/plugins/profile/RUN/HOST.xplane.pb \
       --updates=100          # a trace the trainer wrote with --profile_steps
 
@@ -160,6 +161,12 @@ def _trace(run, n, updates: int, logdir: str) -> tuple[dict, int]:
 
 def _contenders(args, tmp: str) -> dict:
   from bench import end_to_end, paired
+  if args.gan:
+    from bench import gan
+    return {"gan_raw": gan.raw_loop(args.batch),
+            "gan_framework": paired._framework(  # noqa: SLF001
+                paired._gan_runner(args, os.path.join(tmp, "gan")),  # noqa: SLF001
+                guarded=False)}
   ns = argparse.Namespace(model=args.model, batch=args.batch,
                           interval=args.updates, data=args.data)
   runner = end_to_end._timed_controller(  # noqa: SLF001
@@ -187,6 +194,9 @@ def main(argv=None) -> int:
   p.add_argument("--updates", type=int, default=100)
   p.add_argument("--data", default="auto", choices=("auto", "mnist",
                                                     "synthetic"))
+  p.add_argument("--gan", action="store_true",
+                 help="the GAN row's two loops (bench.paired --gan) instead "
+                      "of the cnn's; --model and --data are then ignored")
   p.add_argument("--xplane", default="",
                  help="analyse this trace instead of tracing the two loops")
   args = p.parse_args(argv)

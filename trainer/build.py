@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from trainer import checkpoint as ckpt_lib
-from trainer import epochs, optim, strategy as strategy_lib
+from trainer import epochs, optim, precision, strategy as strategy_lib
 from trainer.config import Config, check_batch_fits, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
@@ -122,6 +122,17 @@ def trackable(named: dict, name: str):
   return module
 
 
+def _resolved_precision(config: Config) -> Config:
+  """--mixed_precision=auto -> the policy this machine gets; every part
+  (and config.json) sees the resolved name."""
+  chosen = precision.for_this_machine(config.mixed_precision, config.strategy)
+  if chosen == config.mixed_precision:
+    return config
+  logging.info("--mixed_precision=auto: %s on this machine (trainer/"
+               "precision.py says when).", chosen)
+  return dataclasses.replace(config, mixed_precision=chosen)
+
+
 def parts(config: Config, task: Task | None = None,
           steps_class=Steps) -> Parts:
   """Builds a run's parts. `steps_class`: the executor's Steps."""
@@ -129,6 +140,7 @@ def parts(config: Config, task: Task | None = None,
   strategy, role = strategy_lib.build(config)
   check_divisible(config, strategy.num_replicas_in_sync)
   keras.utils.set_random_seed(config.seed)
+  config = _resolved_precision(config)
   keras.mixed_precision.set_global_policy(config.mixed_precision)
   task = task if task is not None else from_config(config)
   # Epoch flags become steps once the split sizes are known.

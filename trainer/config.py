@@ -19,7 +19,7 @@ DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "tfrecord",
             "array_record", "image_folder", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
 MODES = ("train", "eval", "train_and_eval", "continuous_eval")
 NONFINITE = ("skip", "rollback", "fail")
 PROGRESS = ("auto", "line", "log")
@@ -271,8 +271,10 @@ _HELP = {
     "early_stopping_min_delta": "An evaluation improves only if it beats the "
                                 "best by more than this.",
     "mixed_precision": "Keras dtype policy: float32, mixed_bfloat16 (fast on "
-                       "CPUs with AVX512_BF16), mixed_float16 (dynamic loss "
-                       "scaling).",
+                       "CPUs with AVX512_BF16 or AMX), mixed_float16 (dynamic "
+                       "loss scaling), or auto: mixed_bfloat16 on such a CPU "
+                       "without GPU/TPU, else float32 (one process per run "
+                       "only: a cluster names its policy).",
     "jit_compile": "XLA-compile the replica step.",
     "mode": "train, eval (latest checkpoint), train_and_eval, "
             "continuous_eval (evaluate each new checkpoint in --model_dir). "
@@ -384,6 +386,14 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
   if not config.model_dir:
     raise UserError("--model_dir is empty: give a directory for checkpoints "
                     "and summaries.")
+  if config.mixed_precision == "auto" and config.strategy in (
+      "multiworker", "parameter_server"):
+    # Each process would pick by its own CPU: a mixed cluster would train
+    # in two precisions without a word.
+    raise UserError(f"--mixed_precision=auto picks by this machine's CPU; "
+                    f"under --strategy={config.strategy} every process must "
+                    "agree: name the policy (mixed_bfloat16 where every "
+                    "worker's CPU has AVX512_BF16 or AMX, else float32).")
   if config.cpu_replicas > 1 and config.strategy == "multiworker":
     # TF 2.21's MultiWorkerMirroredStrategy takes one CPU device per worker
     # whatever logical devices exist (collective_all_reduce_strategy.py,

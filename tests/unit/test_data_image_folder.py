@@ -1,6 +1,7 @@
 """image_folder reader: class folders of PNGs, split sub-folders, bad files."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -95,3 +96,20 @@ def test_no_classes(tmp_path):
     _read("train", tmp_path)
   with pytest.raises(UserError, match="--data_dir"):
     _read("train", tmp_path / "absent")
+
+
+def test_lazy_gather_reads_the_files_and_a_vanished_one_as_empty(tmp_path):
+  """With --image_size the batch's files are read on the host: their exact
+  bytes, and b"" (an image that does not decode: weight 0 or a clean stop)
+  for a file that went away after the listing, not a failed pipeline."""
+  _make(tmp_path, per_class=2)
+  source = _read("train", tmp_path, any_size=True)
+  paths = [source.describe(i) for i in range(source.num_examples)]
+  gone = paths[3]
+  expected = [open(p, "rb").read() if p != gone else b"" for p in paths]
+  os.remove(gone)
+  images, labels = _all(source)
+  assert list(images) == expected
+  # Content names the class: 20 * class id + i.
+  for path, label in zip(paths, labels):
+    assert os.path.basename(os.path.dirname(path)) == CLASSES[label]
