@@ -10,7 +10,7 @@ from launch.child import Child
 from launch.cluster import HOST
 from launch.group import POLL_S, stop_all
 from launch.output import log
-from trainer import net
+from trainer.distribute import net
 
 
 class Restarts:

@@ -18,8 +18,8 @@ SERVER_TYPES = ("worker", "ps")
 
 def parse_tf_config(text):
   """Returns (cluster, task_type, index) from a TF_CONFIG string; ValueError says what is wrong.
-  The checks are the trainer's own (trainer.cluster), plus: a server runs a worker or ps task."""
-  from trainer import cluster as cluster_lib
+  The checks are the trainer's own (trainer.distribute.cluster), plus: a server runs a worker or ps task."""
+  from trainer.distribute import cluster as cluster_lib
   from trainer.errors import UserError
   try:
     config = cluster_lib.parse_tf_config(text)

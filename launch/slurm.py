@@ -15,7 +15,7 @@ from absl import flags
 
 from launch import cli
 
-PORT_ENV = "TRAINER_SLURM_PORT_BASE"  # trainer.strategy passes it to SlurmClusterResolver
+PORT_ENV = "TRAINER_SLURM_PORT_BASE"  # trainer.distribute.strategy passes it to SlurmClusterResolver
 _TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 

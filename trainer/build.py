@@ -10,7 +10,8 @@ import keras
 import tensorflow as tf
 
 from trainer import checkpoint as ckpt_lib
-from trainer import epochs, optim, precision, strategy as strategy_lib
+from trainer import epochs, optim, precision
+from trainer.distribute import strategy as strategy_lib
 from trainer.config import Config, check_batch_fits, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError

@@ -19,7 +19,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-from trainer import cluster  # noqa: E402
+from trainer.distribute import cluster  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import dirlock  # noqa: E402
 from trainer import errors  # noqa: E402

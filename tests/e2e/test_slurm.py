@@ -42,7 +42,7 @@ def slurm(monkeypatch):
 
 
 def _resolve():
-  from trainer import strategy
+  from trainer.distribute import strategy
   resolver = strategy.slurm_resolver()
   return (resolver.cluster_spec().as_dict(), resolver.task_type,
           resolver.task_id, resolver.num_accelerators())
@@ -50,7 +50,7 @@ def _resolve():
 
 def test_two_tasks_on_one_node(slurm):
   """TF 2.21's own resolver fails here on a CPU host (range step 0 for 0
-  GPUs); trainer.strategy's subclass packs the tasks by node instead."""
+  GPUs); trainer.distribute.strategy's subclass packs the tasks by node instead."""
   slurm(procid=1, ntasks=2, nodelist="127.0.0.1", tasks_per_node="2",
         port_base=23456)
   spec, task_type, task_id, accelerators = _resolve()

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, env, last_json, trainer_cmd
 from launch import cluster as launch_cluster
-from trainer.cluster import parse_tf_config
+from trainer.distribute.cluster import parse_tf_config
 from trainer.errors import UserError
 
 pytestmark = pytest.mark.timeout(300)

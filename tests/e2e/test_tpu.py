@@ -37,7 +37,7 @@ def test_no_tpu_fails_fast_with_one_line(tmp_path, tpu, says):
 
 
 def test_reachability_checks(monkeypatch):
-  from trainer import tpu
+  from trainer.distribute import tpu
   from trainer.errors import UserError
 
   monkeypatch.setattr(tpu, "_device_files", lambda: [])
@@ -69,7 +69,7 @@ def test_reachability_checks(monkeypatch):
 
 
 def test_unreachable_probe_times_out_fast():
-  from trainer import tpu
+  from trainer.distribute import tpu
   began = time.monotonic()
   # A closed local port: refused at once; never longer than the timeout.
   assert not tpu._reachable("127.0.0.1", 1, timeout_s=2.0)  # noqa: SLF001

@@ -40,7 +40,7 @@ split evenly so that every worker gets a function). What follows from that:
   with one line) and a relaunch resumes from the last checkpoint. Servers
   that do not answer at startup end the wait after --peer_timeout_s (exit
   4). If every worker is lost, the coordinator waits for one to return,
-  at most --peer_timeout_s (trainer/worker_watch.py: then exit 4).
+  at most --peer_timeout_s (trainer/distribute/worker_watch.py: then exit 4).
 * SIGTERM/SIGINT to the coordinator saves at the end of the round and exits
   75, as in the other strategies (the servers must still be up to save).
 * Not available here: --profile_steps (the work runs on the workers),
@@ -55,12 +55,13 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from trainer import build, cluster, compat, net, worker_watch
+from trainer import build, compat
+from trainer.distribute import cluster, net, worker_watch
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.step.metric_sums import MetricSums
 from trainer.step.steps import Steps
-from trainer.strategy import Role
+from trainer.distribute.strategy import Role
 
 # Worker w's stream starts at w * _WORKER_STRIDE: disjoint stream regions
 # (positions are int64: a worker can read 2**40 examples before the next one's region).

@@ -23,7 +23,7 @@ import threading
 from absl import logging
 import tensorflow as tf
 
-from trainer import net
+from trainer.distribute import net
 from trainer.errors import UserError, first_line
 
 _PROBE_TIMEOUT_S = 2.0

@@ -18,7 +18,7 @@ from absl import logging
 from trainer import dirlock
 from trainer import errors
 from trainer import exitcodes
-from trainer import net
+from trainer.distribute import net
 
 _POLL_S = 1.0
 

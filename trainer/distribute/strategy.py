@@ -8,7 +8,7 @@ import sys
 from absl import logging
 import tensorflow as tf
 
-from trainer import cluster
+from trainer.distribute import cluster
 from trainer import dirlock
 from trainer.config import Config
 from trainer.errors import UserError
@@ -86,7 +86,7 @@ def _peers(resolver) -> list[tuple[str, str]]:
 # formed, or the parent is gone) ends it quietly.
 _WATCHDOG = r"""
 import os, select, signal, sys
-from trainer.net import answers   # socket only: no TensorFlow
+from trainer.distribute.net import answers   # socket only: no TensorFlow
 args = sys.argv[1:]
 cleanup = args[args.index("--") + 1:] if "--" in args else []
 args = args[:args.index("--")] if "--" in args else args
@@ -237,6 +237,6 @@ def build(config: Config):
     from trainer.executors import ps  # only this strategy needs it
     return ps.build_strategy(config)
   if name == "tpu":
-    from trainer import tpu
+    from trainer.distribute import tpu
     return tpu.build_strategy(config), Role(True, 0, 1)
   raise UserError(f"--strategy={name!r} is not supported.")
