@@ -93,7 +93,7 @@ def measure(kind: str, data_dir: str, repeats: int = 3) -> dict:
   examples = {}
   for _ in range(repeats):
     for d in dirs:
-      for cached in (array_record._open, image_folder._lazy,  # noqa: SLF001
+      for cached in (array_record._open_file, image_folder._lazy,  # noqa: SLF001
                      image_folder._scan, tfrecord._load_split):  # noqa: SLF001
         cached.cache_clear()
       config = Config(dataset=dataset, data_dir=d,
