@@ -10,19 +10,19 @@ import os
 import platform
 
 # One copy, in the trainer (--mixed_precision=auto reads the same flags).
-from trainer.cpuinfo import TF_FLAGS, parse_cpuinfo  # noqa: F401
-from trainer.cpuinfo import read as _read
+from trainer import cpuinfo
+from trainer.cpuinfo import TF_FLAGS, parse_cpuinfo  # noqa: F401 (re-exported)
 
 
 def load() -> list[float] | None:
   """1, 5 and 15 minute load averages (None where /proc is absent)."""
-  text = _read("/proc/loadavg")
+  text = cpuinfo.read("/proc/loadavg")
   return [float(x) for x in text.split()[:3]] if text else None
 
 
 def info() -> dict:
   """The machine now: CPU, TF-relevant flags, cores usable, load."""
-  parsed = parse_cpuinfo(_read("/proc/cpuinfo") or "")
+  parsed = cpuinfo.this_cpu()
   try:
     usable = len(os.sched_getaffinity(0))
   except (AttributeError, OSError):

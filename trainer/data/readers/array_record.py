@@ -100,21 +100,23 @@ def _first(source, where: str) -> dict:
 @registry.register(NAME)
 def array_record(split: str, args: registry.DataArgs) -> Source:
   names = list(dict.fromkeys(choose.names(NAME, split)))
-  files, sizes = [], {}
-  for name in names:
-    found = choose.split_files(NAME, SUFFIX, name, args)
-    sizes[name] = len(_Records(found))
-    files += found
+  found = {name: choose.split_files(NAME, SUFFIX, name, args)
+           for name in names}
+  files = [f for name in names for f in found[name]]
+  # One reader set for the whole split: each file's index is read once.
   source = _Records(files)
+  # Each name's files are consecutive: its records are keys
+  # [offsets[name], offsets[name] + sizes[name]) of the split.
+  bounds = np.cumsum([0] + [len(found[name]) for name in names])
+  offsets = {name: int(source.starts[a]) for name, a in zip(names, bounds)}
+  sizes = {name: int(source.starts[b]) - offsets[name]
+           for name, b in zip(names, bounds[1:])}
   first = _first(source, files[0])
   num_classes = int(first["num_classes"])
   if num_classes <= 0:
     raise UserError(f"--dataset={NAME}: {files[0]} records carry no "
                     "'num_classes' (int64) feature; write them with python -m "
                     "trainer.convert --container=array_record, or add it.")
-  # Record keys of the selected examples: the split's files are numbered
-  # consecutively in `names` order.
-  offsets = dict(zip(names, np.cumsum([0] + [sizes[n] for n in names])))
   try:
     chosen = splits.select(split, sizes)
   except ValueError as e:
