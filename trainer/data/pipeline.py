@@ -51,9 +51,13 @@ def train_dataset(task, split: str, batch_size: int, seed: int,
   if custom is not None:
     return _custom_train_dataset(custom, batch_size, seed, start_position)
   load = _training_loader(task, split, seed)
-  ds = _positions(start_position).batch(batch_size, drop_remainder=True)
-  ds = ds.map(lambda positions: load(positions, positions[0]),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # A stream of batch STARTS, each widened to its positions in the map:
+  # batching a stream of single positions cost one iterator call per
+  # example (pipeline CPU per batch of 64 from memory: 0.18 -> 0.13 ms,
+  # the hand-written from_tensor_slices loop's 0.11; bench.paired --gan).
+  ds = _positions(start_position, batch_size).map(
+      lambda start: load(start + tf.range(batch_size, dtype=tf.int64), start),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options(tf.data.experimental.AutoShardPolicy.DATA))
 

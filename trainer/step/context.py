@@ -109,9 +109,16 @@ class StepContext:
         tf.stack([tf.constant(self._steps.seed, tf.int64), update_start]),
         salt + 1000)
     full = draw([2 * update, *row_shape], seed=seed, dtype=dtype)
-    first = tf.cast(self._meta["pos"][0] - update_start, tf.int32)
-    rows = tf.shape(self._meta["pos"])[0]
-    return full[first:first + rows]
+    positions = self._meta["pos"]
+    first = tf.cast(positions[0] - update_start, tf.int32)
+    rows = tf.shape(positions)[0]
+    mine = full[first:first + rows]
+    # The slice's bounds are tensors, so its batch dimension comes out
+    # unknown; give back the local batch's static size where there is one.
+    # Models traced on an unknown batch dimension ran the GAN example's
+    # step ~10% slower on CPU (bench.paired --gan: 0.84 -> 0.94-0.95).
+    mine.set_shape(positions.shape[:1].concatenate(full.shape[1:]))
+    return mine
 
   def uniform(self, row_shape, salt: int = 0, dtype=tf.float32):
     """U[0,1) of shape [local batch, *row_shape], the same for each example
