@@ -137,13 +137,23 @@ def decode_cost(shape=(28, 28, 1), size=(28, 28), batch: int = 128,
 
 def measure_in_subprocess(kind: str, data_dir: str, repeats: int = 3,
                           timeout: float = 600):
-  """measure() in a fresh Python process (peak RSS is per process)."""
+  """measure() in a fresh Python process (peak RSS is per process), with a
+  listing cache of its own (image_folder: the first build lists the
+  folder, the later ones read the listing back; readers.folder_index)."""
+  from trainer.data.readers import folder_index
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run(
-      [sys.executable, "-m", "bench.data_scaling", "measure", f"--kind={kind}",
-       f"--data_dir={data_dir}", f"--repeats={repeats}"], cwd=repo, env=env, capture_output=True,
-      text=True, timeout=timeout)
+  # A folder changed in the last seconds is not cached: let it settle.
+  dirs = [d for top in data_dir.split(",")
+          for d in [top] + [e.path for e in os.scandir(top) if e.is_dir()]]
+  newest = max(os.stat(d).st_mtime for d in dirs)
+  time.sleep(max(0.0, newest + folder_index.SETTLE_S + 0.1 - time.time()))
+  with tempfile.TemporaryDirectory(prefix="data_scaling_cache_") as cache:
+    env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2",
+               XDG_CACHE_HOME=cache)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.data_scaling", "measure",
+         f"--kind={kind}", f"--data_dir={data_dir}", f"--repeats={repeats}"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
   if proc.returncode:
     raise RuntimeError(f"measure {kind} failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])

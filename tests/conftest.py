@@ -6,12 +6,15 @@ tests/unit/ holds in-process tests (one process, no trainer subprocess):
 holds the end-to-end ones (the CLI, launchers, clusters, resume after
 kills); every test there is marked `slow` here."""
 
+import atexit
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +22,13 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The trainer's caches (image_folder's listings, readers.folder_index) go to
+# this test session's own directory, never the user's ~/.cache; every
+# trainer subprocess inherits it.
+_CACHE = tempfile.mkdtemp(prefix="trainer-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 E2E = Path(__file__).resolve().parent / "e2e"
 
 

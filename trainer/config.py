@@ -49,6 +49,7 @@ class Config:
   skip_corrupt: bool = False
   augment: bool = False
   image_size: str = ""
+  data_cache_dir: str = ""
   synthetic_shape: str = "28,28,1"
   synthetic_classes: int = 10
   synthetic_examples: int = 4096
@@ -198,6 +199,12 @@ _HELP = {
                   "for digits/mnist); evaluation resizes the shorter side "
                   "and centre-crops. image_folder then keeps only paths and "
                   "decodes lazily. Empty: images must share one shape.",
+    "data_cache_dir": "Where --dataset=image_folder keeps the listing of "
+                      "a folder between runs; a start reads it back (one "
+                      "stat per directory, not per file) while no "
+                      "directory in the folder has changed. Empty: "
+                      "$XDG_CACHE_HOME/trainer or ~/.cache/trainer; "
+                      "'none': list the folder at every start.",
     "synthetic_shape": "--dataset=synthetic: H,W,C of the random images.",
     "synthetic_classes": "--dataset=synthetic: number of classes.",
     "synthetic_examples": "--dataset=synthetic: examples per split.",

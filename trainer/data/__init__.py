@@ -21,7 +21,8 @@ def data_args(config) -> registry.DataArgs:
       synthetic_classes=config.synthetic_classes,
       synthetic_examples=config.synthetic_examples,
       file_patterns=tuple(patterns),
-      any_size=bool(config.image_size))
+      any_size=bool(config.image_size),
+      cache_dir=config.data_cache_dir)
 
 
 def readers_for(config, split: str):

@@ -23,6 +23,9 @@ class DataArgs:
   # (Source.decode_channels; the task's preprocess decodes and resizes them)
   # and so read lazily, without decoding anything at start-up.
   any_size: bool = False
+  # --data_cache_dir: where image_folder keeps its listing between runs
+  # ("": the default location, "none": off; readers.folder_index).
+  cache_dir: str = ""
 
 
 Reader = Callable[[str, DataArgs], Source]

@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 
 from trainer.data import registry, splits
-from trainer.data.readers import choose, corrupt, images
+from trainer.data.readers import choose, corrupt, folder_index, images
 from trainer.data.source import Source, host_source
 from trainer.errors import UserError
 
@@ -43,29 +43,62 @@ def _subdirs(path: str) -> list[str]:
                 if e.is_dir() and not e.name.startswith("."))
 
 
-def _split_dirs(root: str) -> dict[str, str]:
+def _split_dirs(root: str, walk: "_Walk") -> dict[str, str]:
   """split name -> directory holding that split's class folders."""
-  marked = [m for m in _SPLIT_MARKERS if os.path.isdir(os.path.join(root, m))
-            and _subdirs(os.path.join(root, m))]
+  names = walk.subdirs(root)
+  marked = [m for m in _SPLIT_MARKERS if m in names
+            and walk.subdirs(os.path.join(root, m))]
   if not marked:
     return {"train": root}
-  return {name: os.path.join(root, name) for name in _subdirs(root)}
+  return {name: os.path.join(root, name) for name in names}
 
 
-def _image_files(class_dir: str) -> list[str]:
-  """Image files below `class_dir` (sub-folders too, as Keras does), sorted."""
-  found = []
-  for parent, dirs, files in os.walk(class_dir, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    found += [os.path.join(parent, f) for f in files
-              if f.lower().endswith(_EXTENSIONS) and not f.startswith(".")]
-  return sorted(found)
+class _Walk:
+  """The directories a listing looked into, each with its mtime taken just
+  before it was listed (folder_index checks them at the next start)."""
+
+  def __init__(self):
+    self.dirs: list[str] = []
+    self.stamps: list[int] = []
+
+  def subdirs(self, path: str) -> list[str]:
+    self._seen(path)
+    return _subdirs(path)
+
+  def _seen(self, path: str) -> None:
+    if path not in self.dirs:
+      self.dirs.append(path)
+      self.stamps.append(folder_index.mtimes([path])[0])
+
+  def image_files(self, class_dir: str) -> list[str]:
+    """Image files below `class_dir` (sub-folders too, as Keras does),
+    sorted."""
+    found = []
+    pending = [class_dir]
+    while pending:
+      parent = pending.pop()
+      self._seen(parent)
+      children = []
+      try:
+        entries = list(os.scandir(parent))
+      except OSError:  # unreadable: skipped, as os.walk does
+        entries = []
+      for e in entries:
+        if e.name.startswith("."):
+          continue
+        if e.is_dir():   # follows links, as os.walk(followlinks=True)
+          children.append(e.path)
+        elif e.name.lower().endswith(_EXTENSIONS):
+          found.append(e.path)
+      pending += sorted(children, reverse=True)
+    return sorted(found)
 
 
 def _listing(root: str):
-  """(split -> (paths, labels) sorted by class then path, classes)."""
-  dirs = _split_dirs(root)
-  classes = sorted({c for d in dirs.values() for c in _subdirs(d)})
+  """(split -> (paths, labels) sorted by class then path, classes, walk)."""
+  walk = _Walk()
+  dirs = _split_dirs(root, walk)
+  classes = sorted({c for d in dirs.values() for c in walk.subdirs(d)})
   if not classes:
     raise UserError(f"--dataset={NAME}: {root} has no class sub-folders; "
                     "expected DIR/<class>/<image> (or DIR/train/<class>/...).")
@@ -74,7 +107,7 @@ def _listing(root: str):
   for split, d in dirs.items():
     paths, labels = [], []
     for c in _subdirs(d):
-      files = _image_files(os.path.join(d, c))
+      files = walk.image_files(os.path.join(d, c))
       paths += files
       labels += [index[c]] * len(files)
     listed[split] = (np.array(paths, dtype=object),
@@ -82,7 +115,7 @@ def _listing(root: str):
   if not any(len(p) for p, _ in listed.values()):
     raise UserError(f"--dataset={NAME}: no {'/'.join(_EXTENSIONS)} files "
                     f"under {root}.")
-  return listed, classes
+  return listed, classes, walk
 
 
 def _shuffled(split: str, paths: np.ndarray, labels: np.ndarray):
@@ -98,7 +131,7 @@ def _scan(root: str, skip_corrupt: bool, stamp: float):
   """Without --image_size: every image decoded once to check that all share
   one shape. (split -> (paths, labels), classes, shape, skipped per split)."""
   del stamp  # cache key only
-  listed, classes = _listing(root)
+  listed, classes, _ = _listing(root)
   everything = np.concatenate([p for p, _ in listed.values()])
   shapes = images.probe_shapes(everything, from_paths=True)
   bad = (shapes < 0).any(axis=1)
@@ -116,17 +149,43 @@ def _scan(root: str, skip_corrupt: bool, stamp: float):
 
 
 @functools.lru_cache(maxsize=2)
-def _lazy(root: str, stamp: float):
+def _lazy(root: str, stamp: float, cache_dir: str | None):
   """With --image_size: paths only, nothing decoded (start-up and memory do
   not grow with the images' size; a damaged file is found when read).
-  (split -> (paths, labels), classes, channels)."""
+  (split -> (paths, labels), classes, channels). The listing is kept in
+  `cache_dir` (folder_index) and read back while the folder is unchanged:
+  start-up then does not grow with the number of files either."""
   del stamp  # cache key only
-  listed, classes = _listing(root)
+  saved = folder_index.load(cache_dir, NAME, root)
+  if saved is not None:
+    return _unpacked(saved)
+  started = folder_index.now()
+  listed, classes, walk = _listing(root)
   parts = {split: _shuffled(split, _compact(root, paths), labels)
            for split, (paths, labels) in listed.items()}
   first = [p for paths, _ in listed.values() for p in paths[:_CHANNEL_PROBES]]
-  return parts, classes, _model_channels(np.array(first[:_CHANNEL_PROBES],
-                                                  dtype=object))
+  channels = _model_channels(np.array(first[:_CHANNEL_PROBES], dtype=object))
+  folder_index.save(cache_dir, NAME, root, walk.dirs, np.array(walk.stamps),
+                    started, _packed(parts, classes, channels))
+  return parts, classes, channels
+
+
+def _packed(parts, classes, channels) -> dict:
+  """_lazy's result as plain arrays (folder_index.save)."""
+  out = {"splits": np.array([os.fsencode(s) for s in parts], dtype=np.bytes_),
+         "classes": np.array([os.fsencode(c) for c in classes],
+                             dtype=np.bytes_),
+         "channels": np.int64(channels)}
+  for i, (paths, labels) in enumerate(parts.values()):
+    out[f"paths_{i}"], out[f"labels_{i}"] = paths, labels
+  return out
+
+
+def _unpacked(saved: dict):
+  parts = {os.fsdecode(s): (saved[f"paths_{i}"], saved[f"labels_{i}"])
+           for i, s in enumerate(saved["splits"])}
+  return (parts, [os.fsdecode(c) for c in saved["classes"]],
+          int(saved["channels"]))
 
 
 _CHANNEL_PROBES = 8
@@ -156,7 +215,8 @@ def image_folder(split: str, args: registry.DataArgs) -> Source:
                     f"class folders (DIR/<class>/<image>); got {root!r}.")
   stamp = os.stat(root).st_mtime
   if args.any_size:
-    parts, classes, channels = _lazy(os.path.abspath(root), stamp)
+    parts, classes, channels = _lazy(
+        os.path.abspath(root), stamp, folder_index.location(args.cache_dir))
     _require(root, parts, split)
     try:
       chosen = splits.select(split, {k: len(v[1]) for k, v in parts.items()})
