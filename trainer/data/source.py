@@ -83,7 +83,8 @@ def array_source(name: str, features, labels, num_classes: int | None = None,
 
 
 def host_source(name: str, items: np.ndarray, labels: np.ndarray,
-                num_classes: int | None, fetch=None) -> Source:
+                num_classes: int | None, fetch=None,
+                fetch_labels: bool = False) -> Source:
   """A Source over host NumPy arrays looked up OUTSIDE the graph.
 
   array_source captures its arrays as graph constants: fine for decoded
@@ -92,7 +93,9 @@ def host_source(name: str, items: np.ndarray, labels: np.ndarray,
   are picked by a numpy_function, so start-up does not depend on N.
   `items`: int64 keys or bytes (paths); `fetch(items of the batch) ->
   np.ndarray of bytes` turns them into the features (e.g. records by key),
-  else the items themselves are the (string) features.
+  else the items themselves are the (string) features. `fetch_labels`:
+  fetch returns (features, labels) of the batch instead (records that carry
+  their labels); `labels` then only gives the count.
   """
   if len(items) != len(labels):
     raise ValueError(f"{name}: {len(items)} items but {len(labels)} labels.")
@@ -100,6 +103,9 @@ def host_source(name: str, items: np.ndarray, labels: np.ndarray,
 
   def pick(indices):
     rows = items[indices]
+    if fetch_labels:
+      rows, found = fetch(rows)
+      return np.asarray(rows, dtype=object), np.asarray(found, np.int32)
     if fetch is not None:
       rows = fetch(rows)
     return np.asarray(rows, dtype=object), labels[indices]

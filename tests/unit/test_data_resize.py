@@ -1,0 +1,97 @@
+"""trainer.data.resize on encoded images: sizes from headers, the one-loop
+decode + crop + resize against a per-image reference, damaged rows."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.data import resize
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _photo_crops(n, seed=0):
+  """Crops of scikit-learn's two real photographs, every size; some gray."""
+  from sklearn.datasets import load_sample_images
+  photos = load_sample_images().images
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    h, w = rng.integers(9, 120, 2)
+    y, x = rng.integers(0, 300, 2)
+    crop = photos[i % 2][y:y + h, x:x + w]
+    out.append(crop[..., :1] if i % 3 == 0 else crop)
+  return out
+
+
+def _encoded(images):
+  """Alternately JPEG and PNG, one GIF and one BMP (decoded for their size)."""
+  from PIL import Image
+  out = []
+  for i, image in enumerate(images):
+    if i == 4 or i == 7:
+      buf = io.BytesIO()
+      pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+      pil.save(buf, format="GIF" if i == 4 else "BMP")
+      out.append(buf.getvalue())
+    elif i % 2:
+      out.append(tf.io.encode_jpeg(image).numpy())
+    else:
+      out.append(tf.io.encode_png(image).numpy())
+  return out
+
+
+def test_sizes_from_headers_equal_the_decoded_sizes():
+  images = _photo_crops(12)
+  items = tf.constant(_encoded(images))
+  got = resize.sizes(items).numpy()
+  want = [tf.shape(resize.decode(x)).numpy()[:2] for x in items]
+  np.testing.assert_array_equal(got, np.array(want))
+  np.testing.assert_array_equal(got, [im.shape[:2] for im in images])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_one_loop_equals_decode_then_batch_boxes(training):
+  """Reference computed another way: every image decoded alone, the boxes
+  for the whole batch from random_crop_boxes/eval_boxes, then slice and
+  resize image by image."""
+  items = tf.constant(_encoded(_photo_crops(16, seed=1)))
+  seed = tf.constant([4, 2], tf.int64)
+  size, channels = (24, 20), 3
+  got, ok = resize.resize_batch(items, size, channels, training, seed)
+  decoded = [resize.to_channels(resize.decode(x), channels) for x in items]
+  hw = tf.constant([d.shape[:2] for d in decoded], tf.int32)
+  if training:
+    uniforms = tf.random.stateless_uniform(
+        [16, resize.TRIES, 4],
+        seed=tf.random.experimental.stateless_fold_in(seed, resize._CROP_SALT))  # noqa: SLF001
+    boxes = resize.random_crop_boxes(hw, uniforms).numpy()
+  else:
+    boxes = resize.eval_boxes(hw, size).numpy()
+  want = [resize._resize(tf.cast(d[y:y + h, x:x + w], tf.float32),  # noqa: SLF001
+                         tf.constant([h, w]), size).numpy()
+          for d, (y, x, h, w) in zip(decoded, boxes)]
+  want = np.clip(np.stack(want), 0, 255) / 255.0
+  np.testing.assert_array_equal(ok.numpy(), np.ones(16))
+  np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-7)
+
+
+def test_damaged_rows_weigh_zero_and_good_rows_do_not_change():
+  clean = _encoded(_photo_crops(10, seed=2))
+  bad = list(clean)
+  bad[1] = bad[1][:len(bad[1]) // 2]      # a JPEG cut short
+  bad[2] = b"not an image"
+  bad[3] = b""                            # a file that could not be read
+  ihdr = bytearray(bad[6])
+  ihdr[19] ^= 1                           # a PNG whose header says 1 px more
+  bad[6] = bytes(ihdr)
+  bad[8] = bad[8][:20]                    # a PNG shorter than its header
+  seed = tf.constant([1, 1], tf.int64)
+  want, _ = resize.resize_batch(tf.constant(clean), (16, 16), 3, True, seed)
+  got, ok = resize.resize_batch(tf.constant(bad), (16, 16), 3, True, seed)
+  damaged = np.isin(np.arange(10), [1, 2, 3, 6, 8])
+  np.testing.assert_array_equal(ok.numpy(), (~damaged).astype(np.float32))
+  np.testing.assert_array_equal(got.numpy()[~damaged], want.numpy()[~damaged])
+  assert not got.numpy()[damaged].any()
