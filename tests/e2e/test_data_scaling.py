@@ -1,6 +1,7 @@
 """Lazy readers: start-up time and peak memory do not grow with the number
 of examples (two sizes 8x apart)."""
 
+import numpy as np
 import pytest
 
 from bench import data_scaling
@@ -26,21 +27,33 @@ def _measure(tmp_path, kind):
   return small, large
 
 
+def _warm_ratio(small, large) -> float:
+  """Median over rounds of large / small build time, the two built one
+  after the other (the first round, cold, left out): a busy host's slow
+  spell falls on both builds of a round. The ratio of the two minimums
+  failed a CI run where the other test worker's load varied (1.16 on a
+  host where a quiet run gives 1.01-1.03)."""
+  return float(np.median([b / a for a, b in zip(small["times"][1:],
+                                                 large["times"][1:])]))
+
+
 def test_array_record_startup_and_peak_rss_flat_in_n(tmp_path):
   """The in-memory tfrecord reader fails this (measured: 719 -> 899 MB and
   1.1 -> 6.4 s). Time: the first batch from nothing built, reader caches
   cleared; the constant tracing cost is cached after the first round."""
   small, large = _measure(tmp_path, "array_record")
   assert large["peak_rss_mb"] < 1.10 * small["peak_rss_mb"], (small, large)
-  assert large["warm_s"] < 1.10 * small["warm_s"], (small, large)
+  assert _warm_ratio(small, large) < 1.10, (small, large)
 
 
 def test_image_folder_keeps_paths_only(tmp_path):
   """RSS flat; a start reads the folder's listing back (readers.folder_index)
-  instead of listing every file: flat too. Fails without that cache
-  (measured here: listing costs ~4-6 us a file, warm; +0.1-0.2 s on ~0.6 s);
-  the reader without --image_size decodes every image at start-up
-  (0.7 -> 3.1 s)."""
+  instead of listing every file: only the first of the 7 builds of each
+  folder lists it, and the warm start-up is flat. (Listing costs ~2-6 us a
+  file here, ~5% at 32k files: too little for the time check alone, hence
+  the count.) The reader without --image_size decodes every image at
+  start-up (0.7 -> 3.1 s)."""
   small, large = _measure(tmp_path, "image_folder")
+  assert small["listings"] == large["listings"] == 1, (small, large)
   assert large["peak_rss_mb"] < 1.10 * small["peak_rss_mb"], (small, large)
-  assert large["warm_s"] < 1.10 * small["warm_s"], (small, large)
+  assert _warm_ratio(small, large) < 1.10, (small, large)
