@@ -283,7 +283,10 @@ def _catching_failures(transform, items, channels, batch, shape):
   others are replaced by a 1x1 image, and the same transform runs on that
   batch. A good row is thus computed the same whichever path its batch (or
   a worker's share of it) took; the fallback decodes twice, once per row in
-  a dataset (~2x the cost): paid only by batches with a damaged image."""
+  a dataset (~2x the cost): paid only by batches with a damaged image.
+  The transform is traced once and called on both paths (start-up: the
+  pipeline's graph is built and optimized once more for each copy)."""
+  transform = tf.function(transform, autograph=False)
   fast = tf.data.Dataset.from_tensors(items).map(
       lambda x: (transform(x), tf.ones([batch], tf.float32))).ignore_errors()
 
