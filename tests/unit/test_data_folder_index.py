@@ -158,3 +158,21 @@ def test_default_location(monkeypatch, tmp_path):
   monkeypatch.setenv("HOME", str(tmp_path))
   assert folder_index.location("") == str(tmp_path / ".cache" / "trainer")
   assert folder_index.location("/x") == "/x"
+
+
+def test_listings_of_deleted_folders_are_dropped(tmp_path):
+  import shutil
+  cache = tmp_path / "cache"
+  kept, gone, new = (tmp_path / n for n in ("kept", "gone", "new"))
+  for root in (kept, gone):
+    _make(root)
+    _read(root, cache)
+  assert len(_cache_files(cache)) == 2
+  shutil.rmtree(gone)
+  _make(new)
+  _read(new, cache)      # a save: the listing of `gone` is deleted
+  roots = set()
+  for name in _cache_files(cache):
+    with np.load(cache / name, allow_pickle=False) as saved:
+      roots.add(bytes(saved["root"]).decode())
+  assert roots == {str(kept), str(new)}

@@ -116,7 +116,25 @@ def save(cache_dir: str | None, kind: str, root: str, dirs: list[str],
                     "is listed at every start (--data_cache_dir).",
                     cache_dir, e)
     return False
+  _forget_gone(cache_dir, kind)
   return True
+
+
+def _forget_gone(cache_dir: str, kind: str) -> None:
+  """Deletes the listings of folders that no longer exist, so that the
+  cache does not fill up with those of deleted (e.g. temporary) folders.
+  Runs only when a listing is saved; a few small reads per cached folder."""
+  for name in os.listdir(cache_dir):
+    if not (name.startswith(kind + "-") and name.endswith(".npz")):
+      continue
+    path = os.path.join(cache_dir, name)
+    try:
+      with np.load(path, allow_pickle=False) as saved:
+        root = bytes(saved["root"])
+      if not os.path.isdir(root):
+        os.unlink(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+      continue   # someone else's, or being replaced: left alone
 
 
 def now() -> float:
