@@ -9,6 +9,8 @@ from bench import data_scaling
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 SMALL, LARGE = 4000, 32000
+# The most image_folder's start-up may grow per extra file (see its test).
+_LISTING_S_PER_FILE = 20e-6
 
 
 def _measure(tmp_path, kind):
@@ -49,11 +51,14 @@ def test_array_record_startup_and_peak_rss_flat_in_n(tmp_path):
 def test_image_folder_keeps_paths_only(tmp_path):
   """RSS flat; a start reads the folder's listing back (readers.folder_index)
   instead of listing every file: only the first of the 7 builds of each
-  folder lists it, and the warm start-up is flat. (Listing costs ~2-6 us a
-  file here, ~5% at 32k files: too little for the time check alone, hence
-  the count.) The reader without --image_size decodes every image at
-  start-up (0.7 -> 3.1 s)."""
+  folder lists it (a count: listing costs ~1-6 us a file here, ~5% at 32k
+  files, too little for a time check to see). The time may grow by at
+  most 20 us a file: a CI run measured a median ratio of 1.16 with the
+  cache in use (quiet runs: 0.99-1.00), so the 10% bound alone is noise
+  here. The reader without --image_size decodes every image at start-up
+  (0.7 -> 3.1 s), ~85 us a file."""
   small, large = _measure(tmp_path, "image_folder")
   assert small["listings"] == large["listings"] == 1, (small, large)
   assert large["peak_rss_mb"] < 1.10 * small["peak_rss_mb"], (small, large)
-  assert _warm_ratio(small, large) < 1.10, (small, large)
+  allowed = 1.10 + _LISTING_S_PER_FILE * (LARGE - SMALL) / small["warm_s"]
+  assert _warm_ratio(small, large) < allowed, (small, large)
