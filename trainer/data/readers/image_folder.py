@@ -55,20 +55,22 @@ def _split_dirs(root: str, walk: "_Walk") -> dict[str, str]:
 
 class _Walk:
   """The directories a listing looked into, each with its mtime taken just
-  before it was listed (folder_index checks them at the next start)."""
+  before it was listed (folder_index checks them at the next start), and
+  the sub-folders of each, scanned once."""
 
   def __init__(self):
-    self.dirs: list[str] = []
-    self.stamps: list[int] = []
+    self.stamps: dict[str, int] = {}
+    self._subdirs: dict[str, list[str]] = {}
 
   def subdirs(self, path: str) -> list[str]:
-    self._seen(path)
-    return _subdirs(path)
+    if path not in self._subdirs:
+      self._seen(path)
+      self._subdirs[path] = _subdirs(path)
+    return self._subdirs[path]
 
   def _seen(self, path: str) -> None:
-    if path not in self.dirs:
-      self.dirs.append(path)
-      self.stamps.append(folder_index.mtimes([path])[0])
+    if path not in self.stamps:
+      self.stamps[path] = folder_index.mtimes([path])[0]
 
   def image_files(self, class_dir: str) -> list[str]:
     """Image files below `class_dir` (sub-folders too, as Keras does),
@@ -106,7 +108,7 @@ def _listing(root: str):
   listed = {}
   for split, d in dirs.items():
     paths, labels = [], []
-    for c in _subdirs(d):
+    for c in walk.subdirs(d):
       files = walk.image_files(os.path.join(d, c))
       paths += files
       labels += [index[c]] * len(files)
@@ -165,8 +167,9 @@ def _lazy(root: str, stamp: float, cache_dir: str | None):
            for split, (paths, labels) in listed.items()}
   first = [p for paths, _ in listed.values() for p in paths[:_CHANNEL_PROBES]]
   channels = _model_channels(np.array(first[:_CHANNEL_PROBES], dtype=object))
-  folder_index.save(cache_dir, NAME, root, walk.dirs, np.array(walk.stamps),
-                    started, _packed(parts, classes, channels))
+  folder_index.save(cache_dir, NAME, root, list(walk.stamps),
+                    np.array(list(walk.stamps.values()), np.int64), started,
+                    _packed(parts, classes, channels))
   return parts, classes, channels
 
 
