@@ -60,7 +60,8 @@ def write(kind: str, n: int, out: str, classes: int = 10,
     path = os.path.join(out, f"train-{s:05d}-of-{shards:05d}.{kind}")
     if kind == "array_record":
       from array_record.python import array_record_module
-      writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+      writer = array_record_module.ArrayRecordWriter(
+          path, records.array_record_options(raw=False))
     else:
       import tensorflow as tf
       writer = tf.io.TFRecordWriter(path)

@@ -110,13 +110,14 @@ def shard_paths(out_dir: str, name: str, shards: int,
           for i in range(shards)]
 
 
-def _open_writer(container: str, path: str):
-  """An object with write(bytes) and close() for one shard."""
+def _open_writer(container: str, path: str, raw: bool):
+  """An object with write(bytes) and close() for one shard; `raw`: its
+  records hold raw pixels (compressed in ArrayRecord), else encoded images
+  (stored as they are)."""
   if container == "array_record":
     from array_record.python import array_record_module
-    # group_size:1: every record its own chunk, so a look-up by number
-    # decompresses one record, not a group of them.
-    return array_record_module.ArrayRecordWriter(path, "group_size:1")
+    return array_record_module.ArrayRecordWriter(
+        path, records.array_record_options(raw))
   return tf.io.TFRecordWriter(path)
 
 
@@ -184,7 +185,7 @@ def write_split(source, out_dir: str, name: str, shards: int,
           writer.close()
           os.replace(paths[shard] + ".tmp", paths[shard])
         shard += 1
-        writer = _open_writer(container, paths[shard] + ".tmp")
+        writer = _open_writer(container, paths[shard] + ".tmp", raw)
       payload = np.ascontiguousarray(item).tobytes() if raw else item
       writer.write(records.encode(payload, int(label), shape, raw,
                                   source.num_classes or 0))
@@ -212,6 +213,15 @@ def _tfrecord_stream(files, skip_corrupt: bool):
                      f"records ({corrupt.tf_reason(e)})", 1, skip_corrupt)
 
 
+def _holds_raw_pixels(example) -> bool:
+  """Whether a record's image is raw pixels (records.FEATURES'
+  image_raw_shape is set) rather than encoded bytes."""
+  feature = example.features.feature
+  # `in` first: indexing a protobuf map inserts the missing key.
+  return ("image_raw_shape" in feature
+          and any(feature["image_raw_shape"].int64_list.value))
+
+
 def stream_tfrecord_split(args: registry.DataArgs, spec: str, out_dir: str,
                           name: str, shards: int) -> list[str]:
   """TFRecord split -> ArrayRecord shards without holding the split: one
@@ -236,13 +246,14 @@ def stream_tfrecord_split(args: registry.DataArgs, spec: str, out_dir: str,
   bounds = [i * n // shards for i in range(shards + 1)]
   shard, writer = -1, None
   for i, record in enumerate(_tfrecord_stream(files, True)):
+    example = tf.train.Example.FromString(record)
     if i == bounds[shard + 1]:
       if writer:
         writer.close()
         os.replace(paths[shard] + ".tmp", paths[shard])
       shard += 1
-      writer = _open_writer("array_record", paths[shard] + ".tmp")
-    example = tf.train.Example.FromString(record)
+      writer = _open_writer("array_record", paths[shard] + ".tmp",
+                            _holds_raw_pixels(example))
     example.features.feature["num_classes"].int64_list.value[:] = [top + 1]
     writer.write(example.SerializeToString())
   writer.close()

@@ -117,3 +117,43 @@ def test_tfrecord_too_large_for_memory_is_refused_with_the_convert_path(
   assert got.num_examples == want.num_examples and got.num_classes == 10
   for a, b in zip(_all(got), _all(want)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["png", "raw"])
+def test_encoded_images_stored_uncompressed_and_damage_still_found(tmp_path,
+                                                                  fmt):
+  """PNG/JPEG bytes are written without zstd (it saved nothing and cost
+  CPU on every read), raw pixels with it; either way a flipped byte in a
+  record is found when that record is read (riegeli checksums every
+  chunk), and a file with a damaged index is refused, not read as empty."""
+  from array_record.python import array_record_module
+  from trainer.data.readers import array_record
+  convert.convert("digits", registry.DataArgs(), "train", str(tmp_path),
+                  shards=1, fmt=fmt, container="array_record")
+  path = str(next(tmp_path.glob("train-*")))
+  options = array_record_module.ArrayRecordReader(
+      path).writer_options_string()
+  assert ("uncompressed" in options) == (fmt == "png"), options
+  records = array_record._Records([path])  # noqa: SLF001
+  k = 700
+  want = records[k]
+  data = bytearray(open(path, "rb").read())
+  if fmt == "png":   # stored as is: find the record's bytes in the file
+    at = data.index(want[-200:]) + 100
+    data[at] ^= 0xFF
+    damaged = tmp_path / "damaged.array_record"
+    damaged.write_bytes(bytes(data))
+    reader = array_record._Records([str(damaged)])  # noqa: SLF001
+    with pytest.raises(RuntimeError):
+      reader[k]
+    assert reader[k - 1] == records[k - 1]
+    assert reader[k + 1] == records[k + 1]
+  # The footer damaged (the file ends in zero padding; the footer is just
+  # before it): the reader opens in a failed state with 0 records.
+  data = bytearray(open(path, "rb").read())
+  data[len(data.rstrip(b"\0")) - 50] ^= 0xFF
+  broken = tmp_path / f"broken-{fmt}.array_record"
+  broken.write_bytes(bytes(data))
+  assert not array_record_module.ArrayRecordReader(str(broken)).ok()
+  with pytest.raises(UserError, match=f"cannot open {broken}"):
+    array_record._Records([str(broken)])  # noqa: SLF001

@@ -30,7 +30,8 @@ def data(tmp_path_factory):
       data_dir=str(good)))
   path = sorted(bad.glob("train-00001-*"))[0]
   first = 500   # shard 1 of 3 holds train examples 500..999
-  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+  writer = array_record_module.ArrayRecordWriter(
+      str(path), records.array_record_options(raw=False))
   for index in range(first, 1000):
     images, labels = source.gather(np.array([index]))
     data = b"\x89PNG not really" if index == DAMAGED else \
