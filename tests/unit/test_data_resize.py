@@ -52,6 +52,41 @@ def test_sizes_from_headers_equal_the_decoded_sizes():
   np.testing.assert_array_equal(got, [im.shape[:2] for im in images])
 
 
+def test_jpeg_headers_read_on_the_host_as_libjpeg_reads_them():
+  """The host's reading of JPEG frame headers against libjpeg's, on the
+  layouts real files have; where it is not sure (bytes between segments,
+  which libjpeg skips with a warning) the row is left to libjpeg."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  photo = load_sample_images().images[0][:37, :53]
+  base = tf.io.encode_jpeg(photo).numpy()
+  first_segment_end = 4 + ((base[4] << 8) | base[5])
+  exif = Image.Exif()
+  exif[0x010E] = "x" * 3000                      # APP1 of 3 kB
+  with_app = io.BytesIO()
+  Image.fromarray(photo).save(with_app, "JPEG", exif=exif.tobytes(),
+                              icc_profile=bytes(5000))   # APP2 as well
+  gray = io.BytesIO()
+  Image.fromarray(photo[..., 0]).save(gray, "JPEG", optimize=True)
+  items = {
+      "baseline": base,
+      "progressive": tf.io.encode_jpeg(photo, progressive=True).numpy(),
+      "exif_icc": with_app.getvalue(),
+      "fill_bytes": base[:2] + b"\xff\xff" + base[2:],
+      "gray_optimized": gray.getvalue(),
+      "png": tf.io.encode_png(photo).numpy(),
+      "bytes_between_segments": (base[:first_segment_end] + b"\0\0"
+                                 + base[first_segment_end:]),
+  }
+  host = resize._header_sizes(np.array(list(items.values()), dtype=object))  # noqa: SLF001
+  np.testing.assert_array_equal(host[:-1], [[37, 53]] * 6)
+  np.testing.assert_array_equal(host[-1], [-1, -1])   # left to libjpeg
+  got = resize.sizes(tf.constant(list(items.values()))).numpy()
+  np.testing.assert_array_equal(got, [[37, 53]] * 7)
+  for data in items.values():   # what the decoder gives
+    assert tf.io.decode_image(data).shape[:2] == (37, 53)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_one_loop_equals_decode_then_batch_boxes(training):
   """Reference computed another way: every image decoded alone, the boxes
