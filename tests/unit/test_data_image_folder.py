@@ -113,3 +113,21 @@ def test_lazy_gather_reads_the_files_and_a_vanished_one_as_empty(tmp_path):
   # Content names the class: 20 * class id + i.
   for path, label in zip(paths, labels):
     assert os.path.basename(os.path.dirname(path)) == CLASSES[label]
+
+
+def test_read_files_reads_whole_files_and_unreadable_ones_as_empty(
+    tmp_path, monkeypatch):
+  from trainer.data.readers import image_folder
+  rng = np.random.default_rng(0)
+  files = {"a": rng.bytes(3000), "empty": b"", "big": rng.bytes(3 << 20)}
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+  (tmp_path / "dir").mkdir()
+  paths = [str(tmp_path / n) for n in (*files, "dir", "missing")]
+  assert image_folder.read_files(paths) == [*files.values(), b"", b""]
+  # A file that grows after its size was taken is still read whole.
+  real_fstat = os.fstat
+  monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result(
+      (0,) * 6 + (10,) + (0,) * 3))   # st_size 10
+  assert image_folder.read_files(paths[:3]) == list(files.values())
+  monkeypatch.setattr(os, "fstat", real_fstat)
