@@ -130,3 +130,25 @@ def test_damaged_rows_weigh_zero_and_good_rows_do_not_change():
   np.testing.assert_array_equal(ok.numpy(), (~damaged).astype(np.float32))
   np.testing.assert_array_equal(got.numpy()[~damaged], want.numpy()[~damaged])
   assert not got.numpy()[damaged].any()
+
+
+def test_header_the_decoder_disagrees_with_is_a_damaged_row(monkeypatch):
+  """Should the host's header read ever disagree with the decoder, the row
+  is taken as damaged (weight 0, named), not a failed pipeline; the other
+  rows come out as without it."""
+  clean = _encoded(_photo_crops(10, seed=3))
+  seed = tf.constant([2, 5], tf.int64)
+  want, _ = resize.resize_batch(tf.constant(clean), (16, 16), 3, True, seed)
+  liar = clean[1]   # a JPEG (odd rows)
+  read = resize._jpeg_hw  # noqa: SLF001
+
+  def off_by_one(data):
+    hw = read(data)
+    return (hw[0] + 1, hw[1]) if data == liar else hw
+
+  monkeypatch.setattr(resize, "_jpeg_hw", off_by_one)
+  got, ok = resize.resize_batch(tf.constant(clean), (16, 16), 3, True, seed)
+  bad = np.arange(10) == 1
+  np.testing.assert_array_equal(ok.numpy(), (~bad).astype(np.float32))
+  np.testing.assert_array_equal(got.numpy()[~bad], want.numpy()[~bad])
+  assert not got.numpy()[bad].any()
