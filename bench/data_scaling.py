@@ -102,20 +102,23 @@ def measure(kind: str, data_dir: str, repeats: int = 3) -> dict:
     return list_folder(root)
 
   image_folder._listing = counted  # noqa: SLF001
-  for _ in range(repeats):
-    for d in dirs:
-      for cached in (array_record._open_file, image_folder._lazy,  # noqa: SLF001
-                     image_folder._scan, tfrecord._load_split):  # noqa: SLF001
-        cached.cache_clear()
-      config = Config(dataset=dataset, data_dir=d,
-                      image_size="32" if lazy else "", global_batch_size=64)
-      start = time.perf_counter()
-      task = ClassificationTask(config, layers.get("cnn"))
-      ds = pipeline.train_dataset(task, "train", 64, seed=0, start_position=0)
-      batch = next(iter(ds))
-      times[d].append(time.perf_counter() - start)
-      examples[d] = task.source("train").num_examples
-      assert batch[0].shape[0] == 64
+  try:
+    for _ in range(repeats):
+      for d in dirs:
+        for cached in (array_record._open_file, image_folder._lazy,  # noqa: SLF001
+                       image_folder._scan, tfrecord._load_split):  # noqa: SLF001
+          cached.cache_clear()
+        config = Config(dataset=dataset, data_dir=d,
+                        image_size="32" if lazy else "", global_batch_size=64)
+        start = time.perf_counter()
+        task = ClassificationTask(config, layers.get("cnn"))
+        ds = pipeline.train_dataset(task, "train", 64, seed=0, start_position=0)
+        batch = next(iter(ds))
+        times[d].append(time.perf_counter() - start)
+        examples[d] = task.source("train").num_examples
+        assert batch[0].shape[0] == 64
+  finally:   # the reader's own again: a second call would wrap the wrapper
+    image_folder._listing = list_folder  # noqa: SLF001
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   rows = [{"kind": kind, "examples": examples[d], "startup_s": times[d][0],
            "warm_s": min(times[d]), "peak_rss_mb": rss, "times": times[d],
