@@ -75,6 +75,52 @@ def test_training_streams_are_endless_for_tf_distribute():
     list(custom(16).take(5))   # a stream that ends is an error, not reused
 
 
+def test_batches_loaded_in_groups_equal_batches_made_one_by_one():
+  """In-memory sources load several global batches per map call (one
+  gather), preprocessing each batch on its own: the stream must equal
+  batches built one at a time, eagerly, outside tf.data, including the
+  per-batch augmentation draws, from a start inside a group."""
+  from trainer.task import ClassificationTask
+  import layers
+  config = Config(dataset="synthetic", synthetic_shape="12,12,3",
+                  augment=True, global_batch_size=24)
+  task = ClassificationTask(config, layers.get("cnn"))
+  source = task.source("train")
+  assert pipeline.batches_per_call(source, 24) == 10
+  start = 77
+  got = list(pipeline.train_dataset(task, "train", 24, seed=3,
+                                    start_position=start).take(25))
+  for b, (features, labels, meta) in enumerate(got):
+    positions = start + 24 * b + tf.range(24, dtype=tf.int64)
+    want_f, want_l = source.gather(pipeline.example_indices(
+        positions, source.num_examples, 3))
+    want_meta = {"pos": positions, "start": tf.fill([24], positions[0]),
+                 "weight": tf.ones([24]), "skipped": tf.zeros([24])}
+    want_f, want_l = task.preprocess(want_f, want_l, want_meta, True)
+    np.testing.assert_array_equal(features.numpy(), want_f.numpy())
+    np.testing.assert_array_equal(labels.numpy(), want_l.numpy())
+    for key, value in want_meta.items():
+      np.testing.assert_array_equal(meta[key].numpy(), value.numpy())
+
+
+def test_batches_per_call_only_groups_small_rows_held_in_memory():
+  from trainer.data.readers import images
+  from trainer.data.source import array_source
+  small = array_source("small", np.zeros([10, 8, 8, 1], np.uint8),
+                       np.zeros([10], np.int32))
+  assert [pipeline.batches_per_call(small, b) for b in (32, 64, 100, 256,
+                                                          512)] == [8, 4, 2,
+                                                                    1, 1]
+  # 224x224x3 uint8 is 147 KB a row: 28 rows stay under 4 MiB a call.
+  big = array_source("big", np.zeros([2, 224, 224, 3], np.uint8),
+                     np.zeros([2], np.int32))
+  assert [pipeline.batches_per_call(big, b) for b in (8, 16, 32)] == [3, 1, 1]
+  encoded = array_source("png", np.array([b"x", b"y"], object),
+                         np.zeros([2], np.int32))
+  decoded = images.decoding_source(encoded, (8, 8, 1), from_paths=False)
+  assert pipeline.batches_per_call(decoded, 32) == 1   # decodes: one a call
+
+
 def test_eval_dataset_pads_with_zero_weight():
   from trainer.task import ClassificationTask
   import layers

@@ -32,6 +32,9 @@ class Source:
       this is the channel count the model gets (see trainer.data.resize).
     describe: example index -> where it comes from ("FILE" or "FILE record
       N"), to name a damaged example found when it is read; or None.
+    in_memory: `gather` only looks rows up in arrays held in memory (no
+      read, no decode, nothing that can fail): the training pipeline then
+      loads several batches per map call (pipeline.batches_per_call).
   """
   name: str
   num_examples: int
@@ -42,6 +45,7 @@ class Source:
   skipped: int = 0
   decode_channels: int = 0
   describe: Callable[[int], str] | None = None
+  in_memory: bool = False
 
 
 def _spec_of(array: np.ndarray) -> tf.TensorSpec:
@@ -79,7 +83,8 @@ def array_source(name: str, features, labels, num_classes: int | None = None,
       feature_spec=tf.nest.map_structure(_spec_of, features),
       label_spec=tf.nest.map_structure(_spec_of, labels),
       num_classes=num_classes,
-      skipped=skipped)
+      skipped=skipped,
+      in_memory=True)
 
 
 def host_source(name: str, items: np.ndarray, labels: np.ndarray,
