@@ -111,10 +111,14 @@ def test_batches_per_call_only_groups_small_rows_held_in_memory():
   assert [pipeline.batches_per_call(small, b) for b in (32, 64, 100, 256,
                                                           512)] == [8, 4, 2,
                                                                     1, 1]
-  # 224x224x3 uint8 is 147 KB a row: 28 rows stay under 4 MiB a call.
+  # 28x28x1 uint8: 167 rows stay under 128 KiB a call.
+  mnist = array_source("mnist", np.zeros([2, 28, 28, 1], np.uint8),
+                       np.zeros([2], np.int32))
+  assert [pipeline.batches_per_call(mnist, b) for b in (16, 32, 64, 128)] == [
+      10, 5, 2, 1]
   big = array_source("big", np.zeros([2, 224, 224, 3], np.uint8),
                      np.zeros([2], np.int32))
-  assert [pipeline.batches_per_call(big, b) for b in (8, 16, 32)] == [3, 1, 1]
+  assert pipeline.batches_per_call(big, 1) == 1
   encoded = array_source("png", np.array([b"x", b"y"], object),
                          np.zeros([2], np.int32))
   decoded = images.decoding_source(encoded, (8, 8, 1), from_paths=False)
