@@ -40,7 +40,8 @@ def inter_op_threads(cluster):
 
 
 def _serve(cluster, task_type, index, stop):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (after the env is set)
+  from trainer import tfimport  # pylint: disable=g-import-not-at-top  (after the env is set)
+  tf = tfimport.import_tensorflow()
 
   config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=inter_op_threads(cluster))
   try:

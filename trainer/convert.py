@@ -69,7 +69,10 @@ if __name__ == "__main__":
   _parse_flags(sys.argv)
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+from trainer import tfimport  # noqa: E402
+
+tf = tfimport.import_tensorflow()
 
 from trainer.data import records, registry, splits  # noqa: E402
 from trainer.errors import UserError  # noqa: E402

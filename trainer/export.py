@@ -143,7 +143,8 @@ def export(model_dir: str, export_dir: str, checkpoint: str = "",
            model_name: str = "",
            **overrides) -> dict:
   """Writes the SavedModel (and model.tflite); returns a summary dict."""
-  import tensorflow as tf
+  from trainer import tfimport
+  tf = tfimport.import_tensorflow()
   from trainer import load
   restored = load.restore(model_dir, checkpoint,
                           **{k: v for k, v in overrides.items()

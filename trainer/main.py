@@ -96,7 +96,8 @@ def main(argv):
   # Imported after validation: flag mistakes are reported in well under a
   # second instead of after TensorFlow's multi-second import.
   try:
-    import tensorflow as tf
+    from trainer import tfimport
+    tf = tfimport.import_tensorflow()
     from trainer import checkpoint
     from trainer import controller
   except ImportError as e:
