@@ -86,7 +86,8 @@ def test_batches_loaded_in_groups_equal_batches_made_one_by_one():
                   augment=True, global_batch_size=24)
   task = ClassificationTask(config, layers.get("cnn"))
   source = task.source("train")
-  assert pipeline.batches_per_call(source, 24) == 10
+  one = pipeline.train_dataset(task, "train", 24, seed=3, start_position=0)
+  assert pipeline.batches_per_call(source, 24, one.element_spec) == 4
   start = 77
   got = list(pipeline.train_dataset(task, "train", 24, seed=3,
                                     start_position=start).take(25))
@@ -103,26 +104,38 @@ def test_batches_loaded_in_groups_equal_batches_made_one_by_one():
       np.testing.assert_array_equal(meta[key].numpy(), value.numpy())
 
 
-def test_batches_per_call_only_groups_small_rows_held_in_memory():
+def test_batches_per_call_only_groups_small_dense_batches_held_in_memory():
+  import dataclasses
   from trainer.data.readers import images
   from trainer.data.source import array_source
-  small = array_source("small", np.zeros([10, 8, 8, 1], np.uint8),
-                       np.zeros([10], np.int32))
-  assert [pipeline.batches_per_call(small, b) for b in (32, 64, 100, 256,
-                                                          512)] == [8, 4, 2,
-                                                                    1, 1]
-  # 28x28x1 uint8: 167 rows stay under 128 KiB a call.
-  mnist = array_source("mnist", np.zeros([2, 28, 28, 1], np.uint8),
-                       np.zeros([2], np.int32))
-  assert [pipeline.batches_per_call(mnist, b) for b in (16, 32, 64, 128)] == [
-      10, 5, 2, 1]
-  big = array_source("big", np.zeros([2, 224, 224, 3], np.uint8),
-                     np.zeros([2], np.int32))
-  assert pipeline.batches_per_call(big, 1) == 1
-  encoded = array_source("png", np.array([b"x", b"y"], object),
-                         np.zeros([2], np.int32))
-  decoded = images.decoding_source(encoded, (8, 8, 1), from_paths=False)
-  assert pipeline.batches_per_call(decoded, 32) == 1   # decodes: one a call
+  source = array_source("small", np.zeros([10, 8, 8, 1], np.uint8),
+                        np.zeros([10], np.int32))
+  assert source.in_memory
+
+  def batch(size, row_shape=(8, 8, 1), dtype=tf.float32, features=None):
+    meta = {"pos": tf.TensorSpec([size], tf.int64)}
+    return (features or tf.TensorSpec([size, *row_shape], dtype),
+            tf.TensorSpec([size], tf.int32), meta)
+
+  calls = pipeline.batches_per_call
+  # At most 4 batches and 256 rows a call.
+  assert [calls(source, b, batch(b)) for b in (16, 64, 100, 256)] == [4, 4, 2,
+                                                                      1]
+  # Each batch at most 128 KiB as the map gives it: 28x28 float32 rows.
+  assert calls(source, 32, batch(32, (28, 28, 1))) == 4      # 100 KB
+  assert calls(source, 64, batch(64, (28, 28, 1))) == 1      # 200 KB
+  # Only dense tensors of static shape stack; strings are yet to decode.
+  assert calls(source, 32, batch(32, (None, 3))) == 1
+  assert calls(source, 32, batch(32, (), tf.string)) == 1
+  sparse = tf.SparseTensorSpec([32, 10], tf.float32)
+  assert calls(source, 32, batch(32, features=sparse)) == 1
+  # A gather that reads or decodes: one batch a call.
+  decoded = images.decoding_source(
+      array_source("png", np.array([b"x", b"y"], object),
+                   np.zeros([2], np.int32)), (8, 8, 1), from_paths=False)
+  assert not decoded.in_memory and calls(decoded, 32, batch(32)) == 1
+  own = dataclasses.replace(source, gather=lambda i: source.gather(i))
+  assert not own.in_memory and calls(own, 32, batch(32)) == 1
 
 
 def test_eval_dataset_pads_with_zero_weight():

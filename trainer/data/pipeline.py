@@ -50,18 +50,22 @@ def train_dataset(task, split: str, batch_size: int, seed: int,
   custom = getattr(task, "train_dataset", None)
   if custom is not None:
     return _custom_train_dataset(custom, batch_size, seed, start_position)
-  group = batches_per_call(task.source(split), batch_size)
-  load = _training_loader(task, split, seed, batch_size, group)
-  # A stream of STARTS, one a `group` of global batches, each widened to
-  # its positions in the map: batching a stream of single positions cost
-  # one iterator call per example (pipeline CPU per batch of 64 from
-  # memory: 0.18 -> 0.13 ms, the hand-written from_tensor_slices loop's
-  # 0.11; bench.paired --gan), and a parallel map's own cost per call
-  # (~0.05 ms) is shared by the group's batches (0.15 -> 0.10).
-  ds = _positions(start_position, group * batch_size).map(
-      load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  source = task.source(split)
+  one = _rows_loader(task, source, seed)
+  # A stream of batch STARTS, each widened to its positions in the map:
+  # batching a stream of single positions cost one iterator call per
+  # example (pipeline CPU per batch of 64 from memory: 0.18 -> 0.13 ms,
+  # the hand-written from_tensor_slices loop's 0.11; bench.paired --gan).
+  ds = _positions(start_position, batch_size).map(
+      lambda start: one(start + tf.range(batch_size, dtype=tf.int64), start),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  group = batches_per_call(source, batch_size, ds.element_spec)
   if group > 1:
-    ds = ds.unbatch()
+    # A parallel map's own cost per call (~0.05 ms) shared by the group's
+    # batches: 0.15 -> 0.10 ms of CPU per batch of 64 (bench.paired --gan).
+    ds = _positions(start_position, group * batch_size).map(
+        _group_loader(task, source, seed, batch_size, group),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options(tf.data.experimental.AutoShardPolicy.DATA))
 
@@ -76,7 +80,7 @@ def worker_train_dataset(task, split: str, batch_size: int, seed: int,
   "start" stays s_b, so the row offset pos - start (dropout, augmentation)
   is the same as in the whole-batch pipeline."""
   rows = batch_size // num_replicas
-  load = _rows_loader(task, split, seed)
+  load = _rows_loader(task, task.source(split), seed)
 
   def piece(k):
     start = start_position + (k // local_replicas) * batch_size
@@ -102,27 +106,36 @@ def _positions(start: int, step: int = 1):
   return tf.data.Dataset.range(start, 2 ** 62, step).repeat()
 
 
-# Rows one training map call loads from memory, at most, and the bytes of
-# those rows as stored. A call costs ~0.05 ms of CPU by itself; the group's
-# preprocessed rows are copied twice more (stacked, then unbatched), which
-# beyond ~128 KiB costs more than the calls saved. Measured, pipeline CPU a
-# batch: digits 8x8 at 64, four a call 0.15 -> 0.10 ms; 28x28x1 uint8 at
-# 32, eight a call 0.107 -> 0.087; at 128, two a call 0.16-0.21 -> 0.18-0.33.
+# Several global batches a map call: at most this many, of this many rows
+# together, each batch at most this many bytes as the map gives it. A call
+# costs ~0.05 ms of CPU by itself; a group's batches are copied twice more
+# (stacked, then unbatched), which for big batches costs more than the calls
+# saved, and each batch of a group traces `preprocess` again. Measured,
+# pipeline CPU per batch: digits 8x8 at 64 (18 KB a batch), four a call,
+# 0.15 -> 0.10 ms; 28x28x1 at 32 (100 KB), eight a call, 0.107 -> 0.087; at
+# 128 (400 KB), two a call, 0.16-0.21 -> 0.18-0.33.
+_MAX_BATCHES_PER_CALL = 4
 _ROWS_PER_CALL = 256
-_BYTES_PER_CALL = 128 << 10
+_BATCH_BYTES = 128 << 10
 
 
-def batches_per_call(source, batch_size: int) -> int:
-  """Global batches one training map call loads: several when the source
-  only looks rows up in memory (cheap, cannot fail, so a group never moves
-  an error to an earlier batch), else one (a decode or a read costs far
-  more than the call)."""
+def batches_per_call(source, batch_size: int, element_spec) -> int:
+  """Global batches one training map call loads. `element_spec`: of one
+  batch as the one-batch map gives it (features, labels, meta). Several
+  only when the source looks rows up in memory (nothing to read or decode,
+  nothing that fails mid-stream) and every part of a batch is a dense
+  tensor of static shape and small, else one."""
   if not source.in_memory:
     return 1
-  row_bytes = sum(max(1, s.shape.num_elements() or 1) * s.dtype.size
-                  for s in tf.nest.flatten(source.feature_spec))
-  rows = min(_ROWS_PER_CALL, _BYTES_PER_CALL // row_bytes)
-  return max(1, rows // batch_size)
+  batch_bytes = 0
+  for spec in tf.nest.flatten(element_spec):
+    if (type(spec) is not tf.TensorSpec or not spec.shape.is_fully_defined()
+        or spec.dtype == tf.string):
+      return 1   # tf.stack needs equal dense shapes; strings: a decode
+    batch_bytes += spec.shape.num_elements() * spec.dtype.size
+  if batch_bytes > _BATCH_BYTES:
+    return 1
+  return max(1, min(_MAX_BATCHES_PER_CALL, _ROWS_PER_CALL // batch_size))
 
 
 def _meta(positions, start, weight=None) -> dict:
@@ -143,10 +156,9 @@ def _preprocessed(task, features, labels, positions, start):
   return features, labels, meta
 
 
-def _rows_loader(task, split: str, seed: int):
+def _rows_loader(task, source, seed: int):
   """positions (int64 [b]), start (int64: the global micro-batch's first
   position) -> (features, labels, meta) of those stream positions."""
-  source = task.source(split)
   n = source.num_examples
 
   def load(positions, start):
@@ -155,17 +167,11 @@ def _rows_loader(task, split: str, seed: int):
   return load
 
 
-def _training_loader(task, split: str, seed: int, batch_size: int,
-                     group: int):
+def _group_loader(task, source, seed: int, batch_size: int, group: int):
   """first (int64: a stream position) -> the `group` global micro-batches
-  from `first` on, each leaf stacked [group, batch_size, ...] when group >
-  1. One index shuffle and one gather for all of them; preprocess once per
-  batch, since it draws its randomness per global batch."""
-  if group == 1:
-    load = _rows_loader(task, split, seed)
-    return lambda first: load(
-        first + tf.range(batch_size, dtype=tf.int64), first)
-  source = task.source(split)
+  from `first` on, each leaf stacked [group, batch_size, ...]. One index
+  shuffle and one gather for all of them; preprocess once per batch, since
+  it draws its randomness per global batch."""
   n = source.num_examples
 
   def load(first):

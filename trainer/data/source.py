@@ -32,9 +32,11 @@ class Source:
       this is the channel count the model gets (see trainer.data.resize).
     describe: example index -> where it comes from ("FILE" or "FILE record
       N"), to name a damaged example found when it is read; or None.
-    in_memory: `gather` only looks rows up in arrays held in memory (no
-      read, no decode, nothing that can fail): the training pipeline then
-      loads several batches per map call (pipeline.batches_per_call).
+  The property `in_memory`: `gather` is array_source's own, which only
+  looks rows up in arrays held in memory (no read, no decode, nothing that
+  can fail): the training pipeline may then load several batches per map
+  call (pipeline.batches_per_call). A Source copied with another gather
+  (dataclasses.replace) is not in memory.
   """
   name: str
   num_examples: int
@@ -45,7 +47,10 @@ class Source:
   skipped: int = 0
   decode_channels: int = 0
   describe: Callable[[int], str] | None = None
-  in_memory: bool = False
+
+  @property
+  def in_memory(self) -> bool:
+    return getattr(self.gather, "looks_up_memory", False)
 
 
 def _spec_of(array: np.ndarray) -> tf.TensorSpec:
@@ -76,6 +81,7 @@ def array_source(name: str, features, labels, num_classes: int | None = None,
     take = lambda t: tf.gather(t, indices)
     return tf.nest.map_structure(take, feats), tf.nest.map_structure(take, labs)
 
+  gather.looks_up_memory = True
   return Source(
       name=name,
       num_examples=sizes.pop(),
@@ -83,8 +89,7 @@ def array_source(name: str, features, labels, num_classes: int | None = None,
       feature_spec=tf.nest.map_structure(_spec_of, features),
       label_spec=tf.nest.map_structure(_spec_of, labels),
       num_classes=num_classes,
-      skipped=skipped,
-      in_memory=True)
+      skipped=skipped)
 
 
 def host_source(name: str, items: np.ndarray, labels: np.ndarray,

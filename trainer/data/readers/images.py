@@ -85,4 +85,4 @@ def decoding_source(source: Source, shape: tuple[int, int, int],
     return images, labels
 
   return dataclasses.replace(source, gather=gather, feature_spec=spec,
-                             skipped=skipped, in_memory=False)
+                             skipped=skipped)
