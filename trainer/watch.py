@@ -43,7 +43,10 @@ class InputWaitProbe:
   shows a floor of some per cent even with an instant pipeline; a pipeline
   that cannot keep up shows as a share near 1 - compute/step time. A
   pipeline competing for the same cores also slows the compute; that
-  slowdown is not input wait and is not counted.
+  slowdown is not input wait and is not counted. The timed updates fetch
+  each batch when they start; the untimed chunks fetch the next batch while
+  an update runs (trainer.step.steps), which hides most of that floor, so
+  for them the share is an upper bound.
   """
 
   def __init__(self, num_updates: int, summary_every: int, train_steps: int):
@@ -95,6 +98,11 @@ class InputWaitProbe:
 
 class _TimedIterator:
   """Wraps a (distributed) iterator; `next` in a tf.function is timed."""
+
+  # The untimed chunks fetch each batch while the update before it runs;
+  # timing such a fetch would count overlapped time as waiting. The timed
+  # chunks fetch each batch when its update starts (the probe's doc).
+  fetch_ahead = False
 
   def __init__(self, iterator, variables):
     self.iterator = iterator

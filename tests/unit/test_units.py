@@ -183,6 +183,25 @@ def test_train_loop_does_not_retrace_when_chunk_size_changes(
   assert runner.steps.guarded_loop.experimental_get_tracing_count() == 0
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_chunk_fetches_ahead_but_stops_at_its_last_update(tmp_path, accum):
+  """The chunk dequeues each micro-batch while the one before it runs, but
+  nothing past its last update (one-update chunks too): the iterator's next
+  batch is the next update's first, so chunk after chunk the batches are
+  the stream's in order."""
+  from trainer import controller
+  config = Config(train_steps=20, global_batch_size=16, mode="train",
+                  grad_accum_steps=accum, model_dir=str(tmp_path / "run"))
+  runner = controller.create(config)
+  iterator = runner.executor.train_iterator()
+  for todo in (3, 1, 2):
+    assert bool(runner.steps.unguarded_chunk(iterator,
+                                             tf.constant(todo, tf.int64)))
+  assert int(runner.state.position.numpy()) == 6 * 16
+  _, _, meta = next(iterator)
+  np.testing.assert_array_equal(meta["pos"].numpy(), 96 + np.arange(16 // accum))
+
+
 @pytest.mark.parametrize("spec, sizes, expected", [
     ("train", {"train": 10}, [("train", list(range(10)))]),
     ("test[:3]", {"test": 10}, [("test", [0, 1, 2])]),

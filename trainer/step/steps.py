@@ -24,6 +24,13 @@ Two loops run updates; the non-finite guard (trainer.guard) decides which:
                   chunk's start (trainer.guard.ChunkShadow) and replays it
                   through guarded_loop. A cond in the loop body costs ~2% of
                   a small model's step on CPU (bench/).
+                  It fetches ahead: each micro-step dequeues the NEXT
+                  micro-batch while it runs (none after the chunk's last,
+                  so the iterator ends exactly where the chunk does). The
+                  dequeue is an async op whose thread takes 0.1-0.2 ms to
+                  wake on a busy 2-core CPU; fetched on demand it delayed
+                  the start of every update (bench.paired --gan: a GAN's
+                  noise and generator wait for the batch's positions).
 """
 
 import tensorflow as tf
@@ -244,6 +251,33 @@ class Steps:
       strategy.run(self._accumulate, args=(next(iterator),))
     return strategy.run(self._reduce_buffers, args=(self._handed_names,))
 
+  def _reduced_gradients_ahead(self, iterator, batch, last):
+    """_reduced_gradients of the update whose first micro-batch is
+    `batch` (fetched ahead); each micro-step fetches the next micro-batch
+    while it runs, except the last one of the chunk (`last`: a bool tensor,
+    this is the chunk's last update). Returns (result, next micro-batch)."""
+    strategy = self.strategy
+
+    def fetch(more, batch):
+      # Program order sets the order of reads: the fetch comes before the
+      # micro-step, which does not touch the iterator, so it runs at once.
+      return tf.cond(more, lambda: next(iterator), lambda: batch)
+
+    if self._buffers is None:
+      nxt = fetch(tf.logical_not(last), batch)
+      return strategy.run(self._micro_and_reduce, args=(batch,)), nxt
+
+    def micro(k, batch):
+      more = tf.logical_or(k + 1 < self.accum_steps, tf.logical_not(last))
+      nxt = fetch(more, batch)
+      strategy.run(self._accumulate, args=(batch,))
+      return k + 1, nxt
+
+    _, nxt = tf.while_loop(lambda k, _: k < self.accum_steps, micro,
+                           (tf.constant(0), batch))
+    return (strategy.run(self._reduce_buffers, args=(self._handed_names,)),
+            nxt)
+
   def _apply_everywhere(self, reduced):
     self.strategy.run(self._apply, args=(reduced,))
     if self.ema is not None:
@@ -273,23 +307,35 @@ class Steps:
       self._one_update(iterator)
 
   def _unguarded_chunk(self, iterator, num_updates):
-    """Up to `num_updates` unguarded updates; False if one was non-finite
-    (then restore the shadow and replay the chunk through guarded_loop)."""
+    """Up to `num_updates` (>= 1) unguarded updates; False if one was
+    non-finite (then restore the shadow and replay the chunk through
+    guarded_loop, from a new iterator: this one may be a batch ahead).
+    Fetches ahead (module doc) unless the iterator says not to: the
+    input-wait probe's timed iterator measures the fetch on demand."""
     self.shadow.save()
     state, first = self.state, self._first
+    ahead = getattr(iterator, "fetch_ahead", True)
 
-    def body(i, ok):
+    def body(i, ok, *batch):
       del ok
-      reduced, grads_finite, loss_finite = self._reduced_gradients(iterator)
+      if ahead:
+        result, nxt = self._reduced_gradients_ahead(
+            iterator, batch[0], i + 1 >= num_updates)
+        batch = (nxt,)
+      else:
+        result = self._reduced_gradients(iterator)
+      reduced, grads_finite, loss_finite = result
       self._apply_everywhere(reduced)
       state.global_step.assign_add(1)
       state.position.assign_add(self.update_batch)
-      return i + 1, tf.logical_and(first(grads_finite), first(loss_finite))
+      ok = tf.logical_and(first(grads_finite), first(loss_finite))
+      return (i + 1, ok, *batch)
 
-    # The while loop's own condition stops it: no cond in the body.
-    _, ok = tf.while_loop(
-        lambda i, ok: tf.logical_and(ok, i < num_updates), body,
-        (tf.zeros([], num_updates.dtype), tf.constant(True)))
+    # The while loop's own condition stops it: no cond around the update.
+    _, ok, *_ = tf.while_loop(
+        lambda i, ok, *_: tf.logical_and(ok, i < num_updates), body,
+        (tf.zeros([], num_updates.dtype), tf.constant(True),
+         *([next(iterator)] if ahead else [])))
     return ok
 
   def _first(self, value):
