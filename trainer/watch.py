@@ -44,9 +44,9 @@ class InputWaitProbe:
   that cannot keep up shows as a share near 1 - compute/step time. A
   pipeline competing for the same cores also slows the compute; that
   slowdown is not input wait and is not counted. The timed updates fetch
-  each batch when they start; the untimed chunks fetch the next batch while
-  an update runs (trainer.step.steps), which hides most of that floor, so
-  for them the share is an upper bound.
+  each batch when they start; with one local replica the untimed chunks
+  fetch the next batch while an update runs (trainer.step.steps), so for
+  them the share is an upper bound.
   """
 
   def __init__(self, num_updates: int, summary_every: int, train_steps: int):

@@ -183,23 +183,46 @@ def test_train_loop_does_not_retrace_when_chunk_size_changes(
   assert runner.steps.guarded_loop.experimental_get_tracing_count() == 0
 
 
+class _OnDemand:
+  """The chunk's iterator, fetched on demand (as the input-wait probe's)."""
+  fetch_ahead = False
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self.iterator)
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_chunk_fetches_ahead_but_stops_at_its_last_update(tmp_path, accum):
   """The chunk dequeues each micro-batch while the one before it runs, but
   nothing past its last update (one-update chunks too): the iterator's next
-  batch is the next update's first, so chunk after chunk the batches are
-  the stream's in order."""
+  batch is the next update's first, and the weights are those of the same
+  chunks fetching each batch when its micro-step starts."""
   from trainer import controller
-  config = Config(train_steps=20, global_batch_size=16, mode="train",
-                  grad_accum_steps=accum, model_dir=str(tmp_path / "run"))
-  runner = controller.create(config)
-  iterator = runner.executor.train_iterator()
-  for todo in (3, 1, 2):
-    assert bool(runner.steps.unguarded_chunk(iterator,
-                                             tf.constant(todo, tf.int64)))
-  assert int(runner.state.position.numpy()) == 6 * 16
-  _, _, meta = next(iterator)
-  np.testing.assert_array_equal(meta["pos"].numpy(), 96 + np.arange(16 // accum))
+
+  def run(name, wrap):
+    config = Config(train_steps=20, global_batch_size=16, mode="train",
+                    grad_accum_steps=accum, model_dir=str(tmp_path / name))
+    runner = controller.create(config)
+    assert runner.steps.fetch_ahead
+    iterator = runner.executor.train_iterator()
+    for todo in (3, 1, 2):
+      assert bool(runner.steps.unguarded_chunk(wrap(iterator),
+                                               tf.constant(todo, tf.int64)))
+    assert int(runner.state.position.numpy()) == 6 * 16
+    _, _, meta = next(iterator)
+    np.testing.assert_array_equal(meta["pos"].numpy(),
+                                  96 + np.arange(16 // accum))
+    return [v.numpy() for v in runner.model.weights]
+
+  ahead = run("ahead", lambda it: it)
+  for a, b in zip(ahead, run("on_demand", _OnDemand)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("spec, sizes, expected", [

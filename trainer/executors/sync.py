@@ -78,6 +78,8 @@ class SyncExecutor:
     return iterator
 
   def _chunk(self, iterator, todo: int, wrap=None):
+    if todo < 1:   # the chunk fetches its first batch before its loop
+      raise ValueError(f"a chunk of {todo} updates")
     steps, num = self.parts.steps, tf.constant(todo, tf.int64)
     wrapped = wrap(iterator) if wrap else iterator
     if not steps.chunk_guard:

@@ -24,13 +24,19 @@ Two loops run updates; the non-finite guard (trainer.guard) decides which:
                   chunk's start (trainer.guard.ChunkShadow) and replays it
                   through guarded_loop. A cond in the loop body costs ~2% of
                   a small model's step on CPU (bench/).
-                  It fetches ahead: each micro-step dequeues the NEXT
-                  micro-batch while it runs (none after the chunk's last,
-                  so the iterator ends exactly where the chunk does). The
-                  dequeue is an async op whose thread takes 0.1-0.2 ms to
-                  wake on a busy 2-core CPU; fetched on demand it delayed
-                  the start of every update (bench.paired --gan: a GAN's
-                  noise and generator wait for the batch's positions).
+                  With one local replica it fetches ahead: each
+                  micro-step dequeues the NEXT micro-batch while it runs
+                  (none after the chunk's last, so a chunk that runs to its
+                  end leaves the iterator where it ends; one stopped by a
+                  non-finite update may leave it a batch ahead, and its
+                  replay starts from a new iterator). The dequeue is an
+                  async op whose thread takes 0.1-0.2 ms to wake on a busy
+                  2-core CPU; fetched on demand it delayed the start of
+                  every update (bench.paired --gan: a GAN's noise and
+                  generator wait for the batch's positions). With several
+                  local replicas the carried batch is placed on the first
+                  device and copied back to each replica's every micro-step
+                  (measured slower under --cpu_replicas=2): no fetch ahead.
 """
 
 import tensorflow as tf
@@ -67,6 +73,7 @@ class Steps:
     self.seed = config.seed
     self.accum_steps = config.grad_accum_steps
     self.update_batch = config.global_batch_size
+    self.fetch_ahead = _one_local_replica(strategy)
     self.micro_batch = config.micro_batch_size
     self.fp16 = config.mixed_precision == "mixed_float16"
     self.train_sums = self.sums_class(
@@ -314,7 +321,7 @@ class Steps:
     input-wait probe's timed iterator measures the fetch on demand."""
     self.shadow.save()
     state, first = self.state, self._first
-    ahead = getattr(iterator, "fetch_ahead", True)
+    ahead = self.fetch_ahead and getattr(iterator, "fetch_ahead", True)
 
     def body(i, ok, *batch):
       del ok
@@ -352,6 +359,14 @@ class Steps:
   def _eval_loop(self, iterator, num_batches):
     for _ in tf.range(num_batches):
       self.strategy.run(self._eval_step, args=(next(iterator),))
+
+
+def _one_local_replica(strategy) -> bool:
+  """Whether this process runs one replica (default strategy, or one
+  device per worker), so that a batch is plain tensors, not PerReplica."""
+  if strategy.num_replicas_in_sync == 1:
+    return True
+  return len(strategy.extended.worker_devices) == 1
 
 
 def make_ema(strategy, models: dict, decay: float):
