@@ -21,9 +21,13 @@ encoded JPEG/PNG/GIF/BMP files, decoded to the training images' size and
 channels and preprocessed as evaluation does; a second signature `features`
 keeps the float input. The export computes in float32 whatever
 --mixed_precision the run used. --tflite also writes OUT/model.tflite
-(float inputs, same names). OUT is replaced as a whole: it is written next
-to itself and renamed into place. A model that cannot be exported is
-refused with one line (exit 2).
+(float inputs, same names). OUT is written next to itself and renamed into
+place. OUT must be new or an empty directory; a previous export of this
+tool (its trainer-export.json lists what it wrote) is replaced with
+--overwrite only. A training run's directory, a file, or a directory
+holding anything else is refused (exit 2): export never removes what it
+did not write. A model that cannot be exported is refused with one line
+(exit 2).
 """
 
 import json
@@ -37,6 +41,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from trainer import errors  # noqa: E402
+from trainer import export_dir as target  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,8 +55,9 @@ def define_flags() -> None:
   importing this module next to other absl programs is harmless."""
   flags.DEFINE_string("model_dir", None, "Training --model_dir: config.json "
                       "and checkpoints.")
-  flags.DEFINE_string("export_dir", None, "Where to write the SavedModel "
-                      "(replaced if it exists). Its serving_default signature "
+  flags.DEFINE_string("export_dir", None, "Where to write the SavedModel: a "
+                      "new or empty directory (see --overwrite). Its "
+                      "serving_default signature "
                       "is the task's serving_signature: for classification "
                       "`images` (float32 [N,H,W,C] in [0,1]) -> "
                       "`probabilities`; otherwise the model's inputs and "
@@ -64,6 +70,10 @@ def define_flags() -> None:
   flags.DEFINE_bool("image_bytes", False, "Image tasks: serve `image_bytes` "
                     "(encoded JPEG/PNG, string [N]) decoded and preprocessed "
                     "as evaluation does.")
+  flags.DEFINE_bool("overwrite", False, "Replace a previous export of this "
+                    "tool at --export_dir (only if it holds nothing else). "
+                    "A training run's directory, a file or any other "
+                    "non-empty directory is never written over.")
   flags.DEFINE_bool("tflite", False, "Also write EXPORT_DIR/model.tflite.")
   flags.DEFINE_string("data_dir", None, "Override the run's --data_dir "
                       "(where the training data are now).")
@@ -140,9 +150,13 @@ def _spec_json(spec) -> dict:
 
 def export(model_dir: str, export_dir: str, checkpoint: str = "",
            tflite: bool = False, image_bytes: bool = False,
-           model_name: str = "",
+           model_name: str = "", overwrite: bool = False,
            **overrides) -> dict:
-  """Writes the SavedModel (and model.tflite); returns a summary dict."""
+  """Writes the SavedModel (and model.tflite); returns a summary dict.
+  `export_dir` must be new or empty, or hold a previous export of this
+  tool and `overwrite` be set (trainer.export_dir)."""
+  export_dir = os.path.normpath(export_dir)
+  target.check(export_dir, overwrite)
   from trainer import tfimport
   tf = tfimport.import_tensorflow()
   from trainer import load
@@ -161,9 +175,6 @@ def export(model_dir: str, export_dir: str, checkpoint: str = "",
                     f"({type(e).__name__}: {errors.first_line(e, 200)}); "
                     "override "
                     "Task.serving_signature.") from None
-  export_dir = os.path.normpath(export_dir)
-  staging = f"{export_dir}.tmp-{os.getpid()}"
-  shutil.rmtree(staging, ignore_errors=True)
   endpoints = {"serving_default": serve,
                **{k: s.tf_function() for k, s in extra.items()}}
   config = restored.config
@@ -175,6 +186,7 @@ def export(model_dir: str, export_dir: str, checkpoint: str = "",
                       for n, t in concrete.structured_outputs.items()},
           "signatures": sorted(endpoints),
           "model": config.model, "dataset": config.dataset, "task": config.task}
+  staging = target.staging_for(export_dir)
   try:
     _write(model, endpoints, staging)
     if tflite:
@@ -185,10 +197,11 @@ def export(model_dir: str, export_dir: str, checkpoint: str = "",
     os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
     with open(os.path.join(staging, "assets.extra", "export.json"), "w") as f:
       json.dump(info, f, indent=2)
-  except BaseException:
+    target.seal(staging)
+    target.replace(staging, export_dir, overwrite)
+  finally:
+    # Gone after a successful replace; the half-written export otherwise.
     shutil.rmtree(staging, ignore_errors=True)
-    raise
-  _replace(staging, export_dir)
   return info
 
 
@@ -196,15 +209,6 @@ def _step_of(path: str) -> int | None:
   from trainer import checkpoint as ckpt_lib
   number = ckpt_lib.number(path)
   return number if number >= 0 else None
-
-
-def _replace(staging: str, target: str) -> None:
-  """Moves `staging` to `target`, replacing an older export."""
-  old = f"{target}.old-{os.getpid()}"
-  if os.path.exists(target):
-    os.rename(target, old)
-  os.rename(staging, target)
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def _parse_flags(argv):
@@ -225,7 +229,8 @@ def main(argv):
                if FLAGS[name].present}
   try:
     info = export(FLAGS.model_dir, FLAGS.export_dir, FLAGS.checkpoint,
-                  FLAGS.tflite, FLAGS.image_bytes, FLAGS.model, **overrides)
+                  FLAGS.tflite, FLAGS.image_bytes, FLAGS.model,
+                  FLAGS.overwrite, **overrides)
   except UserError as e:
     errors.fail("trainer.export", str(e))
   print(json.dumps(info), flush=True)
