@@ -118,7 +118,7 @@ def _cached_chunk(runner):
 def _timed_controller(config, on_summary):
   """A Controller whose summary write ends by calling `on_summary(chunk
   seconds of the interval)`; everything else is the trainer's own."""
-  from trainer import controller, executors
+  from trainer import build, controller
 
   class Timed(controller.Controller):
 
@@ -128,7 +128,7 @@ def _timed_controller(config, on_summary):
       on_summary(interval_time)
       return result
 
-  return Timed(*executors.for_config(config))
+  return Timed(*build.run_parts(config))
 
 
 def measure(args, tmp: str) -> tuple[dict, dict]:

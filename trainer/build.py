@@ -1,9 +1,15 @@
-"""Config -> the parts of one run: strategy, task, models, optimizers,
-state, moving average, steps, checkpointer. The composition root: it
-builds, it never loops (trainer.controller does, through an executor).
+"""The composition root: Config -> every part of one run (strategy, task,
+models, optimizers, state, moving average, steps, checkpointer, executor),
+each handed the narrow settings it needs. It builds, it never loops
+(trainer.controller does, through the executor).
+
+The strategy kind is decided here and nowhere below: BACKENDS maps each
+--strategy to how its strategy is made, its Steps and executor classes and
+what it can do.
 """
 
 import dataclasses
+from typing import Callable
 
 from absl import logging
 import keras
@@ -11,16 +17,67 @@ import tensorflow as tf
 
 from trainer import checkpoint as ckpt_lib
 from trainer import epochs, optim, precision
+from trainer.distribute import ps_strategy, tpu
 from trainer.distribute import strategy as strategy_lib
+from trainer.distribute.role import Role
 from trainer.config import Config, check_batch_fits, check_divisible
 from trainer.data import pipeline
 from trainer.errors import UserError
+from trainer.executors import ps as ps_executor
+from trainer.executors import sync as sync_executor
 from trainer.state import TrainState
 from trainer.step.steps import Steps, make_ema
-from trainer.task import Task, from_config
+from trainer.task import MAIN, Task, from_config, models_of  # noqa: F401
 
-# A Task's single model (build_model returned one model) has this name.
-MAIN = "model"
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """How one strategy kind is run, and what it can do."""
+  make_strategy: Callable   # strategy_lib.Settings -> (strategy, Role)
+  steps_class: type
+  executor_class: type
+  # ctx.all_gather: "collective" (ReplicaContext.all_gather), "by_sum" (an
+  # all-reduce: multi-worker's all_gather fails at trace time), "" (none).
+  all_gather: str
+  gradient_histograms: bool   # False: weights only (no synchronous step)
+  profiler: bool              # the work runs in this process
+
+
+def _tpu(settings):
+  return tpu.build_strategy(settings), Role(True, 0, 1)
+
+
+_SYNC = dict(steps_class=Steps, executor_class=sync_executor.SyncExecutor,
+             gradient_histograms=True, profiler=True)
+BACKENDS = {
+    "default": Backend(strategy_lib.default, all_gather="collective",
+                       **_SYNC),
+    "mirrored": Backend(strategy_lib.mirrored, all_gather="collective",
+                        **_SYNC),
+    "multiworker": Backend(strategy_lib.multiworker, all_gather="by_sum",
+                           **_SYNC),
+    "tpu": Backend(_tpu, all_gather="collective", **_SYNC),
+    "parameter_server": Backend(
+        ps_strategy.build, steps_class=ps_executor.PSSteps,
+        executor_class=ps_executor.PSExecutor, all_gather="",
+        gradient_histograms=False, profiler=False),
+}
+
+
+def narrow(cls, config: Config, **overrides):
+  """The settings dataclass `cls` filled from the Config's fields of the
+  same names: how every part below gets only what it reads."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  values = {n: getattr(config, n) for n in names if n not in overrides}
+  return cls(**values, **overrides)
+
+
+def backend_of(config: Config) -> Backend:
+  try:
+    return BACKENDS[config.strategy]
+  except KeyError:
+    raise UserError(f"--strategy={config.strategy!r} is not supported; "
+                    f"choose one of {', '.join(BACKENDS)}.") from None
 
 
 @dataclasses.dataclass
@@ -48,23 +105,7 @@ class Parts:
     return next(iter(self.optimizers.values())) if len(
         self.optimizers) == 1 else None
 
-  @property
-  def is_parameter_server(self) -> bool:
-    return self.config.strategy == "parameter_server"
-
-
-def models_of(task: Task, spec) -> dict:
-  """Task.build_model's model, or dict of named models, as a dict."""
-  built = task.build_model(spec)
-  if isinstance(built, keras.Model):
-    return {MAIN: built}
-  if isinstance(built, dict) and built and all(
-      isinstance(k, str) and k.isidentifier() and isinstance(m, keras.Model)
-      for k, m in built.items()):
-    return dict(built)
-  raise UserError(
-      f"{type(task).__name__}.build_model returned {type(built).__name__}: "
-      "return a keras.Model or a dict of them keyed by identifier names.")
+  backend: Backend = None
 
 
 def optimizers_of(task: Task, config: Config, state: TrainState,
@@ -134,11 +175,12 @@ def _resolved_precision(config: Config) -> Config:
   return dataclasses.replace(config, mixed_precision=chosen)
 
 
-def parts(config: Config, task: Task | None = None,
-          steps_class=Steps) -> Parts:
-  """Builds a run's parts. `steps_class`: the executor's Steps."""
-  strategy_lib.configure_devices(config)
-  strategy, role = strategy_lib.build(config)
+def parts(config: Config, task: Task | None = None) -> Parts:
+  """Builds a run's parts for the configured strategy kind."""
+  backend = backend_of(config)
+  strategy_settings = narrow(strategy_lib.Settings, config)
+  strategy_lib.configure_devices(strategy_settings)
+  strategy, role = backend.make_strategy(strategy_settings)
   check_divisible(config, strategy.num_replicas_in_sync)
   keras.utils.set_random_seed(config.seed)
   config = _resolved_precision(config)
@@ -155,8 +197,9 @@ def parts(config: Config, task: Task | None = None,
     optimizers, variables, flag_optimizer = optimizers_of(task, config,
                                                           state, models)
   ema = make_ema(strategy, models, config.ema_decay)
-  steps = steps_class(strategy, task, models, optimizers, variables, state,
-                      config, ema)
+  steps = backend.steps_class(strategy, task, models, optimizers, variables,
+                              state, config, ema)
+  steps.all_gather_kind = backend.all_gather
   objects = {"model": trackable(models, MAIN),
              "optimizer": trackable(optimizers, "optimizer"),
              "global_step": state.global_step, "state": state,
@@ -171,4 +214,10 @@ def parts(config: Config, task: Task | None = None,
                  ", ".join(f"{n} ({type(o).__bases__[-1].__name__})"
                            for n, o in optimizers.items()))
   return Parts(config, strategy, role, task, models, optimizers, state, steps,
-               checkpointer, ema, flag_optimizer)
+               checkpointer, ema, flag_optimizer, backend)
+
+
+def run_parts(config: Config, task: Task | None = None):
+  """(parts, executor): everything the controller drives."""
+  built = parts(config, task)
+  return built, built.backend.executor_class(built)

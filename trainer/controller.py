@@ -14,7 +14,7 @@ from absl import logging
 import tensorflow as tf
 
 from trainer import best as best_lib
-from trainer import executors, guard, optim, rundir, summary, watch
+from trainer import build, guard, optim, rundir, summary, watch
 from trainer.config import Config
 from trainer.data import damage
 from trainer.errors import UserError
@@ -364,7 +364,7 @@ def _prefixed(prefix: str, values: dict) -> dict:
 
 def create(config: Config, task=None) -> Controller:
   """The Controller of a run: its parts and the strategy's executor."""
-  return Controller(*executors.for_config(config, task))
+  return Controller(*build.run_parts(config, task))
 
 
 def train(config: Config, task=None) -> dict:

@@ -248,3 +248,21 @@ def from_config(config: Config) -> Task:
   else:
     model_fn = layers.get(config.model)
   return ClassificationTask(config, model_fn)
+
+
+# A Task's single model (build_model returned one model) has this name.
+MAIN = "model"
+
+
+def models_of(task: Task, spec) -> dict:
+  """Task.build_model's model, or dict of named models, as a dict."""
+  built = task.build_model(spec)
+  if isinstance(built, keras.Model):
+    return {MAIN: built}
+  if isinstance(built, dict) and built and all(
+      isinstance(k, str) and k.isidentifier() and isinstance(m, keras.Model)
+      for k, m in built.items()):
+    return dict(built)
+  raise UserError(
+      f"{type(task).__name__}.build_model returned {type(built).__name__}: "
+      "return a keras.Model or a dict of them keyed by identifier names.")

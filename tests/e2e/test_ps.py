@@ -199,17 +199,16 @@ def test_missing_tf_config_is_one_line_exit_2(tmp_path):
     ("{not json", "not valid JSON"),
 ])
 def test_bad_tf_config_is_a_user_error(monkeypatch, tf_config, says):
-  from trainer.executors import ps
-  from trainer.config import Config
+  from trainer.distribute import ps_strategy, strategy
   from trainer.errors import UserError
   monkeypatch.setenv("TF_CONFIG", tf_config)
   with pytest.raises(UserError, match=re.escape(says)):
-    ps.build_strategy(Config(strategy="parameter_server"))
+    ps_strategy.build(strategy.Settings())
 
 
 def test_servers_that_never_start_end_the_wait(monkeypatch):
   from launch.cluster import free_ports
-  from trainer.executors import ps
+  from trainer.distribute import ps_strategy as ps
   worker, server = free_ports(2)
   config = {"cluster": {"chief": ["127.0.0.1:1"],
                         "worker": [f"127.0.0.1:{worker}"],

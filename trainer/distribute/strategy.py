@@ -1,4 +1,6 @@
-"""Config -> tf.distribute strategy, and the per-process role it implies."""
+"""Strategy settings -> a tf.distribute strategy for the synchronous kinds
+(default, mirrored, multiworker), and the per-process role it implies.
+Which kind a run uses is decided once, by trainer.build's table."""
 
 import dataclasses
 import os
@@ -10,19 +12,23 @@ import tensorflow as tf
 
 from trainer.distribute import cluster
 from trainer import dirlock
-from trainer.config import Config
+from trainer.distribute.role import Role
 from trainer.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class Role:
-  """What this process does in the cluster."""
-  is_chief: bool        # writes checkpoints, summaries and config.json
-  worker_index: int     # 0 for single-process strategies
-  num_workers: int
+class Settings:
+  """What making a strategy needs (field names are the flags')."""
+  cpu_replicas: int = 0
+  deterministic: bool = False
+  cluster_resolver: str = "tf_config"
+  collective: str = "auto"
+  peer_timeout_s: float = 120.0
+  tpu: str = ""
+  ps_shard_min_bytes: int = 256 << 10
 
 
-def configure_devices(config: Config) -> None:
+def configure_devices(config: Settings) -> None:
   """Splits the CPU into logical devices; must run before TF uses devices."""
   if config.cpu_replicas > 1 and not tf.config.list_physical_devices("GPU"):
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -32,7 +38,7 @@ def configure_devices(config: Config) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _local_devices(config: Config) -> list[str] | None:
+def _local_devices(config: Settings) -> list[str] | None:
   gpus = tf.config.list_logical_devices("GPU")
   if gpus:
     return [d.name for d in gpus]
@@ -41,7 +47,7 @@ def _local_devices(config: Config) -> list[str] | None:
   return None
 
 
-def _communication_options(config: Config):
+def _communication_options(config: Settings):
   implementation = {
       "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
       "ring": tf.distribute.experimental.CommunicationImplementation.RING,
@@ -53,7 +59,7 @@ def _communication_options(config: Config):
       implementation=implementation, timeout_seconds=config.peer_timeout_s)
 
 
-def _multiworker(config: Config):
+def _multiworker(config: Settings):
   if config.cluster_resolver == "slurm":
     resolver = slurm_resolver()
   else:
@@ -209,34 +215,29 @@ def slurm_resolver():
   return resolver
 
 
-def build(config: Config):
-  """Returns (strategy, role) for the configured strategy."""
-  name = config.strategy
-  if name == "default":
-    return tf.distribute.get_strategy(), Role(True, 0, 1)
-  if name == "mirrored":
-    devices = _local_devices(config)
-    # ReductionToOneDevice for CPU replicas: the NCCL default needs GPUs.
-    ops = None if tf.config.list_logical_devices("GPU") else \
-        tf.distribute.ReductionToOneDevice()
-    return tf.distribute.MirroredStrategy(devices, cross_device_ops=ops), \
-        Role(True, 0, 1)
-  if name == "multiworker":
-    strategy = _multiworker(config)
-    resolver = strategy.cluster_resolver
-    spec = resolver.cluster_spec().as_dict()
-    num_workers = len(spec.get("worker", [])) + len(spec.get("chief", [])) or 1
-    index = resolver.task_id or 0
-    if resolver.task_type == "chief":
-      index = 0
-    elif "chief" in spec:
-      index += 1
-    return strategy, Role(strategy.extended.should_checkpoint, index,
-                          num_workers)
-  if name == "parameter_server":
-    from trainer.executors import ps  # only this strategy needs it
-    return ps.build_strategy(config)
-  if name == "tpu":
-    from trainer.distribute import tpu
-    return tpu.build_strategy(config), Role(True, 0, 1)
-  raise UserError(f"--strategy={name!r} is not supported.")
+def default(config: Settings):
+  del config
+  return tf.distribute.get_strategy(), Role(True, 0, 1)
+
+
+def mirrored(config: Settings):
+  devices = _local_devices(config)
+  # ReductionToOneDevice for CPU replicas: the NCCL default needs GPUs.
+  ops = None if tf.config.list_logical_devices("GPU") else \
+      tf.distribute.ReductionToOneDevice()
+  return tf.distribute.MirroredStrategy(devices, cross_device_ops=ops), \
+      Role(True, 0, 1)
+
+
+def multiworker(config: Settings):
+  strategy = _multiworker(config)
+  resolver = strategy.cluster_resolver
+  spec = resolver.cluster_spec().as_dict()
+  num_workers = len(spec.get("worker", [])) + len(spec.get("chief", [])) or 1
+  index = resolver.task_id or 0
+  if resolver.task_type == "chief":
+    index = 0
+  elif "chief" in spec:
+    index += 1
+  return strategy, Role(strategy.extended.should_checkpoint, index,
+                        num_workers)

@@ -48,20 +48,17 @@ split evenly so that every worker gets a function). What follows from that:
 """
 
 import math
-import os
 import re
-import time
 
 from absl import logging
 import tensorflow as tf
 
-from trainer import build, compat
-from trainer.distribute import cluster, net, worker_watch
+from trainer import compat
+from trainer.distribute import cluster, worker_watch
 from trainer.data import pipeline
-from trainer.errors import UserError
 from trainer.step.metric_sums import MetricSums
 from trainer.step.steps import Steps
-from trainer.distribute.strategy import Role
+from trainer.task import models_of
 
 # Worker w's stream starts at w * _WORKER_STRIDE: disjoint stream regions
 # (positions are int64: a worker can read 2**40 examples before the next one's region).
@@ -76,69 +73,6 @@ class ParameterServerLost(tf.errors.UnavailableError):
 
   def __init__(self, message: str):
     super().__init__(None, None, message)
-
-
-class ClusterNotReady(tf.errors.UnavailableError):
-  """Worker/ps servers did not answer within --peer_timeout_s at startup."""
-
-  def __init__(self, message: str):
-    super().__init__(None, None, message)
-
-
-_answers = net.answers
-
-
-def wait_for_servers(tf_config: dict, timeout_s: float) -> None:
-  """Waits until every worker and ps task accepts connections: connecting
-  the strategy to a task that is not up blocks without a deadline."""
-  servers = [(f"{job} {i}", address) for job in ("worker", "ps")
-             for i, address in enumerate(tf_config["cluster"][job])]
-  deadline = time.monotonic() + timeout_s
-  silent = [s for s in servers if not _answers(s[1])]
-  if silent:
-    logging.info("waiting up to --peer_timeout_s=%g for %s", timeout_s,
-                 ", ".join(f"{n} ({a})" for n, a in silent))
-  while silent:
-    if time.monotonic() >= deadline:
-      raise ClusterNotReady(
-          f"no answer from {', '.join(f'{n} ({a})' for n, a in silent)} "
-          f"within --peer_timeout_s={timeout_s:g}; start every worker and "
-          "ps task (python -m launch.server) with the same TF_CONFIG "
-          "cluster")
-    time.sleep(0.5)
-    silent = [s for s in silent if not _answers(s[1])]
-
-
-def build_strategy(config):
-  """ParameterServerStrategy from TF_CONFIG; returns (strategy, Role)."""
-  tf_config = cluster.env_tf_config(need_ps=True)
-  if tf_config is None:
-    raise UserError(
-        "--strategy=parameter_server needs TF_CONFIG describing the chief, "
-        "worker and ps tasks; start the cluster with python -m launch.local "
-        "--workers=N --ps=M -- --strategy=parameter_server ...")
-  task = tf_config["task"]
-  if task["type"] != "chief":
-    raise UserError(
-        f"--strategy=parameter_server: trainer.main runs only as the "
-        f"coordinator (TF_CONFIG task type 'chief'), not as "
-        f"{task['type']!r}; run worker and ps tasks with python -m "
-        "launch.server.")
-  if config.ps_shard_min_bytes <= 0:
-    raise UserError(f"--ps_shard_min_bytes={config.ps_shard_min_bytes} must "
-                    "be positive.")
-  # RPCs to a dead task fail at once instead of waiting for it to return:
-  # the coordinator's worker-failure handling relies on it (see tf-traps).
-  os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
-  wait_for_servers(tf_config, config.peer_timeout_s)
-  num_ps = len(tf_config["cluster"]["ps"])
-  resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-  partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
-      min_shard_bytes=config.ps_shard_min_bytes, max_shards=num_ps)
-  strategy = tf.distribute.ParameterServerStrategy(
-      resolver, variable_partitioner=partitioner)
-  # The coordinator is the one process that runs the loop, saves and writes.
-  return strategy, Role(is_chief=True, worker_index=0, num_workers=1)
 
 
 class _Sums(MetricSums):
@@ -242,11 +176,6 @@ def _translate(error):
   return ParameterServerLost(
       f"parameter server {where} is unreachable ({type(error).__name__}); "
       "the variables it held are lost, so training stops")
-
-
-def create(config, task=None):
-  parts = build.parts(config, task, steps_class=PSSteps)
-  return parts, PSExecutor(parts)
 
 
 class PSExecutor:
@@ -354,7 +283,7 @@ class PSExecutor:
       parts, config = self.parts, self.config
       default = tf.distribute.get_strategy()
       spec = pipeline.input_spec(parts.task, config.train_split)
-      models = build.models_of(parts.task, spec)
+      models = models_of(parts.task, spec)
       mine = [tuple(v.shape) for m in models.values() for v in m.weights]
       theirs = [tuple(v.shape) for m in parts.models.values()
                 for v in m.weights]

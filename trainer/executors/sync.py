@@ -13,13 +13,7 @@ from a new iterator at the chunk's first position (trainer.guard).
 from absl import logging
 import tensorflow as tf
 
-from trainer import build
 from trainer.data import pipeline
-
-
-def create(config, task=None):
-  parts = build.parts(config, task)
-  return parts, SyncExecutor(parts)
 
 
 class SyncExecutor:

@@ -1,0 +1,74 @@
+"""--strategy=parameter_server: connecting the coordinator to its cluster
+(TF_CONFIG's worker and ps tasks) and making the strategy, with large
+variables sharded over the ps tasks (MinSizePartitioner). How chunks are
+scheduled on that strategy is trainer.executors.ps."""
+
+import os
+import time
+
+from absl import logging
+import tensorflow as tf
+
+from trainer.distribute import cluster, net
+from trainer.distribute.role import Role
+from trainer.errors import UserError
+
+
+class ClusterNotReady(tf.errors.UnavailableError):
+  """Worker/ps servers did not answer within --peer_timeout_s at startup."""
+
+  def __init__(self, message: str):
+    super().__init__(None, None, message)
+
+
+def wait_for_servers(tf_config: dict, timeout_s: float) -> None:
+  """Waits until every worker and ps task accepts connections: connecting
+  the strategy to a task that is not up blocks without a deadline."""
+  servers = [(f"{job} {i}", address) for job in ("worker", "ps")
+             for i, address in enumerate(tf_config["cluster"][job])]
+  deadline = time.monotonic() + timeout_s
+  silent = [s for s in servers if not net.answers(s[1])]
+  if silent:
+    logging.info("waiting up to --peer_timeout_s=%g for %s", timeout_s,
+                 ", ".join(f"{n} ({a})" for n, a in silent))
+  while silent:
+    if time.monotonic() >= deadline:
+      raise ClusterNotReady(
+          f"no answer from {', '.join(f'{n} ({a})' for n, a in silent)} "
+          f"within --peer_timeout_s={timeout_s:g}; start every worker and "
+          "ps task (python -m launch.server) with the same TF_CONFIG "
+          "cluster")
+    time.sleep(0.5)
+    silent = [s for s in silent if not net.answers(s[1])]
+
+
+def build(config):
+  """ParameterServerStrategy from TF_CONFIG; returns (strategy, Role)."""
+  tf_config = cluster.env_tf_config(need_ps=True)
+  if tf_config is None:
+    raise UserError(
+        "--strategy=parameter_server needs TF_CONFIG describing the chief, "
+        "worker and ps tasks; start the cluster with python -m launch.local "
+        "--workers=N --ps=M -- --strategy=parameter_server ...")
+  task = tf_config["task"]
+  if task["type"] != "chief":
+    raise UserError(
+        f"--strategy=parameter_server: trainer.main runs only as the "
+        f"coordinator (TF_CONFIG task type 'chief'), not as "
+        f"{task['type']!r}; run worker and ps tasks with python -m "
+        "launch.server.")
+  if config.ps_shard_min_bytes <= 0:
+    raise UserError(f"--ps_shard_min_bytes={config.ps_shard_min_bytes} must "
+                    "be positive.")
+  # RPCs to a dead task fail at once instead of waiting for it to return:
+  # the coordinator's worker-failure handling relies on it (see tf-traps).
+  os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+  wait_for_servers(tf_config, config.peer_timeout_s)
+  num_ps = len(tf_config["cluster"]["ps"])
+  resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+      min_shard_bytes=config.ps_shard_min_bytes, max_shards=num_ps)
+  strategy = tf.distribute.ParameterServerStrategy(
+      resolver, variable_partitioner=partitioner)
+  # The coordinator is the one process that runs the loop, saves and writes.
+  return strategy, Role(is_chief=True, worker_index=0, num_workers=1)
