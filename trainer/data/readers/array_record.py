@@ -28,7 +28,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import registry, splits
+from trainer.data import splits
+from trainer.data.args import DataArgs
 from trainer.data.readers import choose
 from trainer.data.records import FEATURES
 from trainer.data.source import Source, host_source
@@ -108,8 +109,7 @@ def _first(source, where: str) -> dict:
   return {k: v.numpy() for k, v in f.items()}
 
 
-@registry.register(NAME)
-def array_record(split: str, args: registry.DataArgs) -> Source:
+def array_record(split: str, args: DataArgs) -> Source:
   names = list(dict.fromkeys(choose.names(NAME, split)))
   found = {name: choose.split_files(NAME, SUFFIX, name, args)
            for name in names}

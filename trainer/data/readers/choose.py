@@ -6,8 +6,7 @@ import os
 import numpy as np
 
 from trainer.data import splits
-from trainer.data.readers.digits import select_arrays
-from trainer.data.source import Source
+from trainer.data.source import Source, array_source
 from trainer.errors import UserError
 
 
@@ -35,6 +34,16 @@ def require(dataset: str, split: str, available, missing: dict[str, str]):
           f"{missing[name]}; found only {available or 'nothing'}. Add those "
           f"files, or slice what is there, e.g. --train_split='{example}[:80%]'"
           f" --eval_split='{example}[80%:]'.")
+
+
+def select_arrays(name: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
+                  split: str, num_classes: int) -> Source:
+  """A Source over the examples that `split` selects from in-memory `parts`."""
+  sizes = {k: len(v[1]) for k, v in parts.items()}
+  chosen = splits.select(split, sizes)
+  images = np.concatenate([parts[k][0][idx] for k, idx in chosen])
+  labels = np.concatenate([parts[k][1][idx] for k, idx in chosen])
+  return array_source(f"{name}:{split}", images, labels, num_classes)
 
 
 def select(dataset: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],

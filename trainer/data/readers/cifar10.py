@@ -17,7 +17,7 @@ import pickle
 
 import numpy as np
 
-from trainer.data import registry
+from trainer.data.args import DataArgs
 from trainer.data.readers import choose, keras_cache
 from trainer.data.source import Source
 from trainer.errors import UserError
@@ -140,7 +140,7 @@ def _downloaded():
   return keras_cache.download("cifar10")
 
 
-def _parts(split: str, args: registry.DataArgs) -> dict[str, Arrays]:
+def _parts(split: str, args: DataArgs) -> dict[str, Arrays]:
   if args.data_dir and not os.path.isdir(args.data_dir):
     raise UserError(f"--data_dir={args.data_dir} is not a directory; pass the "
                     f"one holding {_expected()} (or their parent).")
@@ -178,6 +178,5 @@ def _parts(split: str, args: registry.DataArgs) -> dict[str, Arrays]:
   return parts
 
 
-@registry.register("cifar10")
-def cifar10(split: str, args: registry.DataArgs) -> Source:
+def cifar10(split: str, args: DataArgs) -> Source:
   return choose.select("cifar10", _parts(split, args), split, _NUM_CLASSES)

@@ -9,8 +9,9 @@ import os
 
 import numpy as np
 
-from trainer.data import registry, splits
-from trainer.data.source import Source, array_source
+from trainer.data.args import DataArgs
+from trainer.data.readers.choose import select_arrays
+from trainer.data.source import Source
 
 # A fixed, seed-independent split so that "test" is the same set for every
 # run: 1500 train and 297 test examples after one fixed shuffle.
@@ -50,17 +51,6 @@ def load_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   }
 
 
-def select_arrays(name: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
-                  split: str, num_classes: int) -> Source:
-  """A Source over the examples that `split` selects from in-memory `parts`."""
-  sizes = {k: len(v[1]) for k, v in parts.items()}
-  chosen = splits.select(split, sizes)
-  images = np.concatenate([parts[k][0][idx] for k, idx in chosen])
-  labels = np.concatenate([parts[k][1][idx] for k, idx in chosen])
-  return array_source(f"{name}:{split}", images, labels, num_classes)
-
-
-@registry.register("digits")
-def digits(split: str, args: registry.DataArgs) -> Source:
+def digits(split: str, args: DataArgs) -> Source:
   del args  # embedded: no files, no options
   return select_arrays("digits", load_arrays(), split, num_classes=10)

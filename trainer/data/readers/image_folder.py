@@ -27,7 +27,8 @@ import zlib
 
 import numpy as np
 
-from trainer.data import registry, splits
+from trainer.data import splits
+from trainer.data.args import DataArgs
 from trainer.data.readers import choose, corrupt, folder_index, images
 from trainer.data.source import Source, host_source
 from trainer.errors import UserError
@@ -210,8 +211,7 @@ def _model_channels(paths: np.ndarray) -> int:
   return 1 if len(readable) and (readable[:, 2] < 3).all() else 3
 
 
-@registry.register(NAME)
-def image_folder(split: str, args: registry.DataArgs) -> Source:
+def image_folder(split: str, args: DataArgs) -> Source:
   root = args.data_dir
   if not root or not os.path.isdir(root):
     raise UserError(f"--dataset={NAME} needs --data_dir=DIR, a directory of "

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from trainer.data import registry
+from trainer.data.args import DataArgs
 from trainer.data.readers import choose, idx, keras_cache
 from trainer.data.source import Source
 from trainer.errors import UserError
@@ -157,7 +157,7 @@ def _loaders(name: str, data_dir: str | None) -> dict:
   return {split: (lambda a=a: a) for split, a in arrays.items()}
 
 
-def _read(name: str, split: str, args: registry.DataArgs) -> Source:
+def _read(name: str, split: str, args: DataArgs) -> Source:
   loaders = _loaders(name, args.data_dir)
   where = args.data_dir or "the data directory"
   npz = _KINDS[name]["npz"]
@@ -171,11 +171,9 @@ def _read(name: str, split: str, args: registry.DataArgs) -> Source:
   return choose.select(name, parts, split, _NUM_CLASSES)
 
 
-@registry.register("mnist")
-def mnist(split: str, args: registry.DataArgs) -> Source:
+def mnist(split: str, args: DataArgs) -> Source:
   return _read("mnist", split, args)
 
 
-@registry.register("fashion_mnist")
-def fashion_mnist(split: str, args: registry.DataArgs) -> Source:
+def fashion_mnist(split: str, args: DataArgs) -> Source:
   return _read("fashion_mnist", split, args)

@@ -8,12 +8,11 @@ import zlib
 
 import numpy as np
 
-from trainer.data import registry
+from trainer.data.args import DataArgs
 from trainer.data.source import Source, array_source
 
 
-@registry.register("synthetic")
-def synthetic(split: str, args: registry.DataArgs) -> Source:
+def synthetic(split: str, args: DataArgs) -> Source:
   rng = np.random.default_rng([args.seed, zlib.crc32(split.encode())])
   n = args.synthetic_examples
   images = rng.integers(0, 256, size=(n,) + tuple(args.synthetic_shape),

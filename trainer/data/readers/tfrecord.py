@@ -35,7 +35,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import registry
+from trainer.data.args import DataArgs
 from trainer.data.records import FEATURES as _FEATURES
 from trainer.data.readers import choose, corrupt, images
 from trainer.data.source import Source
@@ -210,8 +210,7 @@ def check_fits_in_memory(files, available: int | None) -> None:
         "--data_dir=OUT.")
 
 
-@registry.register(NAME)
-def tfrecord(split: str, args: registry.DataArgs) -> Source:
+def tfrecord(split: str, args: DataArgs) -> Source:
   parts, skipped, shapes, raws = {}, 0, {}, set()
   for name in dict.fromkeys(choose.names(NAME, split)):
     files = tuple(choose.split_files(NAME, ".tfrecord", name, args))
