@@ -182,6 +182,13 @@ def is_fused(optimizer) -> bool:
   return isinstance(optimizer, _Fused)
 
 
+def slot(optimizer, slots: str, variable):
+  """`variable`'s slot variable in one of a Keras optimizer's private slot
+  lists (`slots`: "_momentums", "_velocities", "_accumulators",
+  "momentums"); `variable` may be a mirrored variable's per-device copy."""
+  return getattr(optimizer, slots)[optimizer._get_variable_index(variable)]
+
+
 def prereduced(optimizer, fused: bool = True):
   """Makes `optimizer` (any Keras 3 optimizer instance, a user subclass
   included) take gradients that are already all-reduced; the built-in

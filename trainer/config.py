@@ -17,7 +17,8 @@ COLLECTIVES = ("auto", "ring", "nccl")
 MODELS = ("mlp", "cnn", "resnet20")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "tfrecord",
             "array_record", "image_folder", "synthetic")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "lazy_adam", "adagrad",
+              "lazy_momentum")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
 MODES = ("train", "eval", "train_and_eval", "continuous_eval")
@@ -220,12 +221,15 @@ _HELP = {
               "once per epoch.",
     "steps_per_loop": "Updates inside one tf.function call.",
     "eval_batch_size": "Examples per evaluation batch (0: --global_batch_size).",
-    "optimizer": f"One of {', '.join(OPTIMIZERS)}.",
+    "optimizer": f"One of {', '.join(OPTIMIZERS)}. lazy_adam, adagrad and "
+                 "lazy_momentum update only the rows a sparse (embedding) "
+                 "gradient touches, slots included; dense variables get "
+                 "the ordinary rule. adam and momentum stay dense.",
     "learning_rate": "Peak learning rate.",
     "lr_schedule": "constant or cosine (decay to 0 at --train_steps), after "
                    "--warmup_steps of linear warm-up.",
     "warmup_steps": "Linear warm-up steps from 0 to --learning_rate.",
-    "momentum": "Momentum of --optimizer=momentum.",
+    "momentum": "Momentum of --optimizer=momentum and lazy_momentum.",
     "weight_decay": "Decoupled weight decay of --optimizer=adamw.",
     "clip_norm": "Clip the all-reduced gradient to this global norm (0: off).",
     "ema_decay": "Keep an exponential moving average of the trainable "

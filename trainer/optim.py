@@ -13,6 +13,13 @@ import tensorflow as tf
 
 from trainer import compat
 from trainer.config import Config
+from trainer.errors import UserError
+# Importable from here for tasks (Task.optimizers()): row-wise updates of
+# sparse gradients, the ordinary rule on dense ones.
+from trainer.sparse_optim import Adagrad, LazyAdam, LazyMomentum
+
+__all__ = ["Adagrad", "LazyAdam", "LazyMomentum", "build", "from_flags",
+           "learning_rate_at", "prepare"]
 
 
 def learning_rate_at(step, config: Config):
@@ -37,6 +44,9 @@ _CLASSES = {
     "momentum": keras.optimizers.SGD,
     "adam": keras.optimizers.Adam,
     "adamw": keras.optimizers.AdamW,
+    "lazy_adam": LazyAdam,
+    "adagrad": Adagrad,
+    "lazy_momentum": LazyMomentum,
 }
 
 
@@ -45,8 +55,11 @@ def from_flags(config: Config, global_step: tf.Variable):
   step (not built yet: see build)."""
   lr = lambda: learning_rate_at(global_step, config)  # noqa: E731
   kwargs = {}
-  if config.optimizer == "momentum":
+  if config.optimizer in ("momentum", "lazy_momentum"):
     kwargs["momentum"] = config.momentum
+  if config.optimizer == "lazy_momentum" and not config.momentum > 0:
+    raise UserError(f"--optimizer=lazy_momentum needs --momentum > 0 (got "
+                    f"{config.momentum}); for plain SGD use --optimizer=sgd.")
   if config.optimizer == "adamw":
     kwargs["weight_decay"] = config.weight_decay
   return _CLASSES[config.optimizer](learning_rate=lr, **kwargs)
