@@ -1,0 +1,224 @@
+"""The docs agree with the code: README.md stays a front door, every relative
+link resolves, every flag and module a command names exists, and no page
+narrates history by issue number or session.
+
+Flags are collected without importing TensorFlow: trainer.main's are the
+Config fields (trainer.config.define_flags defines one flag per field); the
+other CLIs' are read from their `DEFINE_*("name", ...)` and
+`add_argument("--name", ...)` calls in trainer/, launch/ and bench/.
+"""
+
+import ast
+import dataclasses
+import importlib.util
+import pathlib
+import re
+
+import pytest
+from absl import flags
+
+from trainer import config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+BENCH_README = REPO / "bench" / "README.md"
+MAX_README_LINES = 300
+
+# Programs whose own flags the docs quote; their command lines are not ours.
+FOREIGN = {"tensorboard", "saved_model_cli", "kubectl", "sbatch", "pip",
+           "make", "git"}
+# Flags every absl program has (app.run defines the help flags).
+ABSL_BUILTIN = {"help", "helpshort", "helpfull", "helpxml", "flagfile",
+                "undefok"}
+
+FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.S | re.M)
+INLINE = re.compile(r"`([^`\n]+)`")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FLAG = re.compile(r"(?<![\w-])--([A-Za-z]\w*)")
+MODULE = re.compile(r"(?:^|\s)(?:\S*/)?python3?\s+-m\s+([\w.]+)")
+SCRIPT = re.compile(r"(?:^|\s)(?:\S*/)?python3?\s+([\w./-]+\.py)\b")
+HISTORY = re.compile(
+    r"\bissues?\s*#?\s*\d+|\b(?:first|second|third|fourth|fifth|sixth|"
+    r"seventh|eighth|ninth|tenth|this|last|previous|earlier|next)\s+"
+    r"session\b", re.I)
+
+
+def doc_pages():
+  """README.md, every page of docs/ and bench/README.md."""
+  return [README, *sorted((REPO / "docs").glob("*.md")), BENCH_README]
+
+
+def page_id(page):
+  return str(page.relative_to(REPO))
+
+
+def code_blocks(text):
+  """(language, body) of every fenced block."""
+  return [(m.group(1), m.group(2)) for m in FENCE.finditer(text)]
+
+
+def shell_lines(text):
+  """Command lines of the shell blocks (no language, sh, bash, console),
+  with backslash continuations joined."""
+  lines = []
+  for language, body in code_blocks(text):
+    if language not in ("", "sh", "bash", "shell", "console"):
+      continue
+    body = body.replace("\\\n", " ")
+    lines += [line.split("  #")[0] for line in body.splitlines()
+              if line.strip()]
+  return lines
+
+
+def inline_spans(text):
+  """Backticked spans outside fenced blocks."""
+  return INLINE.findall(FENCE.sub("", text))
+
+
+def slug(heading):
+  """GitHub's anchor for a heading."""
+  text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+  return text.replace(" ", "-")
+
+
+def anchors(path):
+  text = FENCE.sub("", path.read_text())
+  return {slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+def _defined_in_source(path):
+  """Flag names a module defines: DEFINE_*("name", ...) and
+  add_argument("--name", ...) calls with a literal name."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if not (isinstance(node, ast.Call) and node.args and
+            isinstance(node.args[0], ast.Constant) and
+            isinstance(node.args[0].value, str)):
+      continue
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(
+        func, "id", "")
+    value = node.args[0].value
+    if called.startswith("DEFINE_"):
+      names.add(value)
+    elif called == "add_argument" and value.startswith("--"):
+      names.add(value[2:])
+  return names
+
+
+def absl_flags():
+  """absl's own flags (help, logging) that every absl CLI accepts."""
+  import absl.logging  # noqa: F401  (defines --verbosity, --logtostderr, ...)
+  names = set(ABSL_BUILTIN)
+  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+    if module.startswith("absl."):
+      names |= {f.name for f in defined}
+  return names
+
+
+@pytest.fixture(scope="module")
+def cli_flags():
+  """{"trainer.main": its flags, "*": every flag any CLI defines}."""
+  main = {f.name for f in dataclasses.fields(config.Config)} | absl_flags()
+  everything = set(main)
+  for package in ("trainer", "launch", "bench"):
+    for path in (REPO / package).rglob("*.py"):
+      everything |= _defined_in_source(path)
+  return {"trainer.main": main, "*": everything}
+
+
+def unknown_flags(command, cli_flags):
+  """The --flags of one command line (or backticked span) that the program
+  it runs does not define. Flags after `python -m trainer.main` (or after a
+  launcher's `--`, which hands them to its --trainer_module) must be
+  trainer.main's; the others must be defined by some CLI."""
+  words = command.split()
+  while words and re.fullmatch(r"\w+=\S*", words[0]):   # VAR=value prefix
+    words = words[1:]
+  if words and words[0].rsplit("/", 1)[-1] in FOREIGN:
+    return []
+  unknown, module, trainer_module = [], None, "trainer.main"
+  for i, word in enumerate(words):
+    if word == "-m" and i + 1 < len(words):
+      module = words[i + 1]
+      continue
+    if word == "--" and module and module.startswith("launch."):
+      module = trainer_module
+      continue
+    for name in FLAG.findall(word):
+      if module and module.startswith("launch.") and name == "trainer_module":
+        trainer_module = word.split("=", 1)[1].strip("[]")
+      known = cli_flags.get(module, cli_flags["*"])
+      if name not in known and not (name.startswith("no") and
+                                    name[2:] in known):
+        unknown.append(f"--{name}")
+  return unknown
+
+
+def test_readme_is_a_front_door():
+  lines = README.read_text().count("\n")
+  assert lines <= MAX_README_LINES, (
+      f"README.md has {lines} lines; move detail into docs/ "
+      f"(at most {MAX_README_LINES})")
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=page_id)
+def test_relative_links_resolve(page):
+  broken = []
+  for target in LINK.findall(page.read_text()):
+    if re.match(r"[a-z]+:", target):        # http:, https:, mailto:
+      continue
+    path_part, _, anchor = target.partition("#")
+    path = (page.parent / path_part).resolve() if path_part else page
+    if not path.exists():
+      broken.append(f"{target}: no such file")
+    elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+      broken.append(f"{target}: no heading #{anchor} in {path.name}")
+  assert not broken, f"{page.relative_to(REPO)}: {broken}"
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=page_id)
+def test_named_flags_exist(page, cli_flags):
+  text = page.read_text()
+  unknown = {}
+  for command in shell_lines(text) + inline_spans(text):
+    for flag in unknown_flags(command, cli_flags):
+      unknown.setdefault(flag, command.strip()[:80])
+  assert not unknown, (
+      f"{page.relative_to(REPO)} names flags no CLI defines: {unknown}")
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=page_id)
+def test_commands_name_existing_modules_and_scripts(page):
+  text = page.read_text()
+  commands = shell_lines(text) + inline_spans(text)
+  missing = set()
+  for command in commands:
+    missing |= {m for m in MODULE.findall(command)
+                if importlib.util.find_spec(m) is None}
+    missing |= {s for s in SCRIPT.findall(command)
+                if not (REPO / s).exists() and "/" in s}
+  assert not missing, (
+      f"{page.relative_to(REPO)} runs modules or scripts that do not "
+      f"exist: {sorted(missing)}")
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=page_id)
+def test_no_history_in_docs(page):
+  found = sorted({m.group(0) for m in HISTORY.finditer(page.read_text())})
+  assert not found, (
+      f"{page.relative_to(REPO)} narrates history ({found}): say what is "
+      "and why, not when it changed")
+
+
+def test_flag_check_catches_a_bogus_flag(cli_flags):
+  """The checker itself: a flag no CLI defines is reported, per program."""
+  assert unknown_flags("python -m trainer.main --bogus_flag=1",
+                       cli_flags) == ["--bogus_flag"]
+  # launch.local's own flag, given to the trainer after the `--`.
+  assert unknown_flags("python -m launch.local --workers=2 -- --workers=2",
+                       cli_flags) == ["--workers"]
+  assert unknown_flags(
+      "python -m launch.local --workers=2 --trainer_module=bench.paired -- "
+      "--strategy=multiworker --batch=128", cli_flags) == []
+  assert unknown_flags("tensorboard --logdir runs/", cli_flags) == []
