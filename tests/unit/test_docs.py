@@ -1,5 +1,6 @@
 """The docs agree with the code: README.md stays a front door, every relative
-link resolves, every flag and module a command names exists, and no page
+link resolves, every flag and module a command names exists, every
+trainer.main command line passes the CLI's own flag checks, and no page
 narrates history by issue number or session.
 
 Flags are collected without importing TensorFlow: trainer.main's are the
@@ -10,14 +11,17 @@ other CLIs' are read from their `DEFINE_*("name", ...)` and
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import pathlib
 import re
+import shlex
 
 import pytest
 from absl import flags
 
 from trainer import config
+from trainer.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -211,6 +215,86 @@ def test_no_history_in_docs(page):
       "and why, not when it changed")
 
 
+# A value that stands for the reader's own (DIR, S, NAME|local): not parsed.
+PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(?:\|.*)?|.*\.\.\.")
+
+
+def trainer_main_args(command):
+  """The trainer.main flags of a command line (after `python -m
+  trainer.main`, or after a launcher's `--` when it runs trainer.main),
+  without placeholder values; None if it runs no trainer.main or asks for
+  its help."""
+  try:
+    words = shlex.split(command, comments=True)
+  except ValueError:
+    return None
+  args, module = None, None
+  for i, word in enumerate(words):
+    if word == "-m" and i + 1 < len(words):
+      module = words[i + 1]
+      if module == "trainer.main":
+        args = []
+    elif word == "--" and module and module.startswith("launch."):
+      module = "trainer.main" if not any(
+          w.startswith("--trainer_module=") for w in words[:i]) else None
+      args = [] if module else args
+    elif word.startswith("--trainer_module=") and args is not None:
+      args = None
+    elif args is not None and module == "trainer.main" and \
+        word.startswith("--"):
+      name, _, value = word[2:].partition("=")
+      if name in ABSL_BUILTIN:          # --helpfull: prints, parses nothing
+        return None
+      if not (value and PLACEHOLDER.fullmatch(value)):
+        args.append(word)
+  return args
+
+
+@pytest.fixture(scope="module")
+def trainer_flag_values():
+  """trainer.main's flags, defined by trainer.config.define_flags itself
+  into a fresh FlagValues (absl's global FLAGS is left alone)."""
+  fresh = flags.FlagValues()
+
+  class Into:
+    def __getattr__(self, name):
+      return functools.partial(getattr(flags, name), flag_values=fresh)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(config, "flags", Into())
+    config.define_flags()
+  return fresh
+
+
+def config_error(args, flag_values):
+  """None if trainer.main's flag parsing and checks accept args, else the
+  error they give."""
+  flag_values.unparse_flags()
+  try:
+    flag_values(["trainer.main", *args])
+    config.validate(config.from_flags(flag_values))
+  except (flags.Error, UserError) as e:
+    return str(e)
+  finally:
+    flag_values.unparse_flags()
+  return None
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=page_id)
+def test_trainer_commands_pass_the_flag_checks(page, trainer_flag_values):
+  text = page.read_text()
+  refused = {}
+  for command in shell_lines(text) + inline_spans(text):
+    args = trainer_main_args(command)
+    if args is None:
+      continue
+    error = config_error(args, trainer_flag_values)
+    if error:
+      refused[command.strip()[:100]] = error
+  assert not refused, (
+      f"{page_id(page)}: trainer.main would refuse: {refused}")
+
+
 def test_flag_check_catches_a_bogus_flag(cli_flags):
   """The checker itself: a flag no CLI defines is reported, per program."""
   assert unknown_flags("python -m trainer.main --bogus_flag=1",
@@ -222,3 +306,16 @@ def test_flag_check_catches_a_bogus_flag(cli_flags):
       "python -m launch.local --workers=2 --trainer_module=bench.paired -- "
       "--strategy=multiworker --batch=128", cli_flags) == []
   assert unknown_flags("tensorboard --logdir runs/", cli_flags) == []
+
+
+def test_command_check_catches_a_refused_command(trainer_flag_values):
+  """The checker itself: what trainer.main refuses is reported."""
+  def error(command):
+    return config_error(trainer_main_args(command), trainer_flag_values)
+  assert error("python -m trainer.main --optimizer=nadam") and \
+      "--optimizer='nadam'" in error("python -m trainer.main --optimizer=nadam")
+  assert error("python -m launch.local --workers=2 -- --strategy=multiworker "
+               "--cpu_replicas=2")
+  assert error("python -m trainer.main --seed=S --data_dir=DIR") is None
+  assert error("python -m trainer.main --global_batch_size=30 "
+               "--grad_accum_steps=4")
