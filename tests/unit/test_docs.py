@@ -319,3 +319,38 @@ def test_command_check_catches_a_refused_command(trainer_flag_values):
   assert error("python -m trainer.main --seed=S --data_dir=DIR") is None
   assert error("python -m trainer.main --global_batch_size=30 "
                "--grad_accum_steps=4")
+
+
+def exit_code_rows(page):
+  """{code: the row's other cells} of the table under a page's "Exit codes"
+  heading."""
+  text = page.read_text()
+  section = re.split(r"^#+ Exit codes\s*$", text, flags=re.M)[1]
+  section = re.split(r"^#", section, flags=re.M)[0]
+  return {int(m.group(1)): [c.strip() for c in m.group(2).split(" | ")]
+          for m in re.finditer(r"^\| (\d+) \| (.*) \|$", section, re.M)}
+
+
+@pytest.mark.parametrize("page", [README, REPO / "docs" / "reliability.md"],
+                         ids=page_id)
+def test_exit_code_tables_list_every_code(page):
+  from trainer import exitcodes
+  assert sorted(exit_code_rows(page)) == sorted(exitcodes.MEANINGS), (
+      f"{page_id(page)}'s exit code table and trainer/exitcodes.py differ")
+
+
+def test_restart_column_follows_the_launcher_rule():
+  """reliability.md says which codes launch.local --max_restarts restarts:
+  exactly those outside exitcodes.NOT_RETRYABLE (0 is "done")."""
+  from trainer import exitcodes
+  rows = exit_code_rows(REPO / "docs" / "reliability.md")
+  for code, cells in rows.items():
+    restart = cells[-1]
+    if code == exitcodes.TIMEOUT:
+      continue                       # the launcher's own code, never a child's
+    if code == exitcodes.OK:
+      assert restart == "done"
+    elif code in exitcodes.NOT_RETRYABLE:
+      assert restart.startswith("not restarted"), (code, restart)
+    else:
+      assert restart == "restarted", (code, restart)
