@@ -1,7 +1,8 @@
 """The docs agree with the code: README.md stays a front door, every relative
 link resolves, every flag and module a command names exists, every
-trainer.main command line passes the CLI's own flag checks, and no page
-narrates history by issue number or session.
+trainer.main command line passes the CLI's own flag checks, the exit code
+tables match trainer/exitcodes.py, and no page narrates history by issue
+number or session.
 
 Flags are collected without importing TensorFlow: trainer.main's are the
 Config fields (trainer.config.define_flags defines one flag per field); the
