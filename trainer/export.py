@@ -112,12 +112,28 @@ def signature_of(restored, model, image_bytes: bool):
 
 
 def _write(model, endpoints: dict, directory: str) -> None:
+  """The SavedModel of `endpoints`, each variable stored once."""
   import keras
+  import tensorflow as tf
   # Keras' ExportArchive, not tf.saved_model.save on a tf.Module: with the
   # latter, a TF1-style session loader (`saved_model_cli run`) cannot find
   # the Keras 3 variables.
   archive = keras.export.ExportArchive()
-  archive.track(model)
+  # archive.track(model) would list the keras.Variables, which SavedModel
+  # stores apart from the tf.Variables the endpoints capture: every weight
+  # twice. The archive's lists take the tf.Variables themselves (the same
+  # objects, so stored once, and `.variables` works after loading), and a
+  # plain tf.Module holding the model is tracked only for its lookup
+  # tables and other resources.
+  holder = tf.Module()
+  holder.model = model
+  archive.track(holder)
+  for listed, of_model in ((archive.variables, model.variables),
+                           (archive.trainable_variables,
+                            model.trainable_variables),
+                           (archive.non_trainable_variables,
+                            model.non_trainable_variables)):
+    listed.extend(v.value for v in of_model)
   for name, fn in endpoints.items():
     archive.add_endpoint(name, fn)
   archive.write_out(directory, verbose=False)
