@@ -1,4 +1,4 @@
-"""Variable-length token sequences as batches: padding, packing, attention masks.
+"""Variable-length token sequences as batches: padding, packing, masks.
 
 Pure functions. A "document" is a token array of n + 1 tokens; it gives n
 prediction slots: inputs doc[:-1], targets doc[1:]. Every batch these build
