@@ -1,19 +1,12 @@
 """layers.Embedding: hashing of raw ids, combiner lookups against NumPy,
-and gradients that stay tf.IndexedSlices (one device and 2 mirrored
-replicas)."""
-
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+and gradients that stay tf.IndexedSlices. Under 2 mirrored replicas it is
+checked in test_sparse_optim's subprocess (one TensorFlow start for both)."""
 
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[2]
 M64 = (1 << 64) - 1
 
 
@@ -148,82 +141,3 @@ def test_bad_arguments_name_the_fix():
     layer(tf.constant(["a"]))
   with pytest.raises(ValueError, match="RaggedTensor"):
     layer(tf.constant([[1, 2]]), mask=tf.constant([[True, False]]))
-
-
-_MIRRORED = textwrap.dedent("""
-    import sys
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-    import numpy as np
-    sys.path.insert(0, sys.argv[1])
-    from layers import Embedding
-    from trainer import optim
-
-    histories = tf.ragged.constant(
-        [[3, 17, 3], [5], [], [2**40, -1], [17], [8, 9]], tf.int64)
-    targets = tf.constant(np.linspace(-1, 1, 6 * 4).reshape(6, 4),
-                          tf.float32)
-
-    def make():
-      keras.utils.set_random_seed(1)
-      layer = Embedding(50, 4, combiner="mean")
-      layer.build()
-      return layer, optim.prepare(optim.LazyAdam(0.1),
-                                  layer.trainable_variables)
-
-    def loss_of(layer, ids, y):
-      per_example = tf.reduce_sum(tf.square(layer(ids) - y), axis=1)
-      return tf.nn.compute_average_loss(per_example, global_batch_size=6)
-
-    # One device, the whole batch.
-    single, opt = make()
-    start = single.embeddings.numpy()
-    for _ in range(3):
-      with tf.GradientTape() as tape:
-        loss = loss_of(single, histories, targets)
-      opt.apply_gradients(zip(tape.gradient(loss, single.trainable_variables),
-                              single.trainable_variables))
-
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
-      layer, opt = make()
-    np.testing.assert_array_equal(layer.embeddings.numpy(), start)
-
-    def replica(ids, y):
-      ctx = tf.distribute.get_replica_context()
-      half = 3 * ctx.replica_id_in_sync_group
-      with tf.GradientTape() as tape:
-        loss = loss_of(layer, ids[half:half + 3], y[half:half + 3])
-      grads = tape.gradient(loss, layer.trainable_variables)
-      assert isinstance(grads[0], tf.IndexedSlices), type(grads[0])
-      grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-      assert isinstance(grads[0], tf.IndexedSlices), type(grads[0])
-      opt.apply_gradients(zip(grads, layer.trainable_variables))
-
-    step = tf.function(lambda: strategy.run(replica, args=(histories,
-                                                            targets)))
-    for _ in range(3):
-      step()
-    want = single.embeddings.numpy()
-    for copy in layer.embeddings.value.values:
-      np.testing.assert_allclose(copy.numpy(), want, rtol=1e-6)
-    touched = set(layer.rows(histories).flat_values.numpy().tolist())
-    untouched = sorted(set(range(50)) - touched)
-    np.testing.assert_array_equal(want[untouched], start[untouched])
-    assert not np.array_equal(want, start)
-    print("ok", len(touched))
-""")
-
-
-def test_mirrored_replicas_keep_sparse_gradients_and_match_one_device():
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get(
-             "PYTHONPATH", "")}
-  done = subprocess.run([sys.executable, "-c", _MIRRORED, str(REPO)],
-                        capture_output=True, text=True, env=env, timeout=100,
-                        check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert done.stdout.strip().splitlines()[-1].startswith("ok ")

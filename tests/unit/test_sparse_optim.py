@@ -232,11 +232,69 @@ _MIRRORED = textwrap.dedent("""
              tf.constant(dense_grad))
       copies = [v.numpy().tolist() for v in table_var.value.values]
       out[kind] = {"table": copies, "dense": dense_var.numpy().tolist()}
+
+    # layers.Embedding (mean combiner) + LazyAdam: the lookup's gradient is
+    # IndexedSlices in each replica and after the reduction, and 2 replicas
+    # with half the batch each give the one-device update.
+    from layers import Embedding
+
+    histories = tf.ragged.constant(
+        [[3, 17, 3], [5], [], [2**40, -1], [17], [8, 9]], tf.int64)
+    targets = tf.constant(np.linspace(-1, 1, 6 * 4).reshape(6, 4),
+                          tf.float32)
+
+    def make():
+      keras.utils.set_random_seed(1)
+      layer = Embedding(50, 4, combiner="mean")
+      layer.build()
+      return layer, optim.prepare(optim.LazyAdam(0.1),
+                                  layer.trainable_variables)
+
+    def loss_of(layer, ids, y):
+      per_example = tf.reduce_sum(tf.square(layer(ids) - y), axis=1)
+      return tf.nn.compute_average_loss(per_example, global_batch_size=6)
+
+    # One device, the whole batch.
+    single, opt = make()
+    start = single.embeddings.numpy()
+    for _ in range(3):
+      with tf.GradientTape() as tape:
+        loss = loss_of(single, histories, targets)
+      opt.apply_gradients(zip(tape.gradient(loss, single.trainable_variables),
+                              single.trainable_variables))
+
+    with strategy.scope():
+      layer, opt = make()
+    np.testing.assert_array_equal(layer.embeddings.numpy(), start)
+
+    def replica(ids, y):
+      ctx = tf.distribute.get_replica_context()
+      half = 3 * ctx.replica_id_in_sync_group
+      with tf.GradientTape() as tape:
+        loss = loss_of(layer, ids[half:half + 3], y[half:half + 3])
+      grads = tape.gradient(loss, layer.trainable_variables)
+      assert isinstance(grads[0], tf.IndexedSlices), type(grads[0])
+      grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+      assert isinstance(grads[0], tf.IndexedSlices), type(grads[0])
+      opt.apply_gradients(zip(grads, layer.trainable_variables))
+
+    step = tf.function(lambda: strategy.run(replica, args=(histories,
+                                                            targets)))
+    for _ in range(3):
+      step()
+    want = single.embeddings.numpy()
+    for copy in layer.embeddings.value.values:
+      np.testing.assert_allclose(copy.numpy(), want, rtol=1e-6)
+    touched = set(layer.rows(histories).flat_values.numpy().tolist())
+    untouched = sorted(set(range(50)) - touched)
+    np.testing.assert_array_equal(want[untouched], start[untouched])
+    assert not np.array_equal(want, start)
+    out["embedding_touched_rows"] = len(touched)
     print(json.dumps(out))
 """)
 
 
-def test_mirrored_two_replicas_match_numpy():
+def test_mirrored_two_replicas_match_numpy_and_embedding_stays_sparse():
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
          "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get(
              "PYTHONPATH", "")}
@@ -245,6 +303,8 @@ def test_mirrored_two_replicas_match_numpy():
                         check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   out = json.loads(done.stdout.strip().splitlines()[-1])
+  # 7 distinct ids hashed into 50 rows: two share a row.
+  assert out.pop("embedding_touched_rows") == 6
   table, dense, grads = problem()
   for kind, got in out.items():
     want_table, want_dense, _ = reference(kind, table, dense, grads)
