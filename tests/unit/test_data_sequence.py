@@ -3,6 +3,7 @@ byte-level text source, against hand-written rows and files read whole."""
 
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -88,9 +89,10 @@ def test_padded_lengths_come_from_a_small_fixed_set():
 
 
 def test_attention_mask_blocks_other_segments():
-  seg = np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]], np.int32)
-  want = np.zeros([2, 6, 6], bool)
-  for b in range(2):
+  seg = np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1],
+                  [1, 1, 2, 2, 0, 0]], np.int32)
+  want = np.zeros([3, 6, 6], bool)
+  for b in range(3):
     for i in range(6):
       for j in range(i + 1):
         want[b, i, j] = seg[b, i] == seg[b, j]
@@ -99,9 +101,12 @@ def test_attention_mask_blocks_other_segments():
   np.testing.assert_array_equal(
       np.asarray(sequence.attention_mask(tf.constant(seg), causal=False)),
       seg[:, :, None] == seg[:, None, :])
+  # On a functional model's symbolic input of unknown length.
+  symbolic = keras.Input((None,), dtype="int32")
+  model = keras.Model(symbolic, sequence.attention_mask(symbolic))
+  np.testing.assert_array_equal(np.asarray(model(seg)), want)
   # Through a real attention layer: changing segment 1 leaves segment 2's
   # outputs exactly as they were.
-  import keras
   layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, seed=0)
   x = tf.random.stateless_normal([1, 6, 8], seed=[1, 2])
   y = x + tf.constant([[[5.0]] * 2 + [[0.0]] * 4]) * tf.ones([1, 6, 8])

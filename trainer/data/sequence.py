@@ -122,8 +122,9 @@ def attention_mask(segment_ids, causal: bool = True):
                    ops.expand_dims(segment_ids, -2))
   if not causal:
     return same
-  length = ops.shape(segment_ids)[-1]
-  index = ops.arange(length)
+  # Column numbers from a cumulative sum, not arange(T): T is unknown
+  # (None) on a functional model's symbolic input.
+  index = ops.cumsum(ops.ones_like(segment_ids), axis=-1)
   lower = ops.greater_equal(ops.expand_dims(index, -1),
-                            ops.expand_dims(index, 0))
+                            ops.expand_dims(index, -2))
   return ops.logical_and(same, lower)
