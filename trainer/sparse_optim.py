@@ -80,8 +80,7 @@ def write_rows(variable, indices, rows):
   """Overwrites rows of a Keras or tf variable (see read_rows)."""
   variable = _tf_variable(variable)
   if compat.is_sharded(variable):
-    return variable.scatter_update(
-        tf.IndexedSlices(rows, indices))
+    return variable.scatter_update(tf.IndexedSlices(rows, indices))
   return tf.raw_ops.ResourceScatterUpdate(resource=variable.handle,
                                           indices=indices, updates=rows)
 
