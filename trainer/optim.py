@@ -70,9 +70,45 @@ def prepare(optimizer, variables):
   inside strategy.scope(). Slots are built eagerly here: created lazily
   inside strategy.run they break multi-replica steps (keras-team/keras
   #23085)."""
+  _refuse_own_averaging(optimizer)
   optimizer = compat.prereduced(optimizer)
   optimizer.build(variables)
   return optimizer
+
+
+# Keras optimizer options that redo what the step already does, by name of
+# the attribute that holds them: what goes wrong, and what to use instead.
+_REFUSED = {
+    "gradient_accumulation_steps": (
+        "accumulates on its own, outside the step's single reduction "
+        "(under several replicas it fails in merge_call)",
+        "--grad_accum_steps=K (the global batch split K ways)"),
+    "use_ema": (
+        "keeps a moving average the checkpoint, evaluation and export "
+        "do not know about", "--ema_decay=D"),
+    "loss_scale_factor": (
+        "divides the gradients by a factor the step's loss was never "
+        "multiplied by", "--mixed_precision=mixed_float16 (the step "
+        "scales the loss itself)"),
+}
+
+
+def _refuse_own_averaging(optimizer) -> None:
+  """One UserError line for an option that fights the step's own
+  accumulation, averaging or loss scaling (any strategy: the check runs
+  before the first step is traced). clipnorm, clipvalue and
+  global_clipnorm stay allowed: the step hands Keras the update's reduced
+  gradient, so they clip the global gradient once per update."""
+  name = type(optimizer).__name__
+  if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    raise UserError(
+        f"{name} scales the loss itself; the step does that under "
+        "--mixed_precision=mixed_float16: return the inner optimizer.")
+  for option, (wrong, instead) in _REFUSED.items():
+    if getattr(optimizer, option, None):
+      raise UserError(
+          f"{name}({option}={getattr(optimizer, option)!r}) {wrong}; drop "
+          f"the option and use {instead}.")
 
 
 def build(config: Config, global_step: tf.Variable, variables):

@@ -32,15 +32,28 @@ for the built-in step and for a user's:
     draws the same numbers for each example; (layers.Dropout inside the
     step is seeded per micro-batch: the same across replicas, workers and
     resumes, not across --grad_accum_steps);
+  * `ctx.scale_loss(values, weights, mean_over="weights")`: the mean over
+    the weights (e.g. real tokens) of the WHOLE update. Its gradient is
+    kept apart, summed unnormalised over micro-batches with the weights'
+    sum, and divided by the global total after the update's reduction, in
+    which that total travels (see scale_loss);
+  * gradients of embedding look-ups stay tf.IndexedSlices up to the
+    optimizer (trainer.step.sparse);
   * the returned dict: per-example metrics ([local batch] tensors, or
     scalars meaning a per-example mean), reported as train/<name> like
-    `loss`, as means over all examples (padding rows have weight 0).
+    `loss`, as means over all examples (padding rows have weight 0); or
+    a (values, weights) pair, reported as sum(values * weights) /
+    sum(weights) over everything the report covers.
 """
 
+import collections
+
+import keras
 import tensorflow as tf
 
 from layers import seeds as layer_seeds
 from trainer.errors import UserError
+from trainer.step import sparse
 
 
 class StepContext:
@@ -50,7 +63,12 @@ class StepContext:
     self._steps = steps
     self._meta = meta
     self.training = training
-    self.handed = {}      # optimizer name -> (gradients, scaled loss)
+    # optimizer name -> (gradients, scaled loss); the gradients list is
+    # laid out as layouts[name] says (Steps.combine reads it).
+    self.handed = {}
+    self.layouts = {}     # name -> (has per-example part, weighted term ids)
+    self.terms = []       # scale_loss(mean_over="weights") calls, in order
+    self._pending = {}    # name -> {term id: gradients} until apply_gradients
 
   # ---- what the step works on ------------------------------------------
   @property
@@ -130,16 +148,62 @@ class StepContext:
     return self._rows(tf.random.stateless_normal, salt, row_shape, dtype)
 
   # ---- losses and gradients ----------------------------------------------
-  def scale_loss(self, per_example, model=None) -> tf.Tensor:
-    """sum(per_example * weight) / global batch of the update, plus the
-    regularization losses of `model` (scaled by replicas and micro-batches,
-    so that they count once per update). Differentiate this."""
-    per_example = tf.cast(per_example, tf.float32)
-    loss = tf.reduce_sum(per_example * self.weight) / self._steps.update_batch
+  def scale_loss(self, values, weights=None, mean_over: str = "examples",
+                 model=None) -> tf.Tensor:
+    """The loss to differentiate, from per-example (or per-token) `values`.
+
+    mean_over="examples": sum(values * weights) / the update's examples
+    (all replicas, workers and micro-batches), i.e. the mean over the
+    global batch; weights default to 1.
+    mean_over="weights": the gradient applied is that of
+    sum(values * weights) / sum(weights), both sums over the WHOLE update.
+    That total is known only once every micro-batch has run, so this
+    returns the micro-batch's UNNORMALISED sum(values * weights); the
+    framework keeps its gradient apart and divides it by the total in the
+    update's one reduction. Each such call is its own term, with its own
+    total; other terms of the same loss keep their own normalisation.
+    `weights` broadcast against `values` ([local batch, ...]); padding
+    examples (ctx.weight 0) count in neither sum.
+    `model`: its regularization losses are added, once per update. (A
+    Keras model as second positional argument is taken as `model`.)"""
+    if isinstance(weights, keras.layers.Layer) and model is None:
+      weights, model = None, weights
+    if mean_over not in ("examples", "weights"):
+      raise UserError(f"scale_loss(mean_over={mean_over!r}): use "
+                      "'examples' or 'weights'.")
+    values = tf.cast(values, tf.float32)
+    if weights is None and mean_over == "examples" and values.shape.rank <= 1:
+      loss = tf.reduce_sum(values * self.weight) / self._steps.update_batch
+    elif values.shape.rank == 0:
+      raise UserError("scale_loss with weights: `values` must have the local "
+                      "batch as first dimension (one value per example or "
+                      "token), not a scalar.")
+    else:
+      if weights is None:
+        if mean_over == "weights":
+          raise UserError("scale_loss(mean_over='weights') needs `weights` "
+                          "(e.g. the mask of real tokens).")
+        weights = tf.ones_like(values)
+      weights = self._example_weighted(tf.cast(weights, tf.float32), values)
+      weighted = tf.reduce_sum(values * weights)
+      if mean_over == "examples":
+        loss = weighted / self._steps.update_batch
+      else:
+        loss = weighted
+        self.terms.append(_Term(weighted, tf.reduce_sum(weights)))
     if model is not None and model.losses:
       reg = tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
       loss += tf.nn.scale_regularization_loss(reg) / self._steps.accum_steps
     return loss
+
+  def _example_weighted(self, weights, values):
+    """weights x ctx.weight (padding rows 0), broadcast to values' shape."""
+    weights = tf.broadcast_to(weights, tf.shape(values))
+    rows = tf.reshape(self.weight,
+                      tf.concat([tf.shape(self.weight),
+                                 tf.ones([values.shape.rank - 1], tf.int32)],
+                                0))
+    return weights * rows
 
   def variables(self, optimizer: str | None = None) -> list:
     """The variables `optimizer` updates (Task.optimizer_variables)."""
@@ -149,19 +213,62 @@ class StepContext:
   def gradients(self, tape, loss, optimizer: str | None = None) -> list:
     """d loss / d variables(optimizer) (zeros where there is no path);
     under --mixed_precision=mixed_float16 the loss is scaled here and the
-    gradients unscaled after the reduction."""
-    variables = self.variables(optimizer)
+    gradients unscaled after the reduction. An embedding look-up's
+    gradient stays a tf.IndexedSlices (the rows it touched).
+
+    A loss with mean_over="weights" terms: those terms' gradients cannot
+    be normalised before the update's total is known; the context keeps
+    them (for apply_gradients of the same optimizer) and this returns the
+    rest of the gradient, None where the rest has no path. A loss that is
+    one such term (times constants) costs one backward pass; a loss that
+    mixes terms costs one pass per term plus one, and needs
+    tf.GradientTape(persistent=True)."""
+    name = self._steps.optimizer_name(optimizer)
+    variables = self.variables(name)
     scale = self._steps.loss_scale()
-    grads = self._steps.differentiate(tape, loss, variables, scale)
-    return [tf.zeros(v.shape, tf.float32) if g is None
-            else tf.convert_to_tensor(g, tf.float32)
-            for g, v in zip(grads, variables)]
+    terms, others = _terms_in(loss, self.terms)
+    if not terms:
+      grads = self._steps.differentiate(tape, loss, variables, scale)
+      return _filled(grads, variables)
+    if len(terms) == 1 and not others:
+      grads = self._steps.differentiate(tape, loss, variables, scale)
+      self._pending[name] = {terms[0]: _filled(grads, variables)}
+      return [None] * len(variables)
+    return self._split_gradients(tape, loss, name, variables, scale, terms)
+
+  def _split_gradients(self, tape, loss, name, variables, scale, terms):
+    """A loss mixing terms: each mean_over="weights" term's gradient (times
+    its coefficient in the loss) kept apart; the rest returned."""
+    weighted = [self.terms[j].weighted for j in terms]
+    try:
+      coefficients = [tf.stop_gradient(c) for c in
+                      tape.gradient(loss, weighted)]
+      seeds = [c if scale is None else c * scale for c in coefficients]
+      pending = {j: _filled(self._steps.differentiate(tape, w, variables, s),
+                            variables)
+                 for j, w, s in zip(terms, weighted, seeds)}
+      # The rest: d(loss - sum c_j term_j); the terms' paths cancel
+      # exactly (c_j - c_j) where they join the loss.
+      one = tf.ones([]) if scale is None else scale
+      rest = self._steps.differentiate(tape, [loss] + weighted, variables,
+                                       [one] + [-s for s in seeds])
+    except RuntimeError as e:
+      if "persistent" not in str(e):
+        raise
+      raise UserError(
+          "a loss that mixes a scale_loss(mean_over='weights') term with "
+          "other terms is differentiated once per term: record it with "
+          "tf.GradientTape(persistent=True).") from None
+    self._pending[name] = pending
+    return _filled(rest, variables)
 
   def apply_gradients(self, gradients, optimizer: str | None = None,
                       loss=None) -> None:
     """Hands this micro-batch's gradients of variables(optimizer) to the
     framework (see the module doc for when they are applied). `loss`: the
-    scaled loss they came from, checked for NaN/Inf with them."""
+    scaled loss they came from, checked for NaN/Inf with them. Gradients
+    may be tf.IndexedSlices (kept sparse to the optimizer) or None (no
+    path); a mean_over="weights" part kept by ctx.gradients joins them."""
     if not self.training:
       raise UserError("apply_gradients called in an evaluation step.")
     name = self._steps.optimizer_name(optimizer)
@@ -176,8 +283,17 @@ class StepContext:
                       "add the gradients first (one hand-over per optimizer).")
     loss = tf.zeros([], tf.float32) if loss is None else tf.cast(loss,
                                                                  tf.float32)
-    self.handed[name] = ([tf.convert_to_tensor(g, tf.float32)
-                          for g in gradients], loss)
+    pending = self._pending.pop(name, {})
+    terms = tuple(sorted(pending))
+    flat = []
+    by_example = bool(not pending or any(g is not None for g in gradients))
+    if by_example:
+      flat += _filled(gradients, variables)
+    for j in terms:
+      flat += pending[j]
+    flat += [self.terms[j].total for j in terms]
+    self.handed[name] = (flat, loss)
+    self.layouts[name] = (by_example, terms)
 
   def minimize(self, tape, loss, optimizer: str | None = None) -> None:
     """apply_gradients(gradients(tape, loss, optimizer), optimizer, loss)."""
@@ -199,6 +315,51 @@ class StepContext:
       return tf.nest.map_structure(
           lambda x: _gather_by_sum(context, x, axis), value)
     return context.all_gather(value, axis)
+
+
+# One mean_over="weights" term of a step: its unnormalised sum and the
+# micro-batch's sum of weights (both replica-local).
+_Term = collections.namedtuple("_Term", ["weighted", "total"])
+
+
+def _filled(gradients, variables) -> list:
+  """float32 gradients, zeros where there is no path; slices stay slices."""
+  return [tf.zeros(v.shape, tf.float32) if g is None else sparse.as_float32(g)
+          for g, v in zip(gradients, variables)]
+
+
+def _terms_in(loss, terms):
+  """(ids of the weighted terms `loss` depends on, whether it also depends
+  on variables other than through them), read from the traced graph."""
+  if not terms:
+    return [], True
+  if tf.executing_eagerly() or not hasattr(loss, "op"):
+    return list(range(len(terms))), True
+  for j, term in enumerate(terms):
+    if loss is term.weighted:
+      return [j], False
+  ids = {term.weighted.ref(): j for j, term in enumerate(terms)}
+  found, others = set(), False
+  seen, stack = set(), [loss]
+  while stack:
+    tensor = stack.pop()
+    if tensor.ref() in ids:
+      found.add(ids[tensor.ref()])
+      continue
+    op = tensor.op
+    if op.name in seen:
+      continue
+    seen.add(op.name)
+    for t in op.inputs:
+      if t.dtype != tf.resource:
+        stack.append(t)
+      elif not op.type.startswith(_INPUT_OPS):
+        others = True    # a variable read (or a control-flow op's capture)
+  return sorted(found), others
+
+
+# Ops that take an input pipeline's resource, not a variable's.
+_INPUT_OPS = ("Iterator", "MultiDeviceIterator", "Optional")
 
 
 def _gather_by_sum(context, value, axis: int):

@@ -7,6 +7,10 @@ metrics therefore accumulate per replica and cost one reduction per summary.
 
 import tensorflow as tf
 
+# A (values, weights) metric `m` keeps sum(values * weights) under `m` and
+# sum(weights) under m + WEIGHTS_SUFFIX (a name no step can return: "#").
+WEIGHTS_SUFFIX = "#weights"
+
 # Room for the names a step reports; a user's train_step may return any
 # metrics, registered when it is traced (no variable is created then).
 CAPACITY = 64
@@ -62,6 +66,23 @@ class MetricSums:
                                  axis=None)
 
   def read_and_reset(self) -> dict:
-    """Totals over all replicas since the last read; resets them to 0."""
+    """Totals over all replicas since the last read; resets them to 0.
+    Readers divide each total by "weight" (the examples, at least 1); a
+    (values, weights) metric's total is given as its weighted mean times
+    that divisor, so the division yields sum(values*weights)/sum(weights)
+    (0 if no weight)."""
     values = self._read().numpy()
-    return {n: float(v) for n, v in zip(self.names, values)}
+    sums = {n: float(v) for n, v in zip(self.names, values)}
+    return weighted_means(sums)
+
+
+def weighted_means(sums: dict) -> dict:
+  """`sums` with each (values, weights) metric's pair of totals folded
+  into one total that "divide by max(weight, 1)" turns into its mean."""
+  out = {n: v for n, v in sums.items() if not n.endswith(WEIGHTS_SUFFIX)}
+  divisor = max(sums.get("weight", 1.0), 1.0)
+  for name, value in sums.items():
+    if name.endswith(WEIGHTS_SUFFIX):
+      metric = name[:-len(WEIGHTS_SUFFIX)]
+      out[metric] = out[metric] / value * divisor if value else 0.0
+  return out

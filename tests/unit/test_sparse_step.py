@@ -1,0 +1,172 @@
+"""Sparse gradients through the step: an embedding table of 100,000 rows
+looked up a few rows at a time reaches the optimizer as tf.IndexedSlices
+of those rows (never the table's dense shape), and the weights equal those
+of the same model whose look-up has a dense gradient (a one-hot matmul).
+Mirrored(2) runs in one child process, with test_weighted_loss.py's
+mirrored checks (logical CPU devices must exist before TensorFlow starts)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_CHILD = os.environ.get("WEIGHTED_TEST_CHILD") == "1"
+if _CHILD:
+  import tensorflow as _tf
+  _tf.config.set_logical_device_configuration(
+      _tf.config.list_physical_devices("CPU")[0],
+      [_tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from trainer import Task, array_source  # noqa: E402
+from trainer import controller as controller_lib  # noqa: E402
+from trainer.config import Config  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.optim import prepare  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+ROWS, DIM, IDS, BATCH, UPDATES = 100_000, 8, 3, 16, 6
+# The few rows the data touches, spread over the table (repeats included).
+TOUCHED = np.array([5, 17, 40_000, 40_001, 99_999, 12_345], np.int32)
+
+
+class Recording(keras.optimizers.SGD):
+  """SGD that notes, while the step is traced, what reaches apply."""
+
+  seen = []
+
+  def apply(self, grads, trainable_variables=None):
+    Recording.seen.append([(type(g).__name__,
+                            tuple(g.values.shape) if isinstance(
+                                g, tf.IndexedSlices) else tuple(g.shape))
+                           for g in grads])
+    checks = [tf.debugging.assert_less_equal(
+        tf.shape(g.values)[0], len(TOUCHED),
+        message="more slices than touched rows")
+              for g in grads if isinstance(g, tf.IndexedSlices)]
+    with tf.control_dependencies(checks):
+      return super().apply(grads, trainable_variables)
+
+
+class OneHotLookup(keras.layers.Layer):
+  """An embedding whose gradient is dense: one_hot(ids) @ table."""
+
+  def build(self, input_shape):
+    self.embeddings = self.add_weight(shape=(ROWS, DIM), name="embeddings")
+
+  def call(self, ids):
+    return tf.einsum("bkv,vd->bkd", tf.one_hot(ids, ROWS), self.embeddings)
+
+
+class Lookups(Task):
+  SPARSE = True
+
+  def source(self, split):
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    ids = TOUCHED[rng.integers(0, len(TOUCHED), (256, IDS))]
+    target = rng.normal(size=(256, 1)).astype(np.float32)
+    return array_source(f"lookups:{split}", ids, target)
+
+  def build_model(self, input_spec):
+    del input_spec
+    table = (keras.layers.Embedding(ROWS, DIM) if self.SPARSE
+             else OneHotLookup())
+    ids = keras.Input((IDS,), dtype="int32")
+    pooled = keras.ops.mean(table(ids), axis=1)
+    return keras.Model(ids, keras.layers.Dense(1)(pooled))
+
+  def optimizers(self):
+    return Recording(learning_rate=0.5)
+
+  def loss(self, labels, outputs):
+    return tf.reduce_mean(tf.square(outputs - labels), -1)
+
+
+class DenseLookups(Lookups):
+  SPARSE = False
+
+
+def _train(tmp_path, task_class, initial=None, **kw):
+  config = Config(global_batch_size=BATCH, train_steps=UPDATES,
+                  steps_per_loop=UPDATES, summary_every=UPDATES,
+                  checkpoint_every=UPDATES, eval_every=0, mode="train",
+                  seed=3, model_dir=str(tmp_path / task_class.__name__), **kw)
+  run = controller_lib.create(config, task_class(config))
+  if initial is not None:
+    run.model.set_weights(initial)
+  start = run.model.get_weights()
+  Recording.seen = []
+  run.train(evaluate=False)
+  return start, run.model.get_weights(), Recording.seen
+
+
+def _check(tmp_path, **kw):
+  accum = kw.get("grad_accum_steps", 1)
+  initial, sparse_weights, seen = _train(tmp_path, Lookups, **kw)
+  assert seen, "the optimizer was never traced"
+  for grads in seen:
+    kind, shape = grads[0]     # the table's gradient
+    assert kind == "IndexedSlices", grads
+    # Each touched row once (repeated look-ups summed: Recording asserts
+    # it at run time), never the table.
+    assert shape[0] is None and shape[1:] == (DIM,), grads
+  _, dense_weights, dense_seen = _train(tmp_path, DenseLookups, initial, **kw)
+  assert dense_seen[0][0][1] == (ROWS, DIM)   # the reference is dense
+  for a, b, w0 in zip(sparse_weights, dense_weights, initial):
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel < 1e-6, (kw, rel)
+  moved = np.linalg.norm(sparse_weights[0] - initial[0])
+  assert moved > 1e-3, (accum, moved)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sparse_equals_dense(tmp_path, accum):
+  _check(tmp_path, grad_accum_steps=accum)
+
+
+@pytest.mark.parametrize("option,fix", [
+    ({"gradient_accumulation_steps": 5}, "--grad_accum_steps"),
+    ({"use_ema": True}, "--ema_decay"),
+    ({"loss_scale_factor": 128.0}, "--mixed_precision=mixed_float16"),
+])
+def test_keras_options_that_fight_the_step_are_refused(option, fix):
+  optimizer = keras.optimizers.Adam(**option)
+  with pytest.raises(UserError, match=fix) as info:
+    prepare(optimizer, [tf.Variable(tf.zeros([2]))])
+  assert "\n" not in str(info.value)
+
+
+def test_clipnorm_stays_allowed():
+  prepare(keras.optimizers.SGD(global_clipnorm=1.0),
+          [tf.Variable(tf.zeros([2]))])
+
+
+# ---- mirrored(2): one child process runs these and test_weighted_loss's --
+@pytest.mark.skipif(not _CHILD, reason="runs in the mirrored child process")
+@pytest.mark.parametrize("accum", [1, 2])
+def test_child_mirrored_sparse(tmp_path, accum):
+  _check(tmp_path, strategy="mirrored", cpu_replicas=2,
+         grad_accum_steps=accum)
+
+
+@pytest.mark.skipif(_CHILD, reason="the parent of the mirrored child")
+def test_mirrored_two_replicas(tmp_path):
+  env = dict(os.environ, WEIGHTED_TEST_CHILD="1", TF_CPP_MIN_LOG_LEVEL="2")
+  repo = Path(__file__).resolve().parents[2]
+  env["PYTHONPATH"] = os.pathsep.join([str(repo), str(repo / "tests"),
+                                       env.get("PYTHONPATH", "")])
+  here = Path(__file__).resolve().parent
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly",
+       "-p", "no:cacheprovider",
+       f"{here / 'test_sparse_step.py'}::test_child_mirrored_sparse",
+       f"{here / 'test_weighted_loss.py'}::test_child_mirrored"],
+      cwd=repo, env=env, capture_output=True, text=True, timeout=280)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+  assert "5 passed" in proc.stdout, proc.stdout[-2000:]
