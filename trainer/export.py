@@ -1,7 +1,8 @@
 """`python -m trainer.export`: a training checkpoint -> SavedModel (+ TFLite).
 
   python -m trainer.export --model_dir=DIR --export_dir=OUT \\
-      [--checkpoint=PATH] [--data_dir=PATH] [--image_bytes] [--tflite]
+      [--checkpoint=PATH] [--data_dir=PATH] [--signatures=a,b] \\
+      [--image_bytes] [--tflite] [--overwrite]
 
 The task and model are rebuilt from DIR/config.json (trainer.load), with
 the checkpoint's weights: the latest in DIR, or --checkpoint (a prefix such
@@ -9,17 +10,24 @@ as DIR/ckpt-600, or a directory such as DIR/best, whose latest one is used).
 Flags given here override only what they name (--data_dir, --file_patterns
 when the data moved; the data are read for the input spec and class count).
 
-Signature `serving_default`: the Task's `serving_signature` hook. Defaults:
+Signatures: the Task's `serving_signatures` hook, by name (--signatures=a,b
+picks some; default all); its default is {"serving_default": the
+`serving_signature` hook}, which gives:
   - ClassificationTask (the built-in datasets): input `images`, float32
     [N, H, W, C] as the model sees them after preprocess (uint8 pixels / 255),
     output `probabilities` [N, classes] (softmax of the logits);
   - any other task: every model input by name (`features` for one tensor,
     the keys of a dict of features), the model's outputs under their names
     (the keys of a dict, or the Keras output layer's name).
---image_bytes (image tasks): the input is `image_bytes`, a string [N] of
-encoded JPEG/PNG/GIF/BMP files, decoded to the training images' size and
-channels and preprocessed as evaluation does; a second signature `features`
-keeps the float input. The export computes in float32 whatever
+A SavedModel always answers to serving_default (TF Serving's default):
+without it among --signatures, the first one chosen serves under that name
+too. OUT/assets.extra/export.json describes the export: the run's task, the
+checkpoint and step, EMA or raw weights, every signature's inputs and
+outputs.
+--image_bytes (image tasks): serving_default takes `image_bytes`, a string
+[N] of encoded JPEG/PNG/GIF/BMP files of any size and channel count,
+decoded, resized and preprocessed as evaluation does; a second signature
+`features` keeps the float input. The export computes in float32 whatever
 --mixed_precision the run used. --tflite also writes OUT/model.tflite
 (float inputs, same names). OUT is written next to itself and renamed into
 place. OUT must be new or an empty directory; a previous export of this
@@ -32,6 +40,7 @@ did not write. A model that cannot be exported is refused with one line
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -74,6 +83,9 @@ def define_flags() -> None:
                     "tool at --export_dir (only if it holds nothing else). "
                     "A training run's directory, a file or any other "
                     "non-empty directory is never written over.")
+  flags.DEFINE_list("signatures", [], "Names of the task's "
+                    "serving_signatures to export (default: all of them; "
+                    "the built-in tasks have one, serving_default).")
   flags.DEFINE_bool("tflite", False, "Also write EXPORT_DIR/model.tflite.")
   flags.DEFINE_string("data_dir", None, "Override the run's --data_dir "
                       "(where the training data are now).")
@@ -96,19 +108,66 @@ def pick_model(model, name: str):
   return model
 
 
-def signature_of(restored, model, image_bytes: bool):
-  """(serving_default, extra signatures) for the restored run."""
+def signatures_of(restored, model, image_bytes: bool,
+                  wanted: list[str] | None = None) -> dict:
+  """{name: trainer.serving.Signature} to export: the task's
+  serving_signatures, those named in `wanted` (all when empty), and with
+  `image_bytes` serving_default taking encoded images (its float version
+  kept as `features`)."""
   from trainer import serving
-  signature = restored.task.serving_signature(model, restored.input_spec)
-  if not isinstance(signature, serving.Signature):
-    raise UserError(f"{type(restored.task).__name__}.serving_signature "
-                    f"returned a {type(signature).__name__}, not a "
-                    "trainer.serving.Signature.")
+  task = restored.task
+  hook = f"{type(task).__name__}.serving_signatures"
+  found = task.serving_signatures(model, restored.input_spec)
+  if not isinstance(found, dict) or not found:
+    raise UserError(f"{hook} returned {type(found).__name__}, not a "
+                    "non-empty dict {name: trainer.serving.Signature}.")
+  for name, signature in found.items():
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_]\w*", name):
+      raise UserError(f"{hook}: signature name {name!r} must be letters, "
+                      "digits and '_', not starting with a digit.")
+    if not isinstance(signature, serving.Signature):
+      raise UserError(f"{hook}[{name!r}] is a {type(signature).__name__}, "
+                      "not a trainer.serving.Signature.")
+  if wanted:
+    unknown = [n for n in wanted if n not in found]
+    if unknown:
+      raise UserError(f"--signatures: the task has no signature "
+                      f"{', '.join(map(repr, unknown))}; it has "
+                      f"{', '.join(found)}.")
+    found = {n: found[n] for n in dict.fromkeys(wanted)}
   if not image_bytes:
-    return signature, {}
-  source = restored.task.source(restored.config.train_split)
-  return (serving.image_bytes_signature(restored.task, signature, source),
-          {"features": signature})
+    return found
+  if "serving_default" not in found:
+    raise UserError("--image_bytes serves serving_default from encoded "
+                    "images: include serving_default in --signatures.")
+  if "features" in found:
+    raise UserError("--image_bytes names the float signature `features`, "
+                    "which the task already uses: leave out --image_bytes "
+                    "or that signature (--signatures).")
+  plain = found["serving_default"]
+  source = task.source(restored.config.train_split)
+  return {**found,
+          "serving_default": serving.image_bytes_signature(task, plain,
+                                                           source),
+          "features": plain}
+
+
+def _traced(signatures: dict) -> dict:
+  """{name: tf.function} with each traced once: a model that cannot be
+  traced is refused here, with one line."""
+  import tensorflow as tf
+  functions = {}
+  for name, signature in signatures.items():
+    try:
+      functions[name] = signature.tf_function()
+      functions[name].get_concrete_function()
+    except UserError:
+      raise
+    except (TypeError, ValueError, tf.errors.OpError) as e:
+      raise UserError(f"signature {name!r} cannot be traced for serving "
+                      f"({type(e).__name__}: {errors.first_line(e, 200)}); "
+                      "override Task.serving_signatures.") from None
+  return functions
 
 
 def _write(model, endpoints: dict, directory: str) -> None:
@@ -164,49 +223,73 @@ def _spec_json(spec) -> dict:
   return {"dtype": spec.dtype.name, "shape": [None, *spec.shape.as_list()]}
 
 
+def _outputs_json(function) -> dict:
+  outputs = function.get_concrete_function().structured_outputs
+  return {n: {"dtype": t.dtype.name, "shape": t.shape.as_list()}
+          for n, t in outputs.items()}
+
+
+def describe(restored, signatures: dict, functions: dict, model_name: str,
+             image_bytes: bool) -> dict:
+  """What export.json says of the export: the run's task as trained (its
+  import path and --task_args, or the built-in one's model and data), the
+  checkpoint and step, which weights, and every signature's inputs and
+  outputs. The SavedModel answers to serving_default always (TF Serving
+  needs one): when it is not among the signatures, the first one serves
+  under that name too."""
+  config = restored.config
+  if config.task:
+    task = {"task": config.task, "task_args": config.task_args}
+  else:
+    task = {"task": "classification", "model": config.model,
+            "dataset": config.dataset, "image_size": config.image_size}
+  described = {name: {"inputs": {n: _spec_json(s)
+                                 for n, s in signature.inputs.items()},
+                      "outputs": _outputs_json(functions[name])}
+               for name, signature in signatures.items()}
+  default = ("serving_default" if "serving_default" in signatures
+             else next(iter(signatures)))
+  if default != "serving_default":
+    described["serving_default"] = {**described[default],
+                                    "same_as": default}
+  return {**task, "model_name": model_name or None,
+          "checkpoint": restored.checkpoint,
+          "step": _step_of(restored.checkpoint),
+          "weights": restored.weights, "ema_decay": config.ema_decay,
+          "image_bytes": image_bytes,
+          "inputs": described["serving_default"]["inputs"],
+          "outputs": described["serving_default"]["outputs"],
+          "signatures": described}
+
+
 def export(model_dir: str, export_dir: str, checkpoint: str = "",
            tflite: bool = False, image_bytes: bool = False,
            model_name: str = "", overwrite: bool = False,
-           **overrides) -> dict:
-  """Writes the SavedModel (and model.tflite); returns a summary dict.
-  `export_dir` must be new or empty, or hold a previous export of this
-  tool and `overwrite` be set (trainer.export_dir)."""
+           signatures: list[str] | None = None, **overrides) -> dict:
+  """Writes the SavedModel (and model.tflite); returns what export.json
+  says. `export_dir` must be new or empty, or hold a previous export of
+  this tool and `overwrite` be set (trainer.export_dir). `signatures`:
+  the names of Task.serving_signatures to export (default: all)."""
   export_dir = os.path.normpath(export_dir)
   target.check(export_dir, overwrite)
   from trainer import tfimport
-  tf = tfimport.import_tensorflow()
+  tfimport.import_tensorflow()
   from trainer import load
   restored = load.restore(model_dir, checkpoint,
                           **{k: v for k, v in overrides.items()
                              if v is not None})
   model = pick_model(restored.model, model_name)
-  signature, extra = signature_of(restored, model, image_bytes)
-  try:
-    serve = signature.tf_function()
-    concrete = serve.get_concrete_function()
-  except UserError:
-    raise
-  except (TypeError, ValueError, tf.errors.OpError) as e:
-    raise UserError(f"the model cannot be traced for serving "
-                    f"({type(e).__name__}: {errors.first_line(e, 200)}); "
-                    "override "
-                    "Task.serving_signature.") from None
-  endpoints = {"serving_default": serve,
-               **{k: s.tf_function() for k, s in extra.items()}}
-  config = restored.config
-  info = {"export_dir": export_dir, "checkpoint": restored.checkpoint,
-          "step": _step_of(restored.checkpoint),
-          "inputs": {n: _spec_json(s) for n, s in signature.inputs.items()},
-          "outputs": {n: {"dtype": t.dtype.name,
-                          "shape": t.shape.as_list()}
-                      for n, t in concrete.structured_outputs.items()},
-          "signatures": sorted(endpoints),
-          "model": config.model, "dataset": config.dataset, "task": config.task}
+  chosen = signatures_of(restored, model, image_bytes, signatures)
+  functions = _traced(chosen)
+  info = {"export_dir": export_dir,
+          **describe(restored, chosen, functions, model_name, image_bytes)}
   staging = target.staging_for(export_dir)
   try:
-    _write(model, endpoints, staging)
+    _write(model, functions, staging)
     if tflite:
-      float_signature = extra.get("features", signature)
+      # Float inputs: the signature image_bytes wraps, else the default.
+      float_signature = chosen["features"] if image_bytes else chosen.get(
+          "serving_default", next(iter(chosen.values())))
       with open(os.path.join(staging, "model.tflite"), "wb") as f:
         f.write(tflite_bytes(model, float_signature))
       info["tflite"] = os.path.join(export_dir, "model.tflite")
@@ -246,7 +329,7 @@ def main(argv):
   try:
     info = export(FLAGS.model_dir, FLAGS.export_dir, FLAGS.checkpoint,
                   FLAGS.tflite, FLAGS.image_bytes, FLAGS.model,
-                  FLAGS.overwrite, **overrides)
+                  FLAGS.overwrite, FLAGS.signatures, **overrides)
   except UserError as e:
     errors.fail("trainer.export", str(e))
   print(json.dumps(info), flush=True)

@@ -30,6 +30,7 @@ class Restored:
   input_spec: object     # features of one example after preprocess
   checkpoint: str
   config: object
+  weights: str = "raw"   # "ema": the moving average's (see restore)
 
 
 def find_checkpoint(model_dir: str, checkpoint: str = "") -> str:
@@ -82,7 +83,8 @@ def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
   if averages is not None:
     averages.copy_to_model()
   model = models[build.MAIN] if list(models) == [build.MAIN] else models
-  return Restored(task, model, spec, path, config)
+  return Restored(task, model, spec, path, config,
+                  "ema" if averages is not None else "raw")
 
 
 def load(model_dir: str, checkpoint: str | None = None, ema: bool = True,

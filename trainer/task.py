@@ -132,6 +132,14 @@ class Task:
     from trainer import serving
     return serving.default_signature(model, input_spec)
 
+  def serving_signatures(self, model, input_spec) -> dict:
+    """Every signature trainer.export may write, by name (letters, digits,
+    '_'): {name: trainer.serving.Signature}; `--signatures=a,b` picks some.
+    Default: {"serving_default": serving_signature(...)}. Override to add
+    others beside it (e.g. the top-k items of a user beside the score of a
+    pair); keep "serving_default", the one TF Serving calls by default."""
+    return {"serving_default": self.serving_signature(model, input_spec)}
+
 
 class ClassificationTask(Task):
   """Image classification with a built-in dataset and model (the CLI path)."""

@@ -51,6 +51,13 @@ def test_savedmodel_and_tflite_match_the_checkpoint(exported, tmp_path):
   import tensorflow as tf
   model_dir, out, info = exported
   assert info["checkpoint"] == str(model_dir / "ckpt-30") and info["step"] == 30
+  # The run as trained: the built-in task, its model and data, raw weights.
+  assert {k: info[k] for k in ("task", "model", "dataset", "image_size",
+                               "weights", "ema_decay")} == {
+      "task": "classification", "model": "cnn", "dataset": "digits",
+      "image_size": "", "weights": "raw", "ema_decay": 0.0}
+  assert json.loads((out / "assets.extra" / "export.json").read_text()) \
+      == info
   assert info["inputs"] == {"images": {"dtype": "float32",
                                        "shape": [None, 8, 8, 1]}}
   assert info["outputs"] == {"probabilities": {"dtype": "float32",

@@ -192,7 +192,11 @@ def test_mnist_eval_and_image_bytes_export(tmp_path, mnist_dir):
   info = _ok(proc)
   assert info["inputs"] == {"image_bytes": {"dtype": "string",
                                             "shape": [None]}}
-  assert info["signatures"] == ["features", "serving_default"]
+  assert sorted(info["signatures"]) == ["features", "serving_default"]
+  assert info["signatures"]["features"]["inputs"] == {
+      "images": {"dtype": "float32", "shape": [None, 28, 28, 1]}}
+  assert (info["task"], info["model"], info["dataset"], info["image_bytes"]) \
+      == ("classification", "cnn", "mnist", True)
   task, model = trainer.load(str(model_dir))
   pngs, labels = _mnist_pngs(task, split)
   served = _served(out, image_bytes=np.array(pngs, dtype=object))
