@@ -10,12 +10,16 @@ The framework needs a few things Keras' public API does not give:
     slot lists `_momentums`, `_velocities`, `momentums`;
   * Keras variables held as ShardedVariables (the parameter-server
     partitioner): differentiated shard by shard, updated shard by shard,
-    and saved as one whole value (`_serialize_to_tensors` hooks).
+    and saved as one whole value (`_serialize_to_tensors` hooks);
+  * layer names that do not depend on what the process built before
+    (trainer.load): Keras' naming counters, `object_name_uids`.
 These names are private and change between releases. They were verified
 on the versions in TESTED; any other version fails at start with one line
 (set TRAINER_UNTESTED_VERSIONS=1 to try anyway, at your own risk).
 """
 
+import collections
+import contextlib
 import os
 
 import keras
@@ -262,3 +266,23 @@ def save_sharded_whole(variables) -> int:
         lambda tensors, v=variable: v.value.assign(
             tf.reshape(tensors["VARIABLE_VALUE"], v.shape)))
   return count
+
+
+@contextlib.contextmanager
+def fresh_layer_names():
+  """Inside, Keras names new layers as a new process does ("dense",
+  "dense_1", ...; its counters are the private `object_name_uids`), so a
+  model built twice gets the same weight names. On exit every counter is
+  the larger of the two: layers made later never repeat a name."""
+  from keras.src.backend.common import global_state
+  key = "object_name_uids"
+  before = global_state.get_global_attribute(
+      key, default=collections.defaultdict(int), set_to_default=True)
+  fresh = collections.defaultdict(int)
+  global_state.set_global_attribute(key, fresh)
+  try:
+    yield
+  finally:
+    for name, count in fresh.items():
+      before[name] = max(before[name], count)
+    global_state.set_global_attribute(key, before)

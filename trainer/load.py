@@ -56,16 +56,19 @@ def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
   checkpoint's `model` object: one model, or a module of named ones)."""
   import keras
   import tensorflow as tf
-  from trainer import build, ema as ema_lib, task as task_lib
+  from trainer import build, compat, ema as ema_lib, task as task_lib
   from trainer.data import pipeline
   config = rundir.load_config(model_dir, **overrides)
   path = find_checkpoint(model_dir, checkpoint or "")
   previous = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy("float32")
   try:
-    task = task_lib.from_config(config)
-    spec = pipeline.input_spec(task, config.train_split)
-    models = build.models_of(task, spec)
+    # Layers named as a new process names them: the same weight names
+    # however many runs this process loaded before.
+    with compat.fresh_layer_names():
+      task = task_lib.from_config(config)
+      spec = pipeline.input_spec(task, config.train_split)
+      models = build.models_of(task, spec)
   finally:
     keras.mixed_precision.set_global_policy(previous)
   objects = {"model": build.trackable(models, build.MAIN)}
@@ -99,7 +102,8 @@ def load(model_dir: str, checkpoint: str | None = None, ema: bool = True,
 
 def weights(model) -> dict:
   """{variable path: numpy array} of a loaded model (or dict of models):
-  the weights by their Keras names. (In the checkpoint files the trainable
+  the weights by their Keras names, the same in every load (load() names
+  layers as a new process would). (In the checkpoint files the trainable
   ones sit under optimizer/_trainable_variables/N, which no name ties to a
   layer: read them through load(), not tf.train.load_checkpoint.)"""
   models = model if isinstance(model, dict) else {"": model}
