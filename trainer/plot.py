@@ -3,7 +3,10 @@
   python -m trainer.plot --model_dir=runs/a [--model_dir=runs/b ...] \\
       [--out=curves.png] [--metrics=loss,accuracy]
 
-One panel per metric (default: loss and accuracy) against the update step;
+One panel per metric against the update step. By default the runs' own
+metrics: loss first, then the others in name order (the tags of eval/,
+which holds metrics only, or of train/ less the framework's own scalars
+such as learning_rate and steps_per_sec);
 each run has its colour, train is a solid line, eval a dashed line with
 markers. The curves come from the TensorBoard event files in MODEL_DIR/train
 and MODEL_DIR/eval (a resumed run's repeated steps keep their newest value).
@@ -29,8 +32,8 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("model_dir", [], "A training --model_dir; repeat "
                             "the flag to overlay several runs.")
   flags.DEFINE_string("out", "curves.png", "The PNG file to write.")
-  flags.DEFINE_list("metrics", ["loss", "accuracy"], "Scalar tags to plot, "
-                    "one panel each.")
+  flags.DEFINE_list("metrics", [], "Scalar tags to plot, one panel each "
+                    "(default: the runs' own metrics, loss first).")
   flags.DEFINE_list("labels", [], "Legend names of the runs (default: the "
                     "directory names).")
   flags.DEFINE_integer("width", 1200, "Image width in pixels.")
@@ -93,9 +96,31 @@ def _pyplot():
   return plt
 
 
-def plot(model_dirs: list[str], out: str, metrics=("loss", "accuracy"),
+# What the framework writes to train/ beside the task's metrics
+# (trainer/controller.py), by name or by prefix: not plotted by default.
+_FRAMEWORK_SCALARS = frozenset({
+    "steps_per_sec", "examples_per_sec", "grad_norm", "nonfinite_steps",
+    "skipped_examples", "input_wait_share"})
+_FRAMEWORK_PREFIXES = ("learning_rate", "goodput/", "perf/", "raw/")
+
+
+def run_metrics(runs: list[dict]) -> list[str]:
+  """The metrics the runs (load_run's dicts) report: loss first, then the
+  others in name order. A run's are the tags of its eval/ (metrics only;
+  raw/ holds the raw weights' copy under --ema_decay), or without one the
+  tags of its train/ that are not the framework's own scalars."""
+  found = set()
+  for run in runs:
+    tags = run["eval"] or {t: v for t, v in run["train"].items()
+                           if t not in _FRAMEWORK_SCALARS}
+    found.update(t for t in tags if not t.startswith(_FRAMEWORK_PREFIXES))
+  return sorted(found, key=lambda t: (t != "loss", t))
+
+
+def plot(model_dirs: list[str], out: str, metrics=None,
          labels=None, width: int = 1200, height: int = 450) -> str:
-  """Draws the curves of `model_dirs` into the PNG `out`; returns `out`."""
+  """Draws the curves of `model_dirs` into the PNG `out`; returns `out`.
+  metrics: the tags to plot, one panel each; default: run_metrics."""
   if not model_dirs:
     raise UserError("give at least one --model_dir.")
   if labels and len(labels) != len(model_dirs):
@@ -103,13 +128,16 @@ def plot(model_dirs: list[str], out: str, metrics=("loss", "accuracy"),
                     f"{len(model_dirs)} --model_dir values.")
   plt = _pyplot()
   runs = [load_run(d) for d in model_dirs]
+  metrics = list(metrics) if metrics else run_metrics(runs)
+  if not metrics:
+    raise UserError(f"the runs have no metrics to plot (their scalars: "
+                    f"{', '.join(_all_tags(runs))}); name some with "
+                    "--metrics.")
   missing = [m for m in metrics
              if not any(m in run["train"] or m in run["eval"] for run in runs)]
   if missing:
-    have = sorted({tag for run in runs for kind in ("train", "eval")
-                   for tag in run[kind]})
     raise UserError(f"--metrics: no run has {', '.join(missing)}; the runs "
-                    f"have: {', '.join(have)}.")
+                    f"have: {', '.join(_all_tags(runs))}.")
   labels = list(labels) if labels else _default_labels(model_dirs)
   fig, axes = plt.subplots(1, len(metrics), squeeze=False,
                            figsize=(width / _DPI, height / _DPI), dpi=_DPI)
@@ -140,6 +168,11 @@ def plot(model_dirs: list[str], out: str, metrics=("loss", "accuracy"),
   fig.savefig(out, format="png", dpi=_DPI)
   plt.close(fig)
   return out
+
+
+def _all_tags(runs) -> list[str]:
+  return sorted({tag for run in runs for kind in ("train", "eval")
+                 for tag in run[kind]})
 
 
 def _default_labels(model_dirs):

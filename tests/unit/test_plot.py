@@ -76,3 +76,31 @@ def test_clear_errors(tmp_path):
   assert empty.returncode == 2 and "has no train/ or eval/ event files" in \
       empty.stderr.splitlines()[-1]
   assert not (tmp_path / "x.png").exists()
+
+
+def test_default_panels_are_the_runs_own_metrics(tmp_path):
+  """A regression run (no accuracy) plots with no --metrics: its own
+  metrics, loss first; the framework's scalars are left out."""
+  import tensorflow as tf
+  from trainer import plot
+  run = tmp_path / "regression"
+  for kind, tags in (("train", ("mae", "loss", "learning_rate",
+                                "steps_per_sec", "grad_norm",
+                                "goodput/share")),
+                     ("eval", ("mae", "loss", "raw/loss"))):
+    writer = tf.summary.create_file_writer(str(run / kind))
+    with writer.as_default():
+      for step in (10, 20):
+        for tag in tags:
+          tf.summary.scalar(tag, 1.0 / step, step=step)
+    writer.close()
+  runs = [plot.load_run(str(run))]
+  assert plot.run_metrics(runs) == ["loss", "mae"]
+  out = plot.plot([str(run)], str(tmp_path / "c.png"))
+  assert _png_shape(out)[:2] == (450, 1200)
+  # Without eval/: train's tags less the framework's own.
+  train_only = {"train": runs[0]["train"], "eval": {}}
+  assert plot.run_metrics([train_only]) == ["loss", "mae"]
+  # Several runs: the union, loss first.
+  other = {"train": {}, "eval": {"loss": ([1], [1.0]), "accuracy": ([1], [0.5])}}
+  assert plot.run_metrics([train_only, other]) == ["loss", "accuracy", "mae"]
