@@ -39,6 +39,8 @@ import argparse
 import os
 import time
 
+from bench import framework
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data",
                                           "mnist"))
@@ -135,7 +137,6 @@ def measure(args, tmp: str) -> tuple[dict, dict]:
   """Per-round seconds of each contender ({name: [s, ...]}) and details:
   the data label and the end_to_end seconds spent inside chunks."""
   import tensorflow as tf
-  from bench import paired
   rounds, interval = args.rounds, args.interval
   train_steps = (rounds + WARMUP_INTERVALS + 1) * interval
   # on_summary (below) is looked up when the trainer first calls it.
@@ -147,7 +148,7 @@ def measure(args, tmp: str) -> tuple[dict, dict]:
   source = paired_runner.task.source(paired_runner.config.train_split)
   others = {
       "raw_data": raw_loop(source, args.model, args.batch),
-      "framework": paired._framework(chunk_runner, guarded=False),  # noqa: SLF001
+      "framework": framework.chunk(chunk_runner),
       "framework_cached": _cached_chunk(chunk_runner),
   }
   n = tf.constant(interval)

@@ -87,7 +87,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import common, end_to_end, machine  # noqa: E402
+from bench import common, end_to_end, framework, machine  # noqa: E402
 
 
 def _raw(args, fused: bool, precision: str = "float32"):
@@ -149,14 +149,6 @@ def _runner(args, model_dir: str, precision: str = "float32"):
       strategy=args.strategy, mixed_precision=precision))
 
 
-def _gan_runner(args, model_dir: str):
-  from trainer import controller
-  from trainer.config import Config
-  return controller.create(Config(
-      task="examples.dcgan:DCGAN", global_batch_size=args.batch,
-      model_dir=model_dir))
-
-
 def _on_disk(args, tmp: str) -> dict:
   from bench import data_scaling
   from trainer import controller
@@ -164,26 +156,17 @@ def _on_disk(args, tmp: str) -> dict:
   side = args.image_size
   common_flags = dict(model="cnn", global_batch_size=args.batch,
                       optimizer="adam")
-  contenders = {"in_memory": _framework(controller.create(Config(
+  contenders = {"in_memory": framework.chunk(controller.create(Config(
       dataset="synthetic", synthetic_shape=f"{side},{side},1",
-      model_dir=os.path.join(tmp, "in_memory"), **common_flags)),
-      guarded=False)}
+      model_dir=os.path.join(tmp, "in_memory"), **common_flags)))}
   for kind in ("image_folder", "array_record"):
     data = os.path.join(tmp, "data_" + kind)
     data_scaling.write(kind, args.examples, data, shape=(side, side, 1))
-    contenders[kind] = _framework(controller.create(Config(
+    contenders[kind] = framework.chunk(controller.create(Config(
         dataset=kind, data_dir=data, image_size=str(side),
         eval_split="train[:1%]", model_dir=os.path.join(tmp, kind),
-        **common_flags)), guarded=False)
+        **common_flags)))
   return contenders
-
-
-def _framework(runner, guarded: bool):
-  import tensorflow as tf
-  iterator = runner.executor.train_iterator()  # noqa: SLF001
-  steps = runner.steps
-  fn = steps.guarded_loop if guarded else steps.unguarded_chunk
-  return lambda n: fn(iterator, tf.cast(n, tf.int64))
 
 
 def main(argv=None) -> int:
@@ -251,8 +234,8 @@ def _contenders(args, tmp: str) -> dict:
     from bench import gan
     args.model = "dcgan"
     return {"gan_raw": gan.raw_loop(args.batch),
-            "gan_framework": _framework(
-                _gan_runner(args, os.path.join(tmp, "gan")), guarded=False)}
+            "gan_framework": framework.chunk(
+                framework.gan_runner(args.batch, os.path.join(tmp, "gan")))}
   if args.strategy == "default" and args.mixed_precision:
     # The fp32 raw loop first: bench.workers sets Keras' global policy for
     # the bf16 one, and each runner sets it from its config.
@@ -261,11 +244,10 @@ def _contenders(args, tmp: str) -> dict:
         "raw": _raw(args, fused=False),
         f"raw_{args.mixed_precision}": _raw(args, fused=False,
                                             precision=args.mixed_precision),
-        "framework": _framework(_runner(args, os.path.join(tmp, "fast")),
-                                guarded=False),
-        f"framework_{args.mixed_precision}": _framework(
+        "framework": framework.chunk(_runner(args, os.path.join(tmp, "fast"))),
+        f"framework_{args.mixed_precision}": framework.chunk(
             _runner(args, os.path.join(tmp, "mixed"),
-                    precision=args.mixed_precision), guarded=False),
+                    precision=args.mixed_precision)),
     }
     keras.mixed_precision.set_global_policy("float32")
     return contenders
@@ -273,9 +255,8 @@ def _contenders(args, tmp: str) -> dict:
     return {
         "raw": _raw(args, fused=False),
         "raw_fused": _raw(args, fused=True),
-        "framework": _framework(_runner(args, os.path.join(tmp, "fast")),
-                                guarded=False),
-        "framework_guarded": _framework(
+        "framework": framework.chunk(_runner(args, os.path.join(tmp, "fast"))),
+        "framework_guarded": framework.chunk(
             _runner(args, os.path.join(tmp, "guarded")), guarded=True),
     }
   # One MultiWorkerMirroredStrategy per process: the framework's Runner
@@ -287,7 +268,7 @@ def _contenders(args, tmp: str) -> dict:
                                 "batch": args.batch // args.replicas})
   return {
       "raw": _raw_distributed(args, strategy),
-      "framework": _framework(runner, guarded=False),
+      "framework": framework.chunk(runner),
       "raw_local": _raw(local, fused=False),
   }
 

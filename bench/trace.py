@@ -160,13 +160,12 @@ def _trace(run, n, updates: int, logdir: str) -> tuple[dict, int]:
 
 
 def _contenders(args, tmp: str) -> dict:
-  from bench import end_to_end, paired
+  from bench import end_to_end, framework
   if args.gan:
     from bench import gan
     return {"gan_raw": gan.raw_loop(args.batch),
-            "gan_framework": paired._framework(  # noqa: SLF001
-                paired._gan_runner(args, os.path.join(tmp, "gan")),  # noqa: SLF001
-                guarded=False)}
+            "gan_framework": framework.chunk(
+                framework.gan_runner(args.batch, os.path.join(tmp, "gan")))}
   ns = argparse.Namespace(model=args.model, batch=args.batch,
                           interval=args.updates, data=args.data)
   runner = end_to_end._timed_controller(  # noqa: SLF001
@@ -174,7 +173,7 @@ def _contenders(args, tmp: str) -> dict:
       lambda s: None)
   source = runner.task.source(runner.config.train_split)
   return {"raw_data": end_to_end.raw_loop(source, args.model, args.batch),
-          "framework": paired._framework(runner, guarded=False)}  # noqa: SLF001
+          "framework": framework.chunk(runner)}
 
 
 def _print(results: dict, updates: int) -> None:
