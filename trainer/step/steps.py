@@ -107,17 +107,7 @@ class Steps:
     buffers cannot hold (mean_over="weights" parts, sparse slices): their
     layout is known only once the step is traced, and variables cannot be
     created inside the trace."""
-    current = [tf.function(fn)]
-
-    def call(*args, **kwargs):
-      for _ in range(len(self.optimizers) + 1):
-        try:
-          return current[0](*args, **kwargs)
-        except _NewLayout:
-          self._make_wanted_buffers()
-          current[0] = tf.function(fn)
-      return current[0](*args, **kwargs)
-    return call
+    return _Retraced(fn, self._make_wanted_buffers, len(self.optimizers))
 
   # ---- names -------------------------------------------------------------
   def main_model(self):
@@ -292,7 +282,7 @@ class Steps:
       # Slices are all-gathered (only the touched rows travel); the
       # mean_over="weights" totals travel in the same reduction.
       values = context.all_reduce(_SUM, list(grads) + [loss])
-      grads, loss = self._combine(name, values[:-1]), values[-1]
+      grads, loss = self.combine(name, values[:-1]), values[-1]
       if self.fp16:
         grads = [sparse.scale(g, 1.0 / self.state.loss_scale)
                  if sparse.is_sparse(g) else g / self.state.loss_scale
@@ -322,7 +312,7 @@ class Steps:
                          "updates": share})
     return reduced, grads_finite, loss_finite
 
-  def _combine(self, name, values) -> list:
+  def combine(self, name, values) -> list:
     """One gradient per variable from a reduced hand-over laid out as
     ctx.layouts[name] says: the per-example part plus each
     mean_over="weights" part divided by its update total (0 if the update
@@ -486,6 +476,28 @@ class Steps:
 
 class _NewLayout(Exception):
   """Raised while tracing: the step needs other accumulation buffers."""
+
+
+class _Retraced:
+  """A tf.function of `fn` that, when a trace raises _NewLayout, makes the
+  buffers (`make_buffers`, eagerly) and traces a new tf.function. Other
+  attributes are the current tf.function's (tracing counts and such)."""
+
+  def __init__(self, fn, make_buffers, attempts: int):
+    self._fn, self._make_buffers, self._attempts = fn, make_buffers, attempts
+    self._current = tf.function(fn)
+
+  def __call__(self, *args, **kwargs):
+    for _ in range(self._attempts):
+      try:
+        return self._current(*args, **kwargs)
+      except _NewLayout:
+        self._make_buffers()
+        self._current = tf.function(self._fn)
+    return self._current(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._current, name)
 
 
 class _Rows:
