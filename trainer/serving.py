@@ -1,7 +1,8 @@
 """Serving signatures: named, typed inputs and outputs of an exported model.
 
-A `Signature` is what `Task.serving_signature` returns and what
-trainer.export writes as `serving_default`. The defaults here:
+A `Signature` is what `Task.serving_signature` returns (trainer.export
+writes it as `serving_default`) and what each entry of
+`Task.serving_signatures` is (written under its name). The defaults here:
 - inputs: one per feature tensor of the model's input (after
   Task.preprocess), named by its key for a dict of features, `input_<i>`
   for a tuple, or the task's single-input name (`features`; `images` for
