@@ -80,3 +80,32 @@ def test_helpfull_documents_overwrite():
                         cwd=REPO, env=env(), capture_output=True, text=True,
                         timeout=60)
   assert "--[no]overwrite" in proc.stdout and "previous export" in proc.stdout
+
+
+def test_check_rules_without_a_model(tmp_path):
+  """export_dir.check alone: what counts as a previous export."""
+  import json
+  from trainer import export_dir
+  from trainer.errors import UserError
+  check = export_dir.check
+  check(str(tmp_path / "new"), False)            # absent: fine
+  (tmp_path / "empty").mkdir()
+  check(str(tmp_path / "empty"), False)
+  (tmp_path / "link").symlink_to(tmp_path / "empty")
+  with pytest.raises(UserError, match="symbolic link"):
+    check(str(tmp_path / "link"), True)
+  # A run's directory stays refused even with a marker in it.
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "ckpt-5.index").write_bytes(b"")
+  (run / export_dir.MARKER).write_text(json.dumps(
+      {"written_by": "trainer.export", "entries": ["ckpt-5.index"]}))
+  with pytest.raises(UserError, match="training run's directory"):
+    check(str(run), True)
+  # A marker another tool wrote is no marker.
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / export_dir.MARKER).write_text(json.dumps(
+      {"written_by": "someone", "entries": []}))
+  with pytest.raises(UserError, match="holds no export"):
+    check(str(other), True)
