@@ -101,9 +101,10 @@ class ExampleMeanLM(TinyLM):
 
 
 def _config(tmp_path, **kw):
-  base = dict(global_batch_size=BATCH, train_steps=UPDATES, steps_per_loop=UPDATES,
-              summary_every=UPDATES, checkpoint_every=UPDATES, eval_every=0,
-              mode="train", optimizer="sgd", learning_rate=LR, seed=1,
+  base = dict(global_batch_size=BATCH, train_steps=UPDATES,
+              steps_per_loop=UPDATES, summary_every=UPDATES,
+              checkpoint_every=UPDATES, eval_every=0, mode="train",
+              optimizer="sgd", learning_rate=LR, seed=1,
               model_dir=str(tmp_path / "run"))
   base.update(kw)
   return Config(**base)
@@ -271,3 +272,20 @@ def test_mixed_terms_without_persistent_tape_is_one_line(tmp_path):
 def test_child_mirrored(tmp_path, accum):
   _check_split(tmp_path, strategy="mirrored", cpu_replicas=2,
                grad_accum_steps=accum)
+
+
+class RawTape(TinyLM):
+  """Differentiates the unnormalised sum itself: refused, not K x wrong."""
+
+  def train_step(self, batch, ctx):
+    features, targets = batch
+    with tf.GradientTape() as tape:
+      per_token = _per_token(ctx.model, features, targets)
+      loss = ctx.scale_loss(per_token, features["mask"], mean_over="weights")
+    ctx.apply_gradients(tape.gradient(loss, ctx.variables()), loss=loss)
+    return {"loss": (per_token, features["mask"])}
+
+
+def test_weighted_term_outside_ctx_gradients_is_one_line(tmp_path):
+  with pytest.raises(UserError, match="ctx.gradients or ctx.minimize"):
+    _run(tmp_path, RawTape)

@@ -216,6 +216,11 @@ class Steps:
     if not ctx.handed:
       raise UserError("Task.train_step handed no gradients to the context: "
                       "call ctx.minimize(tape, loss) or ctx.apply_gradients.")
+    if ctx.terms and not any(terms for _, terms in ctx.layouts.values()):
+      raise UserError(
+          "scale_loss(mean_over='weights') returns the micro-batch's "
+          "unnormalised sum: differentiate it with ctx.gradients or "
+          "ctx.minimize, which divide by the update's total.")
     self._layouts.update(ctx.layouts)
     stats = self._sums_of(metrics, meta["weight"])
     if "skipped" in meta:
