@@ -48,6 +48,14 @@ Before each timed chunk the process sleeps --settle seconds: a contender's
 pipeline keeps filling its prefetch buffer after its chunk, and that work
 must not land in the next contender's time.
 
+Any mode with --settle=S > 0 also prints, per contender, the process CPU
+spent during the settle after its chunk: the work its input pipeline does
+once the chunk has returned (a bias when no settle is given: it would run
+inside the next contender's time, and its batches would come ready for
+its own next chunk). For the default contenders it is ~0.1 ms after a
+chunk of 150+ ms: their pipelines keep their buffers full while the step
+runs, so a chunk's end leaves about one batch to refill.
+
 Mixed precision (`--mixed_precision=mixed_bfloat16`): the contenders are
   raw, raw_mixed_bfloat16, framework, framework_mixed_bfloat16
 (the same loops, the second of each pair under that Keras policy), so x raw
@@ -306,13 +314,23 @@ def _measure(args, tmp: str) -> int:
     run(n)
     run(n)
   times = {name: [] for name in contenders}
+  # Process CPU during the settle after each contender's chunk: what its
+  # input pipeline (prefetch, parallel map) still does once the chunk has
+  # returned, which without a settle runs inside the next one's time.
+  after = {name: [] for name in contenders}
+  previous = None
   for _ in range(args.rounds):
     for name, run in contenders.items():
       if args.settle:
+        cpu = time.process_time()
         time.sleep(args.settle)
+        if previous is not None:
+          after[previous].append(time.process_time() - cpu)
       began = time.perf_counter()
       run(n)   # an eager call of a tf.function returns when it has run
       times[name].append(time.perf_counter() - began)
+      previous = name
+  after = after if args.settle else None
   replicas = getattr(args, "replicas", 1)
   print(machine.header(machine_at_start) + f"; after: {_load_text()}")
   if args.on_disk:
@@ -321,27 +339,34 @@ def _measure(args, tmp: str) -> int:
           f"{args.examples} JPEGs read lazily; {args.rounds} rounds of "
           f"{args.interval} updates; x raw = median over rounds of "
           "in_memory time / contender time [quartiles]")
-    _table(times, args.interval)
+    _table(times, args.interval, after)
     return 0
   print(f"{args.model} {args.strategy} ({replicas} replica"
         f"{'s' if replicas > 1 else ''}) global batch "
         f"{args.batch}: {args.rounds} rounds of {args.interval} updates "
         "each; x raw = median over rounds of "
         "raw time / contender time [quartiles]")
-  _table(times, args.interval)
+  _table(times, args.interval, after)
   return 0
 
 
-def _table(times: dict, interval: int) -> None:
+def _table(times: dict, interval: int, after: dict | None = None) -> None:
   """One line per contender: median ms/update, and the median and
-  quartiles of the per-round ratio to the first contender (the raw loop)."""
+  quartiles of the per-round ratio to the first contender (the raw loop);
+  with `after` (a settle), the median process CPU in the settle after the
+  contender's chunk, in ms and as a share of its chunk's median time."""
   reference = times[next(iter(times))]
   for name, ts in times.items():
     ratios = [r / t for r, t in zip(reference, ts)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
-    print(f"  {name:18s} {1000 * statistics.median(ts) / interval:6.3f} "
-          f"ms/update  x raw {statistics.median(ratios):.3f} "
-          f"[{q1:.3f}, {q3:.3f}]")
+    line = (f"  {name:18s} {1000 * statistics.median(ts) / interval:6.3f} "
+            f"ms/update  x raw {statistics.median(ratios):.3f} "
+            f"[{q1:.3f}, {q3:.3f}]")
+    if after and after[name]:
+      cpu = statistics.median(after[name])
+      line += (f"  CPU after its chunk {1000 * cpu:.2f} ms "
+               f"({cpu / statistics.median(ts):.2%})")
+    print(line)
 
 
 if __name__ == "__main__":
