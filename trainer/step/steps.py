@@ -12,6 +12,17 @@ Per update, with K = --grad_accum_steps micro-batches:
                                  the weights' moving average (--ema_decay)
 Losses are divided by the GLOBAL batch of the whole update, so the SUM over
 replicas and micro-batches is the mean gradient of the global batch.
+A mean_over="weights" term (StepContext.scale_loss) is handed over
+unnormalised, beside its micro-batch's sum of weights, in the same list
+(StepContext.layouts says where): both are summed over micro-batches and
+replicas by the same buffers and the same all_reduce, then combine()
+divides the term's gradient by the update's total. Embedding gradients
+(tf.IndexedSlices) stay sparse: K micro-batches of n rows are written side
+by side into K x n rows (when n is static; else scatter-added into a dense
+buffer), all-reduced by gathering rows, their repeated indices summed
+before the norm, the finite check and the optimizer. Buffers for such
+layouts are made when the first trace meets them (_Retraced); a step that
+hands over only dense per-example gradients traces exactly today's graph.
 
 Two loops run updates; the non-finite guard (trainer.guard) decides which:
   guarded_loop    guard per update: tf.cond(finite, apply) in cross-replica
