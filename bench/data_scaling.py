@@ -210,9 +210,9 @@ def count(kind: str, data_dir: str, builds: int = 2) -> list[dict]:
   held_bytes and held_blocks, what the build left allocated and in how
   many allocations (Python objects and NumPy arrays: the Source's arrays
   and the readers' caches; tracemalloc; an object per example is a block
-  per example, an array of N keys one block). Only the
-  Source is built: the pipeline reads batches on demand, and how many it
-  has in flight by the first batch depends on thread scheduling."""
+  per example, an array of N keys one block). Only the Source is built:
+  the pipeline reads batches on demand, and how many it has in flight by
+  the first batch depends on thread scheduling."""
   import tensorflow as tf  # noqa: F401 - its import reads files: not counted
   dirs = data_dir.split(",")
   rows = {d: {"kind": kind, "data_bytes": _tree_bytes(d), "builds": []}
