@@ -28,6 +28,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from trainer import exitcodes
 from trainer.errors import UserError, first_line
 
 PREFIX = "ckpt"
@@ -41,6 +42,7 @@ _VANISHED_RETRIES = 10
 class DiskFull(Exception):
   """A checkpoint could not be written for lack of space (exit code
   exitcodes.DISK_FULL: a restart into the same full disk cannot help)."""
+  exit_code = exitcodes.DISK_FULL
 
 
 class Checkpointer:

@@ -32,6 +32,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from trainer import cli  # noqa: E402
+
 
 def _define_flags():
   # Defined only when run as a program, so importing this module (tests)
@@ -53,20 +55,12 @@ def _define_flags():
                     "(needs --container=array_record).")
 
 
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"trainer.convert: error: {e}. See --helpfull.", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
   # Flags first, before TensorFlow's import and the C++ log lines it prints
   # whatever TF_CPP_MIN_LOG_LEVEL says: a bad flag is ONE line, exit 2.
   _define_flags()
   app.define_help_flags()
-  _parse_flags(sys.argv)
+  cli.parse("trainer.convert", sys.argv)
 
 import numpy as np  # noqa: E402
 
@@ -301,23 +295,16 @@ def convert(dataset: str, args: registry.DataArgs, split_flag: str,
   return written
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f"trainer.convert: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
+def main() -> None:
   f = flags.FLAGS
-  try:
-    for required in ("dataset", "split", "out"):
-      if not getattr(f, required):
-        raise UserError(f"--{required} is required.")
-    args = registry.DataArgs(data_dir=f.data_dir or None,
-                             skip_corrupt=f.skip_corrupt,
-                             any_size=f.any_size)
-    convert(f.dataset, args, f.split, f.out, f.shards, f.format, f.container)
-  except UserError as e:
-    print(f"trainer.convert: {e}", file=sys.stderr)
-    sys.exit(2)
+  for required in ("dataset", "split", "out"):
+    if not getattr(f, required):
+      raise UserError(f"--{required} is required.")
+  args = registry.DataArgs(data_dir=f.data_dir or None,
+                           skip_corrupt=f.skip_corrupt,
+                           any_size=f.any_size)
+  convert(f.dataset, args, f.split, f.out, f.shards, f.format, f.container)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run("trainer.convert", main)

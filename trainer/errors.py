@@ -29,3 +29,23 @@ def fail(program: str, message: str, code: int = 2, hard: bool = False):
   if hard:
     os._exit(code)
   sys.exit(code)
+
+
+# The process's runner (trainer.cli) says how a watchdog's stop request
+# ends the run; without one, the request fails hard itself.
+_stop_handler = None
+
+
+def set_stop_handler(handler) -> None:
+  """handler(program, message, code): ends the process; the runner's."""
+  global _stop_handler
+  _stop_handler = handler
+
+
+def request_stop(program: str, message: str, code: int) -> None:
+  """A watchdog thread asks the runner to end the run now: the main thread
+  may be blocked inside TensorFlow, so the runner exits without unwinding
+  it (os._exit), after releasing what the run holds."""
+  if _stop_handler is not None:
+    _stop_handler(program, message, code)
+  fail(program, message, code, hard=True)

@@ -46,12 +46,11 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from trainer import errors  # noqa: E402
+from trainer import cli  # noqa: E402
 from trainer import export_dir as target  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import UserError, first_line  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -114,7 +113,7 @@ def signatures_of(restored, model, image_bytes: bool,
   serving_signatures, those named in `wanted` (all when empty), and with
   `image_bytes` serving_default taking encoded images (its float version
   kept as `features`)."""
-  from trainer import serving
+  from trainer import serving, serving_images
   task = restored.task
   hook = f"{type(task).__name__}.serving_signatures"
   found = task.serving_signatures(model, restored.input_spec)
@@ -147,7 +146,7 @@ def signatures_of(restored, model, image_bytes: bool,
   plain = found["serving_default"]
   source = task.source(restored.config.train_split)
   return {**found,
-          "serving_default": serving.image_bytes_signature(task, plain,
+          "serving_default": serving_images.image_bytes_signature(task, plain,
                                                            source),
           "features": plain}
 
@@ -165,7 +164,7 @@ def _traced(signatures: dict) -> dict:
       raise
     except (TypeError, ValueError, tf.errors.OpError) as e:
       raise UserError(f"signature {name!r} cannot be traced for serving "
-                      f"({type(e).__name__}: {errors.first_line(e, 200)}); "
+                      f"({type(e).__name__}: {first_line(e, 200)}); "
                       "override Task.serving_signatures.") from None
   return functions
 
@@ -310,34 +309,19 @@ def _step_of(path: str) -> int | None:
   return number if number >= 0 else None
 
 
-def _parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    errors.fail("trainer.export", f"{e}. See --helpfull.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    errors.fail("trainer.export", f"unexpected arguments {argv[1:]}; flags "
-                "look like --name=value.")
+def main() -> None:
   if not FLAGS.model_dir or not FLAGS.export_dir:
-    errors.fail("trainer.export",
-                "--model_dir and --export_dir are required.")
+    raise UserError("--model_dir and --export_dir are required.")
   overrides = {name: FLAGS[name].value for name in OVERRIDABLE
                if FLAGS[name].present}
-  try:
-    info = export(FLAGS.model_dir, FLAGS.export_dir, FLAGS.checkpoint,
-                  FLAGS.tflite, FLAGS.image_bytes, FLAGS.model,
-                  FLAGS.overwrite, FLAGS.signatures, **overrides)
-  except UserError as e:
-    errors.fail("trainer.export", str(e))
+  info = export(FLAGS.model_dir, FLAGS.export_dir, FLAGS.checkpoint,
+                FLAGS.tflite, FLAGS.image_bytes, FLAGS.model,
+                FLAGS.overwrite, FLAGS.signatures, **overrides)
   print(json.dumps(info), flush=True)
 
 
 def run():
-  define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run("trainer.export", main, define_flags)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ replayed guarded when one of its updates went bad.
 from absl import logging
 import tensorflow as tf
 
+from trainer import exitcodes
+
 _LOSS_SCALE_PERIOD = 2000   # finite fp16 updates before the scale doubles
 
 
 class NonFiniteError(Exception):
   """--nonfinite=fail, or --max_rollbacks exhausted."""
+  exit_code = exitcodes.NONFINITE
 
 
 def count(state, ok, grads_finite, loss_finite, update_batch: int,
@@ -84,10 +87,12 @@ class ChunkShadow:
     self._strategy.run(copy_local)
 
 
-def on_nonfinite(config, state, checkpointer, bad: int, bad_seen: int,
-                 rollbacks: int) -> int:
+def on_nonfinite(config, state, checkpointer, record, bad: int,
+                 bad_seen: int, rollbacks: int) -> int:
   """Acts on new non-finite updates by --nonfinite; returns 1 if it rolled
-  back to the last checkpoint (and moved the stream past the bad batch)."""
+  back to the last checkpoint (and moved the stream past the bad batch).
+  `config`: the policy (nonfinite, max_rollbacks, global_batch_size);
+  `record`: the run's identity, which the restore checks."""
   where = int(state.last_bad_position.numpy())
   step = int(state.global_step.numpy())
   logging.warning("%d non-finite update(s) dropped (latest at example "
@@ -105,7 +110,7 @@ def on_nonfinite(config, state, checkpointer, bad: int, bad_seen: int,
         f"non-finite loss or gradient again after {rollbacks} rollback(s) "
         f"(--max_rollbacks={config.max_rollbacks}); latest at example "
         f"position {where}. Lower --learning_rate or check the data.")
-  restored = checkpointer.restore(config)
+  restored = checkpointer.restore(record)
   # Move past the bad batch: the restored position would replay it.
   resume_at = max(int(state.position.numpy()),
                   where + config.global_batch_size)

@@ -17,10 +17,9 @@ matplotlib: pip install 'tf-trainer[plot]'.
 import logging as std_logging
 import os
 
-from absl import app
 from absl import flags
 
-from trainer import errors
+from trainer import cli
 from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -182,30 +181,15 @@ def _default_labels(model_dirs):
   return names
 
 
-def main(argv):
-  if len(argv) > 1:
-    errors.fail("trainer.plot", f"unexpected arguments {argv[1:]}; flags "
-                "look like --name=value.")
+def main() -> None:
   # TensorBoard's reader logs every file it opens at INFO.
   std_logging.getLogger("tensorboard").setLevel(std_logging.WARNING)
-  try:
-    path = plot(FLAGS.model_dir, FLAGS.out, FLAGS.metrics, FLAGS.labels,
-                FLAGS.width, FLAGS.height)
-  except UserError as e:
-    errors.fail("trainer.plot", str(e))
-  print(path)
-
-
-def _parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    errors.fail("trainer.plot", f"{e}. See --helpfull.")
+  print(plot(FLAGS.model_dir, FLAGS.out, FLAGS.metrics, FLAGS.labels,
+             FLAGS.width, FLAGS.height))
 
 
 def run():
-  define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run("trainer.plot", main, define_flags)
 
 
 if __name__ == "__main__":

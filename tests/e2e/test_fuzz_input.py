@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import REPO, env, trainer_cmd
-from trainer import dirlock
+from trainer import cli, dirlock
 from trainer import main as trainer_main
 from trainer.errors import UserError
 
@@ -118,7 +118,7 @@ def _decide(argv, tf_config, model_dir):
     os.environ["TF_CONFIG"] = tf_config
   try:
     with contextlib.redirect_stderr(stderr):
-      trainer_main._parse_flags(["trainer.main", *argv])
+      cli.parse("trainer.main", ["trainer.main", *argv])
       config = trainer_main.checked_config(FLAGS)
       lock = dirlock.for_run(config.model_dir, config.mode, True)
       lock.acquire()

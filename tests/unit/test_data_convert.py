@@ -139,4 +139,4 @@ def test_command_line(tmp_path):
              "--shards=0")
   assert bad.returncode == 2
   last = bad.stderr.strip().splitlines()[-1]
-  assert last.startswith("trainer.convert: --shards=0")
+  assert last.startswith("trainer.convert: error: --shards=0")

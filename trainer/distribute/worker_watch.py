@@ -15,7 +15,6 @@ import time
 
 from absl import logging
 
-from trainer import dirlock
 from trainer import errors
 from trainer import exitcodes
 from trainer.distribute import net
@@ -59,14 +58,13 @@ class WorkerWatch:
         since, logged = now, now
       waited = now - since
       if waited >= self._timeout_s:
-        dirlock.release_all()
-        errors.fail(
+        errors.request_stop(
             "trainer.main",
             f"parameter_server: no worker has answered for {waited:.0f} s "
             f"(--peer_timeout_s={self._timeout_s:g}; workers "
             f"{', '.join(self._addresses)[:200]}); restart the workers "
             "(python -m launch.server) and run the same command to resume "
-            "from the last checkpoint.", exitcodes.PEER_LOST, hard=True)
+            "from the last checkpoint.", exitcodes.PEER_LOST)
       if now - logged >= self._log_every_s:
         logged = now
         logging.warning("parameter_server: waiting for workers: none of %d "
