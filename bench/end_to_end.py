@@ -130,7 +130,7 @@ def _timed_controller(config, on_summary):
       on_summary(interval_time)
       return result
 
-  return Timed(*build.run_parts(config))
+  return Timed(**build.assemble(config))
 
 
 def measure(args, tmp: str) -> tuple[dict, dict]:
@@ -145,7 +145,7 @@ def measure(args, tmp: str) -> tuple[dict, dict]:
       lambda chunk_s: on_summary(chunk_s))
   chunk_runner = _timed_controller(
       _config(args, os.path.join(tmp, "chunk"), train_steps), lambda s: None)
-  source = paired_runner.task.source(paired_runner.config.train_split)
+  source = paired_runner.task.source(paired_runner.parts.config.train_split)
   others = {
       "raw_data": raw_loop(source, args.model, args.batch),
       "framework": framework.chunk(chunk_runner),

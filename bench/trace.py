@@ -171,7 +171,7 @@ def _contenders(args, tmp: str) -> dict:
   runner = end_to_end._timed_controller(  # noqa: SLF001
       end_to_end._config(ns, os.path.join(tmp, "fw"), 10 ** 6),  # noqa: SLF001
       lambda s: None)
-  source = runner.task.source(runner.config.train_split)
+  source = runner.task.source(runner.parts.config.train_split)
   return {"raw_data": end_to_end.raw_loop(source, args.model, args.batch),
           "framework": framework.chunk(runner)}
 

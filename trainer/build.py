@@ -15,8 +15,9 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from trainer import actions
 from trainer import checkpoint as ckpt_lib
-from trainer import epochs, optim, precision
+from trainer import epochs, executors, optim, precision, rundir, watch
 from trainer.distribute import ps_strategy, tpu
 from trainer.distribute import strategy as strategy_lib
 from trainer.distribute.role import Role
@@ -66,7 +67,11 @@ BACKENDS = {
 
 def narrow(cls, config: Config, **overrides):
   """The settings dataclass `cls` filled from the Config's fields of the
-  same names: how every part below gets only what it reads."""
+  same names: how every part below gets only what it reads.
+
+  >>> narrow(strategy_lib.Settings, Config(cpu_replicas=2)).cpu_replicas
+  2
+  """
   names = {f.name for f in dataclasses.fields(cls)}
   values = {n: getattr(config, n) for n in names if n not in overrides}
   return cls(**values, **overrides)
@@ -83,7 +88,9 @@ def backend_of(config: Config) -> Backend:
 @dataclasses.dataclass
 class Parts:
   """Everything a run is made of. `model` is the main model (the only one,
-  or the one named "model"); `optimizer` the only optimizer, if one."""
+  or the one named "model"); `optimizer` the only optimizer, if one.
+  `config` is the effective Config (resolved precision and epochs), for
+  the caller of build; no part below is handed it."""
   config: Config
   strategy: tf.distribute.Strategy
   role: strategy_lib.Role
@@ -217,7 +224,31 @@ def parts(config: Config, task: Task | None = None) -> Parts:
                checkpointer, ema, flag_optimizer, backend)
 
 
-def run_parts(config: Config, task: Task | None = None):
-  """(parts, executor): everything the controller drives."""
+def assemble(config: Config, task: Task | None = None) -> dict:
+  """Every argument of trainer.controller.Controller: the parts, the
+  executor, the loop's settings, the run's record, the histograms."""
   built = parts(config, task)
-  return built, built.backend.executor_class(built)
+  config = built.config
+  backend = built.backend
+
+  def make_eval_steps(strategy, models):
+    # Evaluation only: no optimizer, one micro-batch.
+    return Steps(strategy, built.task, models, {}, {}, built.state,
+                 config.replace(grad_accum_steps=1))
+
+  executor = backend.executor_class(
+      built, narrow(executors.Settings, config,
+                    eval_batch_size=config.effective_eval_batch_size),
+      make_eval_steps)
+  histograms = None
+  if config.histograms_every > 0:
+    histograms = watch.Histograms(
+        built, config.train_split, config.micro_batch_size, config.seed,
+        config.grad_accum_steps, gradients=backend.gradient_histograms)
+  settings = narrow(actions.LoopSettings, config,
+                    profile_range=config.profile_range,
+                    tracks_best=config.tracks_best)
+  record = rundir.RunRecord(config.model_dir, config.mode, config.to_json(),
+                            config.command_line())
+  return dict(parts=built, executor=executor, settings=settings,
+              record=record, histograms=histograms)

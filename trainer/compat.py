@@ -12,7 +12,11 @@ The framework needs a few things Keras' public API does not give:
     partitioner): differentiated shard by shard, updated shard by shard,
     and saved as one whole value (`_serialize_to_tensors` hooks);
   * layer names that do not depend on what the process built before
-    (trainer.load): Keras' naming counters, `object_name_uids`.
+    (trainer.load): Keras' naming counters, `object_name_uids`;
+  * TensorFlow ops and names used around a wrapper that misbehaves:
+    `RandomIndexShuffle` (batched seeds), `ResourceScatterAdd` on a
+    parameter-server variable, the coordinator's `PSUnavailableError`,
+    Slurm's resolver on hosts without GPUs.
 These names are private and change between releases. They were verified
 on the versions in TESTED; any other version fails at start with one line
 (set TRAINER_UNTESTED_VERSIONS=1 to try anyway, at your own risk).
@@ -286,3 +290,45 @@ def fresh_layer_names():
     for name, count in fresh.items():
       before[name] = max(before[name], count)
     global_state.set_global_attribute(key, before)
+
+
+def index_shuffle(index, seeds, max_index):
+  """tf.random.experimental.index_shuffle for a batch: one [3] seed per
+  index. The raw op, because the Python wrapper mis-pads batched [n, 2]
+  seeds in TF 2.21."""
+  return tf.raw_ops.RandomIndexShuffle(index=index, seed=seeds,
+                                       max_index=max_index, rounds=4)
+
+
+def scatter_add(variable, indices, updates):
+  """variable[indices] += updates as one op on the variable's handle: on a
+  ps-hosted variable inside a scheduled function it is atomic on the ps
+  (Keras' Variable has no scatter_add; tf.Variable's wrapper reads first)."""
+  return tf.raw_ops.ResourceScatterAdd(resource=variable.handle,
+                                       indices=indices, updates=updates)
+
+
+def is_ps_unavailable(error) -> bool:
+  """The ClusterCoordinator's own 'a parameter server is gone' error (a
+  private class of tensorflow.python.distribute.coordinator)."""
+  return type(error).__name__ == "PSUnavailableError"
+
+
+class SlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+  """SlurmClusterResolver that also works without GPUs.
+
+  TF 2.21's cluster_spec() gives each task of a node one GPU slot
+  (range(0, gpus_per_node, gpus_per_task)): with 0 GPUs that is range(0, 0, 0),
+  a ValueError. CPU hosts are built with one fake slot per task instead (and
+  auto_set_gpu=False), and report no accelerators, so that the strategy
+  places its replica on the CPU.
+  """
+
+  def __init__(self, cpu_only: bool, **kwargs):
+    self._cpu_only = cpu_only
+    super().__init__(**kwargs)
+
+  def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+    if self._cpu_only:
+      return {}
+    return super().num_accelerators(task_type, task_id, config_proto)

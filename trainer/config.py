@@ -140,6 +140,25 @@ class Config:
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+  def command_line(self) -> str:
+    """`python -m trainer.main` with every flag that differs from its
+    default: the command that reproduces this configuration.
+
+    >>> Config(model="mlp", jit_compile=True).command_line()
+    'python -m trainer.main --model=mlp --jit_compile'
+    """
+    defaults = Config()
+    parts = ["python -m trainer.main"]
+    for field in dataclasses.fields(Config):
+      value = getattr(self, field.name)
+      if value == getattr(defaults, field.name):
+        continue
+      if isinstance(value, bool):
+        parts.append(f"--{field.name}" if value else f"--no{field.name}")
+      else:
+        parts.append(f"--{field.name}={value}")
+    return " ".join(parts)
+
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
 
@@ -495,7 +514,7 @@ def check_batch_fits(config: Config, task) -> None:
   pipeline sizes buffers from it): refuse it once the splits' sizes are
   known, before the model is built or --model_dir touched. Tasks with their
   own train_dataset have no split size to check against."""
-  if getattr(task, "train_dataset", None) is None:
+  if task.own_train_dataset() is None:
     n = task.source(config.train_split).num_examples
     if config.micro_batch_size > n:
       raise UserError(

@@ -21,7 +21,7 @@ def steps_for(epochs: float, examples: int, global_batch: int) -> int:
 def split_size(task, split: str) -> int | None:
   """Examples in `split`, or None for a task that streams its own training
   data (Task.train_dataset) and so has no size."""
-  if getattr(task, "train_dataset", None) is not None:
+  if task.own_train_dataset() is not None:
     return None
   return int(task.source(split).num_examples)
 

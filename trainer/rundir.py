@@ -122,23 +122,25 @@ def read_history(model_dir: str) -> list[dict]:
   return entries
 
 
-def effective_command(config: Config) -> str:
-  """`python -m trainer.main` with every flag that differs from its default:
-  the command that reproduces this configuration."""
-  defaults = Config()
-  parts = ["python -m trainer.main"]
-  for field in dataclasses.fields(Config):
-    value = getattr(config, field.name)
-    if value == getattr(defaults, field.name):
-      continue
-    if isinstance(value, bool):
-      parts.append(f"--{field.name}" if value else f"--no{field.name}")
-    else:
-      parts.append(f"--{field.name}={value}")
-  return " ".join(parts)
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """What a run says of itself (config.json, history, the checkpoint's
+  identity check, TensorBoard's config text): the Config as JSON, its
+  command line, where and how it runs. trainer.build makes it."""
+  model_dir: str
+  mode: str
+  config_json: str
+  command: str
+
+  def to_json(self) -> str:
+    return self.config_json
+
+  @property
+  def training(self) -> bool:
+    return self.mode in TRAINING_MODES
 
 
-def append_history(config: Config) -> None:
+def append_history(config: RunRecord) -> None:
   """Appends this run's entry to MODEL_DIR/history.jsonl (chief only: the
   caller decides)."""
   entry = {
@@ -147,21 +149,21 @@ def append_history(config: Config) -> None:
       "mode": config.mode,
       "cwd": os.getcwd(),
       "argv": list(sys.argv),
-      "command": effective_command(config),
+      "command": config.command,
   }
   os.makedirs(config.model_dir, exist_ok=True)
   with open(os.path.join(config.model_dir, HISTORY_FILE), "a") as f:
     f.write(json.dumps(entry) + "\n")
 
 
-def record(config: Config, is_chief: bool) -> None:
+def record(config: RunRecord, is_chief: bool) -> None:
   """What a run writes about itself when its outputs open: config.json for a
   training run (the effective configuration), and a history entry for every
   run. Evaluation never rewrites config.json."""
   if not is_chief:
     return
   os.makedirs(config.model_dir, exist_ok=True)
-  if config.mode in TRAINING_MODES:
+  if config.training:
     with open(os.path.join(config.model_dir, CONFIG_FILE), "w") as f:
       f.write(config.to_json() + "\n")
   append_history(config)

@@ -25,6 +25,11 @@ MetricFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 class Task:
   """Base class. Required: `source`, `build_model`, `loss`."""
 
+  # The damaged examples this task's reading found (a
+  # trainer.data.damage.DamageLog), or None: it reports none. The loop
+  # stops on them after the chunk unless --skip_corrupt.
+  damage_log = None
+
   def __init__(self, config: Config):
     self.config = config
 
@@ -50,6 +55,24 @@ class Task:
     skipped_examples). Returns (features, labels)."""
     del meta, training
     return features, labels
+
+  def train_dataset(self, batch_size: int, seed: int, start_position: int):
+    """Optional, instead of `source` for TRAINING data: an endless
+    tf.data.Dataset of global micro-batches (features, labels) of
+    `batch_size` rows, whose first row is example number `start_position`
+    of a stream that is a pure function of `seed` (its contract for exact
+    resume: the framework adds the meta and never skips ahead). Evaluation
+    still reads `source`. Not overridden (this default): the framework's
+    pipeline over `source(split)`."""
+    del batch_size, seed, start_position
+    return None
+
+  def own_train_dataset(self):
+    """`train_dataset` if this task overrides it, else None."""
+    method = self.train_dataset
+    if getattr(method, "__func__", None) is Task.train_dataset:
+      return None
+    return method
 
   # ---- model (built once, inside strategy.scope()) ---------------------
   def build_model(self, input_spec):
@@ -190,6 +213,9 @@ class ClassificationTask(Task):
     example while shapes stay static."""
     from trainer.data import damage, pipeline
     config = self.config
+    if self.damage_log is None:
+      self.damage_log = damage.DamageLog(config.dataset, config.skip_corrupt)
+    log = self.damage_log
     split = config.train_split if training else config.eval_split
     source = self.source(split)
     meta["weight"] = meta["weight"] * ok
@@ -201,7 +227,7 @@ class ClassificationTask(Task):
     def note(indices, oks):
       where = [source.describe(int(i)) if source.describe else source.name
                for i, good in zip(indices, oks) if good < 1]
-      damage.note(config.dataset, where, config.skip_corrupt)
+      log.note(where)
       return np.int64(0)
 
     def report():

@@ -13,6 +13,7 @@ from absl import logging
 import tensorflow as tf
 
 from trainer.data import pipeline
+from trainer.step import sparse
 
 
 def _next_multiple(step: int, every: int) -> int:
@@ -187,12 +188,15 @@ class Histograms:
   gains no reduction and no op.
   """
 
-  def __init__(self, runner):
-    self._runner = runner
+  def __init__(self, parts, train_split: str, micro_batch_size: int,
+               seed: int, grad_accum_steps: int, gradients: bool):
+    """`parts`: the run's (strategy, task, models, state, steps);
+    gradients: False where no synchronous step exists (weights only)."""
+    self._runner = parts
+    self._data = (train_split, micro_batch_size, seed)
+    self._accum = float(grad_accum_steps)
     self._fn = None
-    strategy = runner.strategy
-    self._supported = not isinstance(
-        strategy, tf.distribute.experimental.ParameterServerStrategy)
+    self._supported = gradients
 
   def values(self, step: int) -> dict:
     """name -> tensor. Every worker calls it at the same step."""
@@ -209,9 +213,9 @@ class Histograms:
 
   def _gradients(self):
     runner = self._runner
-    config, strategy = runner.config, runner.strategy
-    ds = pipeline.train_dataset(runner.task, config.train_split,
-                                config.micro_batch_size, config.seed,
+    strategy = runner.strategy
+    split, micro_batch_size, seed = self._data
+    ds = pipeline.train_dataset(runner.task, split, micro_batch_size, seed,
                                 int(runner.state.position.numpy())).take(1)
     iterator = iter(strategy.experimental_distribute_dataset(ds))
     if self._fn is None:
@@ -221,19 +225,26 @@ class Histograms:
   def _all_reduced_gradients(self, iterator):
     runner = self._runner
     strategy, steps = runner.strategy, runner.steps
-    accum = float(runner.config.grad_accum_steps)
+    accum = self._accum
 
     def replica(batch):
       features, labels, meta = batch
-      # The step's own loss scaling: divided by the update's global batch.
+      # The step's own loss scaling: divided by the update's global batch
+      # (x K: this is one micro-batch). mean_over="weights" parts and their
+      # totals scale alike, so combine's quotient is the micro-batch's.
       handed, _ = steps._micro_fn(features, labels, meta)  # noqa: SLF001
-      scale = accum / steps.state.loss_scale if steps.fp16 else accum
       context = tf.distribute.get_replica_context()
-      return context.all_reduce(
+      reduced = context.all_reduce(
           tf.distribute.ReduceOp.SUM,
-          {name: [g * scale for g in grads]
+          {name: [sparse.scale(g, accum) for g in grads]
            for name, (grads, _) in handed.items()})
+      unscale = 1.0 / steps.state.loss_scale if steps.fp16 else 1.0
+      return {name: [sparse.scale(g, unscale)
+                     for g in steps.combine(name, values)]
+              for name, values in reduced.items()}
 
     per_replica = strategy.run(replica, args=(next(iterator),))
-    return {name: [strategy.experimental_local_results(g)[0] for g in grads]
+    return {name: [tf.convert_to_tensor(
+                       strategy.experimental_local_results(g)[0])
+                   for g in grads]
             for name, grads in per_replica.items()}

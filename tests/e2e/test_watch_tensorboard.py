@@ -118,15 +118,16 @@ def test_gradient_histogram_is_the_applied_gradient(tmp_path):
   """The gradient the histograms show (computed apart from the step) is the
   all-reduced gradient the next update applies: w - w' = lr * g for SGD."""
   import tensorflow as tf
-  from trainer import controller, watch
+  from trainer import controller
   from trainer.config import Config
   lr = 0.5
   runner = controller.create(Config(model_dir=str(tmp_path / "run"), model="mlp",
                               optimizer="sgd", learning_rate=lr,
-                              global_batch_size=32, train_steps=5))
+                              global_batch_size=32, train_steps=5,
+                              histograms_every=2))
   iterator = runner.executor.train_iterator()
   runner.steps.guarded_loop(iterator, tf.constant(2, tf.int64))
-  values = watch.Histograms(runner).values(2)
+  values = runner.histograms.values(2)
   variables = runner.model.trainable_variables
   before = [v.numpy() for v in variables]
   runner.steps.guarded_loop(iterator, tf.constant(1, tf.int64))

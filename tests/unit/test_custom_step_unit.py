@@ -78,7 +78,7 @@ def test_gan_step_equals_hand_written_loop(tmp_path):
 def _eval_accuracy(run, weights):
   """Accuracy of the main model with `weights` on the eval split, by hand."""
   task = run.task
-  source = task.source(run.config.eval_split)
+  source = task.source(run.parts.config.eval_split)
   features, labels = source.gather(tf.range(source.num_examples,
                                             dtype=tf.int64))
   images, labels = task.preprocess(features, labels, {}, False)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from trainer.data import pipeline, sequence, text_convert
 from trainer.data.readers import text, token_records
 from trainer.errors import UserError
+from trainer.task import Task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -250,7 +251,7 @@ def test_text_rows_do_not_depend_on_how_many_are_asked(tmp_path):
       np.testing.assert_array_equal(value.numpy(), whole[key][chunk])
 
 
-class _Task:
+class _Task(Task):
   """The two hooks the pipeline calls."""
 
   def __init__(self, source):

@@ -17,6 +17,8 @@ it, on cores its compute needs.
 
 import tensorflow as tf
 
+from trainer import compat
+
 _SHUFFLE_SALT = 0x5EED
 
 
@@ -25,11 +27,9 @@ def example_indices(positions, num_examples: int, seed: int):
   n = tf.constant(num_examples, tf.int64)
   epoch = positions // n
   # One (seed, epoch, salt) triple per position: epochs differ, runs repeat.
-  # The raw op: the Python wrapper mis-pads batched [n, 2] seeds in TF 2.21.
   fill = lambda v: tf.fill(tf.shape(positions), tf.constant(v, tf.int64))  # noqa: E731
   seeds = tf.stack([fill(seed), epoch, fill(_SHUFFLE_SALT)], axis=-1)
-  return tf.raw_ops.RandomIndexShuffle(index=positions % n, seed=seeds,
-                                       max_index=n - 1, rounds=4)
+  return compat.index_shuffle(positions % n, seeds, n - 1)
 
 
 def _options(shard_policy) -> tf.data.Options:
@@ -47,7 +47,7 @@ def train_dataset(task, split: str, batch_size: int, seed: int,
   """Endless global micro-batches (features, labels, meta) from position
   `start_position` on. meta: pos int64 [B], start int64 [B], weight f32 [B],
   skipped f32 [B] (1: a damaged example, given weight 0 by preprocess)."""
-  custom = getattr(task, "train_dataset", None)
+  custom = task.own_train_dataset()
   if custom is not None:
     return _custom_train_dataset(custom, batch_size, seed, start_position)
   source = task.source(split)
@@ -235,7 +235,7 @@ def eval_dataset(task, split: str, batch_size: int):
 
 def input_spec(task, split: str):
   """Spec of one preprocessed example's features (what build_model gets)."""
-  custom = getattr(task, "train_dataset", None)
+  custom = task.own_train_dataset()
   if custom is not None:
     features = custom(batch_size=1, seed=0, start_position=0).element_spec[0]
     return tf.nest.map_structure(

@@ -80,7 +80,11 @@ def pack_rows(lengths, row_len: int) -> np.ndarray:
   `row_len` slots: a row takes consecutive documents while they fit.
   `lengths`: prediction slots of each document (tokens - 1), each in
   [1, row_len]. Returns int64 `first` [rows + 1]: row r holds documents
-  first[r] .. first[r + 1] - 1. Depends on the lengths only."""
+  first[r] .. first[r + 1] - 1. Depends on the lengths only.
+
+  >>> pack_rows([3, 4, 2, 8], row_len=8).tolist()   # rows: [0, 1], [2], [3]
+  [0, 2, 3, 4]
+  """
   lengths = np.asarray(lengths, np.int64)
   if lengths.size and (lengths.min() < 1 or lengths.max() > row_len):
     raise ValueError(f"documents must have 1..{row_len} prediction slots to "

@@ -10,8 +10,8 @@ import sys
 from absl import logging
 import tensorflow as tf
 
+from trainer import compat, dirlock
 from trainer.distribute import cluster
-from trainer import dirlock
 from trainer.distribute.role import Role
 from trainer.errors import UserError
 
@@ -161,26 +161,6 @@ _SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST",
                "SLURM_STEP_TASKS_PER_NODE")
 
 
-class _SlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
-  """SlurmClusterResolver that also works without GPUs.
-
-  TF 2.21's cluster_spec() gives each task of a node one GPU slot
-  (range(0, gpus_per_node, gpus_per_task)): with 0 GPUs that is range(0, 0, 0),
-  a ValueError. CPU hosts are built with one fake slot per task instead (and
-  auto_set_gpu=False), and report no accelerators, so that the strategy
-  places its replica on the CPU.
-  """
-
-  def __init__(self, cpu_only: bool, **kwargs):
-    self._cpu_only = cpu_only
-    super().__init__(**kwargs)
-
-  def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
-    if self._cpu_only:
-      return {}
-    return super().num_accelerators(task_type, task_id, config_proto)
-
-
 def slurm_resolver():
   """SlurmClusterResolver for one task per worker, from Slurm's environment
   (the variables srun sets: SLURM_PROCID, SLURM_NTASKS, SLURM_STEP_NODELIST,
@@ -197,11 +177,11 @@ def slurm_resolver():
     # nvidia-smi to count GPUs.
     gpus = len(tf.config.list_physical_devices("GPU"))
     if gpus:
-      resolver = _SlurmResolver(
+      resolver = compat.SlurmResolver(
           False, jobs={"worker": ntasks}, port_base=port_base,
           gpus_per_node=gpus, gpus_per_task=1, auto_set_gpu=True)
     else:
-      resolver = _SlurmResolver(
+      resolver = compat.SlurmResolver(
           True, jobs={"worker": ntasks}, port_base=port_base,
           gpus_per_node=ntasks, gpus_per_task=1, auto_set_gpu=False)
     resolver.cluster_spec()   # resolves task_type/task_id; checks the lists

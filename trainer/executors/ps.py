@@ -56,6 +56,7 @@ import tensorflow as tf
 from trainer import compat
 from trainer.distribute import cluster, worker_watch
 from trainer.data import pipeline
+from trainer.step import sparse
 from trainer.step.metric_sums import MetricSums
 from trainer.step.steps import Steps
 from trainer.task import models_of
@@ -113,9 +114,7 @@ class PSSteps(Steps):
     slot = tf.reshape(slot, [1])
     done = tf.gather(self.progress, slot)[0]
     for _ in tf.range(num_updates - done):
-      tick = tf.raw_ops.ResourceScatterAdd(
-          resource=self.progress.handle, indices=slot,
-          updates=tf.ones([1], tf.int64))
+      tick = compat.scatter_add(self.progress, slot, tf.ones([1], tf.int64))
       with tf.control_dependencies([tick]):
         self._one_update(iterator)
 
@@ -131,7 +130,8 @@ class PSSteps(Steps):
 
   def _micro_add(self, batch, totals):
     values = self._micro_first(batch)
-    return {name: [a + b for a, b in zip(totals[name], values[name])]
+    return {name: [sparse.add(a, b) for a, b in zip(totals[name],
+                                                    values[name])]
             for name in totals}
 
   def _reduced_gradients(self, iterator):
@@ -168,7 +168,7 @@ def _translate(error):
   if isinstance(error, ParameterServerLost):
     return error
   text = str(error)
-  is_ps = type(error).__name__ == "PSUnavailableError" or _PS_TASK.search(text)
+  is_ps = compat.is_ps_unavailable(error) or _PS_TASK.search(text)
   if not (isinstance(error, _PEER_ERRORS) and is_ps):
     return error
   match = _PS_TASK.search(text)
@@ -181,10 +181,12 @@ def _translate(error):
 class PSExecutor:
   """Schedules rounds of functions through ClusterCoordinator."""
 
-  def __init__(self, parts):
+  def __init__(self, parts, settings, make_eval_steps):
     self.parts = parts
-    config = parts.config
+    config = settings
     self.config = config
+    # (strategy, models) -> Steps that evaluate `models` on `strategy`.
+    self._make_eval_steps = make_eval_steps
     for optimizer in parts.optimizers.values():
       compat.with_sharded_updates(optimizer)
     sharded = compat.save_sharded_whole(
@@ -290,10 +292,9 @@ class PSExecutor:
       if mine != theirs:
         raise RuntimeError("parameter_server: the coordinator's eval copy of "
                            "the model does not match the trained model.")
-      steps = Steps(default, parts.task, models, {}, {}, parts.state,
-                    config.replace(grad_accum_steps=1))
+      steps = self._make_eval_steps(default, models)
       ds, batches, _ = pipeline.eval_dataset(
-          parts.task, config.eval_split, config.effective_eval_batch_size)
+          parts.task, config.eval_split, config.eval_batch_size)
       self._local = (models, steps, ds, batches)
     return self._local
 

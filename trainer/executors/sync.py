@@ -19,8 +19,10 @@ from trainer.data import pipeline
 class SyncExecutor:
   """Runs chunks, evaluations and votes for one run's parts."""
 
-  def __init__(self, parts):
+  def __init__(self, parts, settings, make_eval_steps=None):
+    del make_eval_steps   # evaluation runs on the training strategy here
     self.parts = parts
+    self.settings = settings
     self._eval_data = None
     self._vote = None
     # Set by the Controller: the input-wait probe and the profiler window.
@@ -29,13 +31,12 @@ class SyncExecutor:
   # ---- data -------------------------------------------------------------
   def train_iterator(self):
     """The training iterator at the current stream position."""
-    parts = self.parts
-    config, task, strategy = parts.config, parts.task, parts.strategy
+    parts, config = self.parts, self.settings
+    task, strategy = parts.task, parts.strategy
     position = int(parts.state.position.numpy())
     args = (task, config.train_split, config.micro_batch_size, config.seed,
             position)
-    if parts.role.num_workers > 1 and getattr(task, "train_dataset",
-                                              None) is None:
+    if parts.role.num_workers > 1 and task.own_train_dataset() is None:
       # Each worker builds only its own rows of every global micro-batch.
       def dataset_fn(context):
         local = context.num_replicas_in_sync // context.num_input_pipelines
@@ -59,7 +60,7 @@ class SyncExecutor:
   def run(self, iterator, step: int, todo: int):
     """Runs at most `todo` updates (one chunk); returns the iterator to
     continue with."""
-    todo = min(todo, self.parts.config.steps_per_loop)
+    todo = min(todo, self.settings.steps_per_loop)
     probe, profiler = self.probe, self.profiler
     # Windows of the instruments end chunks alike on every worker.
     todo = profiler.limit(step, todo)
@@ -107,11 +108,10 @@ class SyncExecutor:
   # ---- evaluation -----------------------------------------------------
   def eval_sums(self) -> dict:
     """Runs the eval split through the main model(s); the summed metrics."""
-    parts = self.parts
-    config = parts.config
+    parts, config = self.parts, self.settings
     if self._eval_data is None:
       ds, batches, _ = pipeline.eval_dataset(
-          parts.task, config.eval_split, config.effective_eval_batch_size)
+          parts.task, config.eval_split, config.eval_batch_size)
       self._eval_data = (parts.strategy.experimental_distribute_dataset(ds),
                          batches)
     dist, batches = self._eval_data
