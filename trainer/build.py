@@ -27,7 +27,7 @@ from trainer.errors import UserError
 from trainer.executors import ps as ps_executor
 from trainer.executors import sync as sync_executor
 from trainer.state import TrainState
-from trainer.step.steps import Steps, make_ema
+from trainer.step.steps import StepSettings, Steps, make_ema
 from trainer.task import MAIN, Task, from_config, models_of  # noqa: F401
 
 
@@ -122,7 +122,8 @@ def optimizers_of(task: Task, config: Config, state: TrainState,
   given = task.optimizers()
   from_flags = given is None
   if from_flags:
-    given = {"optimizer": optim.from_flags(config, state.global_step)}
+    given = {"optimizer": optim.from_flags(narrow(optim.Settings, config),
+                                           state.global_step)}
   elif not isinstance(given, dict):
     given = {"optimizer": given}
   if not given:
@@ -205,7 +206,7 @@ def parts(config: Config, task: Task | None = None) -> Parts:
                                                           state, models)
   ema = make_ema(strategy, models, config.ema_decay)
   steps = backend.steps_class(strategy, task, models, optimizers, variables,
-                              state, config, ema)
+                              state, narrow(StepSettings, config), ema)
   steps.all_gather_kind = backend.all_gather
   objects = {"model": trackable(models, MAIN),
              "optimizer": trackable(optimizers, "optimizer"),
@@ -234,7 +235,7 @@ def assemble(config: Config, task: Task | None = None) -> dict:
   def make_eval_steps(strategy, models):
     # Evaluation only: no optimizer, one micro-batch.
     return Steps(strategy, built.task, models, {}, {}, built.state,
-                 config.replace(grad_accum_steps=1))
+                 narrow(StepSettings, config, grad_accum_steps=1))
 
   executor = backend.executor_class(
       built, narrow(executors.Settings, config,

@@ -6,13 +6,13 @@ A Task may instead return any Keras 3 optimizer(s) from Task.optimizers();
 trainer.compat.prereduced adapts those (and these) to the step.
 """
 
+import dataclasses
 import math
 
 import keras
 import tensorflow as tf
 
 from trainer import compat
-from trainer.config import Config
 from trainer.errors import UserError
 # Importable from here for tasks (Task.optimizers()): row-wise updates of
 # sparse gradients, the ordinary rule on dense ones.
@@ -22,10 +22,27 @@ __all__ = ["Adagrad", "LazyAdam", "LazyMomentum", "build", "from_flags",
            "learning_rate_at", "prepare"]
 
 
-def learning_rate_at(step, config: Config):
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the --optimizer flags describe (field names are the flags')."""
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  train_steps: int = 1000
+  momentum: float = 0.9
+  weight_decay: float = 1e-4
+
+
+def learning_rate_at(step, config):
   """Learning rate for the update at 0-based `step` (a Python number or a
   tensor): linear warm-up to --learning_rate, then constant or cosine decay
-  to 0 at --train_steps."""
+  to 0 at --train_steps. `config`: anything with the schedule's fields
+  (learning_rate, warmup_steps, lr_schedule, train_steps).
+
+  >>> float(learning_rate_at(4, Settings(learning_rate=0.1, warmup_steps=10)))
+  0.05...
+  """
   step = tf.cast(step, tf.float32)
   peak = tf.constant(config.learning_rate, tf.float32)
   warmup = float(config.warmup_steps)
@@ -50,7 +67,7 @@ _CLASSES = {
 }
 
 
-def from_flags(config: Config, global_step: tf.Variable):
+def from_flags(config: Settings, global_step: tf.Variable):
   """The optimizer --optimizer names, on the --lr_schedule of the global
   step (not built yet: see build)."""
   lr = lambda: learning_rate_at(global_step, config)  # noqa: E731
@@ -111,6 +128,6 @@ def _refuse_own_averaging(optimizer) -> None:
           f"the option and use {instead}.")
 
 
-def build(config: Config, global_step: tf.Variable, variables):
+def build(config: Settings, global_step: tf.Variable, variables):
   """The --optimizer, adapted and built. Call inside strategy.scope()."""
   return prepare(from_flags(config, global_step), variables)

@@ -50,6 +50,8 @@ Two loops run updates; the non-finite guard (trainer.guard) decides which:
                   (measured slower under --cpu_replicas=2): no fetch ahead.
 """
 
+import dataclasses
+
 import tensorflow as tf
 
 from trainer import compat, ema as ema_lib, guard
@@ -59,6 +61,21 @@ from trainer.step import sparse
 from trainer.step.metric_sums import WEIGHTS_SUFFIX, MetricSums
 
 _SUM = tf.distribute.ReduceOp.SUM
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the step reads (field names are the flags')."""
+  seed: int = 0
+  grad_accum_steps: int = 1
+  global_batch_size: int = 64
+  mixed_precision: str = "float32"
+  clip_norm: float = 0.0
+  jit_compile: bool = False
+
+  @property
+  def micro_batch_size(self) -> int:
+    return self.global_batch_size // self.grad_accum_steps
 
 
 class Steps:
@@ -73,14 +90,14 @@ class Steps:
   is_parameter_server = False
 
   def __init__(self, strategy, task, models: dict, optimizers: dict,
-               optimizer_variables: dict, state, config, ema=None):
+               optimizer_variables: dict, state, config: StepSettings,
+               ema=None):
     self.strategy = strategy
     self.task = task
     self.models = models
     self.optimizers = optimizers
     self.optimizer_variables = optimizer_variables
     self.state = state
-    self.config = config
     self.ema = ema
     self.seed = config.seed
     self.accum_steps = config.grad_accum_steps
