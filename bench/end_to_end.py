@@ -118,19 +118,18 @@ def _cached_chunk(runner):
 
 
 def _timed_controller(config, on_summary):
-  """A Controller whose summary write ends by calling `on_summary(chunk
-  seconds of the interval)`; everything else is the trainer's own."""
-  from trainer import build, controller
+  """The trainer's own Controller with one more action: after each train
+  summary it calls `on_summary(chunk seconds of the interval)`."""
+  from trainer import controller
 
-  class Timed(controller.Controller):
+  holder = []
 
-    def _write_train_summary(self, step, interval_start, interval_time):
-      result = super()._write_train_summary(step, interval_start,
-                                            interval_time)
-      on_summary(interval_time)
-      return result
+  def timed(tick):
+    if tick.summarized:
+      on_summary(holder[0].summaries.last_seconds)
 
-  return Timed(**build.assemble(config))
+  holder.append(controller.create(config, actions=[timed]))
+  return holder[0]
 
 
 def measure(args, tmp: str) -> tuple[dict, dict]:

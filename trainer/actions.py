@@ -110,6 +110,7 @@ class TrainSummaries:
   def __init__(self, loop):
     self._loop = loop
     self.last = {}
+    self.last_seconds = 0.0
     self.reset(loop.global_step)
 
   def reset(self, step: int) -> None:
@@ -124,6 +125,8 @@ class TrainSummaries:
   def write(self, tick: Tick) -> None:
     self.last = self._loop.write_train_summary(
         tick.step, self.interval_start, self.interval_time)
+    # The chunks' seconds of the interval just written (the bench reads it).
+    self.last_seconds = self.interval_time
     self.reset(tick.step)
     tick.summarized = True
 

@@ -12,6 +12,7 @@ import os
 import time
 
 from absl import logging
+import tensorflow as tf
 
 from trainer import actions as actions_lib
 from trainer import best as best_lib
@@ -39,6 +40,7 @@ class Controller:
     self.best = None
     self.stopped_eval = None   # the eval metrics at an early stop
     self.histograms = histograms
+    self.summaries = None   # the TrainSummaries action of the current run
     # Extra actions, run after the built-in ones (a user's, the bench's).
     self.extra_actions = list(actions or [])
 
@@ -182,6 +184,7 @@ class Controller:
   def actions(self, evaluate: bool, stop_signal) -> list:
     """The actions after each chunk, in order."""
     summaries = actions_lib.TrainSummaries(self)
+    self.summaries = summaries
     checkpoints = actions_lib.Checkpoints(self)
     chosen = [actions_lib.NonFinitePolicy(self), summaries]
     if self.histograms is not None:
@@ -204,8 +207,7 @@ class Controller:
       self.stopped_eval = self.evaluate()
       return {}
     after_chunk = self.actions(evaluate, stop)
-    summaries = next(a for a in after_chunk
-                     if isinstance(a, actions_lib.TrainSummaries))
+    summaries = self.summaries
     iterator = self.executor.start()
     while step < settings.train_steps:
       began = time.perf_counter()
@@ -255,9 +257,6 @@ class Controller:
 
   def write_train_summary(self, step, interval_start, interval_time) -> dict:
     """Writes the interval's train scalars; returns the JSON-line values."""
-    return self._write_train_summary(step, interval_start, interval_time)
-
-  def _write_train_summary(self, step, interval_start, interval_time) -> dict:
     settings = self.settings
     sums = self.steps.train_sums.read_and_reset()
     weight = max(sums.pop("weight"), 1.0)
@@ -302,9 +301,11 @@ class Controller:
             **_prefixed("eval", metrics)}
 
   def continuous_eval(self, poll_s: float = 1.0) -> dict:
-    """Evaluates each new checkpoint in --model_dir until the one at
-    --train_steps, or until none appears for --eval_timeout_s."""
-    settings, result, done = self.settings, {}, set()
+    """Evaluates each new checkpoint in --model_dir, oldest first, until the
+    one at the run's --train_steps, or until none appears for
+    --eval_timeout_s. Having evaluated nothing is a UserError: an empty
+    result must not look like success to a script or a launcher."""
+    settings, result, done, skipped = self.settings, {}, set(), 0
     waited_since = time.monotonic()
     while True:
       fresh = [p for p in reversed(self.checkpointer.paths()) if p not in done]
@@ -314,13 +315,23 @@ class Controller:
           result = self.evaluate_checkpoint(path)
         except UserError as e:   # deleted by the trainer's keep policy
           logging.warning("skipping %s: %s", path, e)
+          skipped += 1
           continue
         waited_since = time.monotonic()
         if self.global_step >= settings.train_steps:
           return result
       if time.monotonic() - waited_since > settings.eval_timeout_s:
-        logging.warning("no new checkpoint for %.0f s: stopping.",
-                        settings.eval_timeout_s)
+        if not result:
+          raise UserError(
+              f"--mode=continuous_eval evaluated no checkpoint: "
+              + (f"{skipped} skipped (see the warnings above)"
+                 if skipped else "none appeared")
+              + f" in --model_dir={settings.model_dir} within "
+              f"--eval_timeout_s={settings.eval_timeout_s:g}; check that its "
+              "training run is running, or raise --eval_timeout_s.")
+        logging.warning("no new checkpoint for %.0f s: stopping before "
+                        "--train_steps=%d.", settings.eval_timeout_s,
+                        settings.train_steps)
         return result
       time.sleep(poll_s)
 
