@@ -6,12 +6,23 @@ dropped whole. Two ways to get there, with the same result (the step's
 module doc says when each runs): a tf.cond per update, or a chunk run
 unguarded from a shadow copy of every variable it changes, restored and
 replayed guarded when one of its updates went bad.
+
+The shadow is taken only where it pays (shadow_pays): with a row-wise
+optimizer (trainer.optim.LazyAdam, Adagrad, LazyMomentum: embedding
+tables) an update reads and writes the batch's rows only, while a shadow
+would hold a second copy of every table and slot (memory 2x the weights
+and slots) and copy all of it at each chunk's start. Such steps run the
+per-update guard instead: no shadow, the same results, a tf.cond per update.
 """
 
 from absl import logging
 import tensorflow as tf
 
 from trainer import exitcodes
+from trainer.sparse_optim import Adagrad, LazyAdam, LazyMomentum
+
+# Optimizers whose sparse updates touch only the gradient's rows.
+_ROW_WISE = (Adagrad, LazyAdam, LazyMomentum)
 
 _LOSS_SCALE_PERIOD = 2000   # finite fp16 updates before the scale doubles
 
@@ -45,6 +56,14 @@ def count(state, ok, grads_finite, loss_finite, update_batch: int,
   state.nonfinite_steps.assign_add(tf.cast(bad, tf.int64))
   state.last_bad_position.assign(
       tf.where(bad, start, state.last_bad_position.read_value()))
+
+
+def shadow_pays(optimizers) -> bool:
+  """Whether a chunk's shadow copy is worth its memory: not when any of
+  `optimizers` updates row-wise. A dense update already reads and writes
+  every variable and slot, so copying them once per chunk is cheap next
+  to it; a row-wise update touches O(batch) rows, its shadow O(table)."""
+  return not any(isinstance(o, _ROW_WISE) for o in optimizers)
 
 
 class ChunkShadow:

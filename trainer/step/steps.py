@@ -28,8 +28,9 @@ Two loops run updates; the non-finite guard (trainer.guard) decides which:
   guarded_loop    guard per update: tf.cond(finite, apply) in cross-replica
                   context (no tf.cond around apply_gradients in replica
                   context). Used for mixed_float16 (overflows are routine
-                  while the loss scale settles), by parameter servers, and
-                  to replay a chunk that went bad.
+                  while the loss scale settles), by parameter servers, by
+                  row-wise optimizers (no shadow of their tables:
+                  guard.shadow_pays), and to replay a chunk that went bad.
   unguarded_chunk every update applied unconditionally; stops at the first
                   non-finite one and says so. The caller restores the
                   chunk's start (trainer.guard.ChunkShadow) and replays it
@@ -122,8 +123,10 @@ class Steps:
     self._micro_fn = micro
     self.guarded_loop = self._traced(self._guarded_loop)
     self.eval_loop = tf.function(self._eval_loop)
-    # Eval-only Steps never train: no shadow copy.
-    self.chunk_guard = self.chunk_guard and not self.fp16 and bool(optimizers)
+    # Eval-only Steps never train: no shadow copy. Row-wise optimizers
+    # (embedding tables) take the per-update guard: see guard.shadow_pays.
+    self.chunk_guard = (self.chunk_guard and not self.fp16 and bool(optimizers)
+                        and guard.shadow_pays(optimizers.values()))
     self.shadow = None
     if self.chunk_guard:
       self.shadow = guard.ChunkShadow(strategy, self._chunk_variables())
