@@ -155,9 +155,9 @@ class Checkpointer:
       if _vanished(candidate):
         return self._vanished(candidate, explicit)
       raise UserError(
-          f"--model_dir={self.model_dir} holds a checkpoint ({candidate}) "
-          f"that does not fit this model/optimizer ({first_line(e)}); use "
-          "a new --model_dir or the flags that wrote it.") from None
+          f"{_holder(candidate, self.model_dir)} does not fit this "
+          f"model/optimizer ({first_line(e)}); {_fix(candidate, self.model_dir)} "
+          "the flags that wrote it.") from None
     return candidate
 
   def _vanished(self, candidate: str, explicit: bool):
@@ -307,14 +307,28 @@ def verified_config(path: str) -> dict:
   return json.loads(reader.get_tensor(_CONFIG_KEY).decode())
 
 
+def _holder(path: str, model_dir: str) -> str:
+  """What a message calls the checkpoint at `path`: the --model_dir's, or
+  (given with --checkpoint from elsewhere) the one at its own path."""
+  if os.path.abspath(os.path.dirname(path)) == os.path.abspath(model_dir):
+    return f"--model_dir={model_dir} holds a checkpoint ({path}) that"
+  return f"--checkpoint={path} (in {os.path.dirname(path) or '.'})"
+
+
+def _fix(path: str, model_dir: str) -> str:
+  if os.path.abspath(os.path.dirname(path)) == os.path.abspath(model_dir):
+    return "use a new --model_dir or"
+  return "pass a checkpoint of this model, or"
+
+
 def check_compatible(saved: dict, config, path: str) -> None:
   current = json.loads(config.to_json())
   for name in _IDENTITY:
     if name in saved and saved[name] != current[name]:
       raise UserError(
-          f"--model_dir={config.model_dir} holds a checkpoint ({path}) "
-          f"written with --{name}={saved[name]!r}, not {current[name]!r}; use "
-          f"a new --model_dir or --{name}={saved[name]}.")
+          f"{_holder(path, config.model_dir)} was written with "
+          f"--{name}={saved[name]!r}, not {current[name]!r}; "
+          f"{_fix(path, config.model_dir)} --{name}={saved[name]}.")
   if "global_batch_size" in saved and \
       saved["global_batch_size"] != current["global_batch_size"]:
     logging.warning(

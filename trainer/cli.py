@@ -18,6 +18,7 @@ from absl import flags
 from trainer import dirlock
 from trainer import errors
 from trainer import exitcodes
+from trainer import precision
 from trainer.errors import UserError
 
 # Lines of a TF error message that say what went wrong, in order of interest.
@@ -59,6 +60,18 @@ def _is_peer_error(error: BaseException) -> bool:
              for name in _PEER_ERRORS)
 
 
+def _mixed_precision_hint(error: BaseException) -> str | None:
+  """precision.dtype_hint for a TypeError (raised at tracing) or an
+  InvalidArgumentError (eager) under the Keras policy in force."""
+  tf_errors = sys.modules.get("tensorflow.python.framework.errors_impl")
+  eager = tf_errors is not None and isinstance(
+      error, tf_errors.InvalidArgumentError)
+  keras = sys.modules.get("keras")
+  if keras is None or not (isinstance(error, TypeError) or eager):
+    return None
+  return precision.dtype_hint(str(error), keras.config.dtype_policy().name)
+
+
 def exit_code(error: BaseException) -> tuple[int, str, bool] | None:
   """(exit code, one-line message, hard) for an error a tool reports
   without a traceback, or None (a bug: the traceback is the report).
@@ -70,6 +83,9 @@ def exit_code(error: BaseException) -> tuple[int, str, bool] | None:
   code = getattr(error, "exit_code", None)
   if isinstance(code, int):
     return code, str(error), False
+  hint = _mixed_precision_hint(error)
+  if hint is not None:
+    return exitcodes.USAGE, hint, False
   if _is_peer_error(error):
     return (exitcodes.PEER_LOST,
             f"lost contact with a peer task ({type(error).__name__}: "

@@ -6,8 +6,10 @@ MODEL_DIR/.trainer.lock and writes who holds it (host, PID, since when).
 A second trainer exits 2 naming the holder. The kernel drops a flock when
 its process dies, however it dies: a lock file whose lock is free is stale
 (its writer was SIGKILLed) and is taken over with a warning. Evaluation
-(`--mode=eval`/`continuous_eval`) only reads and takes no lock, and
-non-chief workers do not take it (their chief holds it for the cluster).
+(`--mode=eval`/`continuous_eval`) only reads and takes no lock (so it works
+on read-only storage), and non-chief workers do not take it (their chief
+holds it for the cluster). A directory the lock cannot be written in
+(read-only storage) or a file in place of the directory is exit 2, one line.
 Remote paths (gs://, hdfs://) cannot be flocked: no lock there, with a note.
 """
 
@@ -55,7 +57,14 @@ class ModelDirLock:
     # The holder unlinks the file when it releases: if the file we locked
     # is no longer the one at `path`, try again on the new one.
     for _ in range(100):
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        # Read-only storage or a file in the way: a restart cannot help.
+        raise UserError(f"cannot write in --model_dir={self.model_dir} "
+                        f"({e.strerror}: {self.path}); training needs a "
+                        "writable directory (evaluation, trainer.load and "
+                        "export only read).") from None
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError as e:
@@ -104,6 +113,9 @@ class ModelDirLock:
   def _make_dirs(self) -> None:
     missing, d = [], os.path.abspath(self.model_dir)
     while not os.path.isdir(d):
+      if os.path.lexists(d):
+        raise UserError(f"--model_dir={self.model_dir}: {d} is a file, not "
+                        "a directory; give a directory (new or a run's).")
       missing.append(d)
       d = os.path.dirname(d)
     for d in reversed(missing):

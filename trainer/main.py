@@ -36,14 +36,21 @@ EVAL_MODES = ("eval", "continuous_eval")
 
 def checked_config(flag_values) -> config_lib.Config:
   """The Config, after every check that needs no TensorFlow: flag values and
-  bounds, TF_CONFIG and its hosts. Raises UserError; writes nothing."""
+  bounds, TF_CONFIG and its hosts, the run's config.json. Raises UserError;
+  writes nothing. --mode=continuous_eval first waits (up to
+  --eval_timeout_s) for config.json."""
   config = config_lib.from_flags(flag_values)
   if config.mode in EVAL_MODES:
     # Evaluation takes the run's own configuration from --model_dir; the
-    # flags given on this command line override only what they name.
+    # flags given on this command line override only what they name. An
+    # evaluator started beside its trainer waits for it, never guesses it.
+    if config.mode == "continuous_eval":
+      rundir.wait_for_config(config.model_dir, config.eval_timeout_s)
     present = {name for name in flag_values if flag_values[name].present}
     config = rundir.config_for(config.model_dir, config, present)
   config_lib.validate(config)
+  if config.mode not in EVAL_MODES:
+    rundir.check_resumable(config.model_dir)
   cluster.precheck(config.strategy, config.cluster_resolver,
                    config.peer_timeout_s)
   return config

@@ -6,7 +6,13 @@ trainer.load rebuild from them.
 evaluation or an export reads it and never rewrites it. Every run (training
 or evaluation) appends one JSON line to `history.jsonl`: when, which mode,
 the working directory, the command line it was given and the effective
-command (every flag that differs from its default).
+command (every flag that differs from its default); on read-only storage an
+evaluation goes on without it, with a warning.
+
+An evaluation started before its trainer waits for config.json
+(`wait_for_config`) and never runs with its own defaults; a training run
+refuses a config.json it cannot read rather than overwrite the record of
+the run it would resume.
 """
 
 import dataclasses
@@ -14,9 +20,11 @@ import datetime
 import json
 import os
 import sys
+import time
 
 from absl import logging
 
+from trainer import bases as bases_lib
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -35,6 +43,27 @@ PROCESS_FIELDS = frozenset({
 TRAINING_MODES = ("train", "train_and_eval")
 
 
+def _saved_json(path: str) -> dict | None:
+  """The JSON object in `path`; None if there is no such file; ValueError
+  (the reason) if it cannot be read, is empty, garbled or not an object."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(getattr(e, "strerror", None) or str(e)) from None
+  if not text.strip():
+    raise ValueError("it is empty")
+  try:
+    saved = json.loads(text)
+  except ValueError as e:
+    raise ValueError(f"not JSON: {e}") from None
+  if not isinstance(saved, dict):
+    raise ValueError("it does not hold a JSON object")
+  return saved
+
+
 def saved_fields(model_dir: str) -> dict | None:
   """config.json of `model_dir` as a dict of known Config fields; None if the
   directory has none. A relative --data_dir is made absolute against the
@@ -42,16 +71,12 @@ def saved_fields(model_dir: str) -> dict | None:
   data is found from any directory."""
   path = os.path.join(model_dir, CONFIG_FILE)
   try:
-    with open(path) as f:
-      saved = json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:
+    saved = _saved_json(path)
+  except ValueError as e:
     raise UserError(f"{path} cannot be read ({e}); give the --model_dir of a "
                     "training run.") from None
-  if not isinstance(saved, dict):
-    raise UserError(f"{path} does not hold a JSON object; give the "
-                    "--model_dir of a training run.")
+  if saved is None:
+    return None
   known = {f.name for f in dataclasses.fields(Config)}
   unknown = sorted(set(saved) - known)
   if unknown:
@@ -69,11 +94,15 @@ def saved_fields(model_dir: str) -> dict | None:
 def config_for(model_dir: str, given: Config, present: set[str]) -> Config:
   """The Config an evaluation/export of `model_dir` runs with: config.json's
   values, overridden by the flags named in `present` (those given on the
-  command line) and by the PROCESS_FIELDS of `given`. Without config.json
-  (e.g. a continuous_eval started before its trainer wrote one), `given`."""
+  command line) and by the PROCESS_FIELDS of `given`. Without config.json a
+  UserError: the run's flags are unknown, and guessing them (this command
+  line's defaults) would evaluate another model or skip every checkpoint."""
   saved = saved_fields(model_dir)
   if saved is None:
-    return given
+    raise UserError(f"--model_dir={model_dir} has no {CONFIG_FILE} (written "
+                    "when a training run starts): give the --model_dir of a "
+                    "training run, or start --mode=continuous_eval, which "
+                    "waits for it.")
   fields = {f.name for f in dataclasses.fields(Config)}
   mine = (PROCESS_FIELDS | set(present)) & fields
   values = {**saved, **{name: getattr(given, name) for name in mine}}
@@ -92,6 +121,45 @@ def load_config(model_dir: str, **overrides) -> Config:
     return base.replace(model_dir=model_dir, **overrides)
   except TypeError as e:
     raise UserError(f"load: {e}") from None
+
+
+def wait_for_config(model_dir: str, timeout_s: float, poll_s: float = 0.5,
+                    clock=time.monotonic, sleep=time.sleep) -> None:
+  """Returns once MODEL_DIR/config.json exists (an evaluator started beside
+  its trainer); a UserError after `timeout_s` without it. Logs one line when
+  it starts waiting."""
+  path = os.path.join(model_dir, CONFIG_FILE)
+  if os.path.exists(path):
+    return
+  logging.info("waiting up to %.0f s (--eval_timeout_s) for %s, which the "
+               "training run writes when it starts.", timeout_s, path)
+  deadline = clock() + timeout_s
+  while not os.path.exists(path):
+    if clock() >= deadline:
+      raise UserError(f"no {path} appeared within --eval_timeout_s="
+                      f"{timeout_s:g}; start the training run with this "
+                      "--model_dir, or raise --eval_timeout_s.")
+    sleep(poll_s)
+
+
+def check_resumable(model_dir: str) -> None:
+  """A training run's check before it rewrites config.json: --model_dir is
+  (or can become) a directory, and a config.json in it must be readable. An empty or garbled file is the damaged record of the run
+  this one would resume; overwriting it would hide that."""
+  if "://" not in model_dir:
+    existing = os.path.abspath(model_dir)
+    while not os.path.lexists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise UserError(f"--model_dir={model_dir}: {existing} is a file, not a "
+                      "directory; give a directory (new or a run's).")
+  path = os.path.join(model_dir, CONFIG_FILE)
+  try:
+    _saved_json(path)
+  except ValueError as e:
+    raise UserError(f"{path} cannot be read ({e}): it records the run in "
+                    "--model_dir; restore it, or remove it to let this "
+                    "training run write its own.") from None
 
 
 def training_cwd(model_dir: str) -> str | None:
@@ -131,6 +199,8 @@ class RunRecord:
   mode: str
   config_json: str
   command: str
+  # The runs its task loaded at build time (bases/KEY -> config fields).
+  bases: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> str:
     return self.config_json
@@ -142,7 +212,8 @@ class RunRecord:
 
 def append_history(config: RunRecord) -> None:
   """Appends this run's entry to MODEL_DIR/history.jsonl (chief only: the
-  caller decides)."""
+  caller decides). Best effort: an evaluation of a run on read-only storage
+  goes on without its entry, with a warning."""
   entry = {
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
@@ -151,9 +222,13 @@ def append_history(config: RunRecord) -> None:
       "argv": list(sys.argv),
       "command": config.command,
   }
-  os.makedirs(config.model_dir, exist_ok=True)
-  with open(os.path.join(config.model_dir, HISTORY_FILE), "a") as f:
-    f.write(json.dumps(entry) + "\n")
+  path = os.path.join(config.model_dir, HISTORY_FILE)
+  try:
+    with open(path, "a") as f:
+      f.write(json.dumps(entry) + "\n")
+  except OSError as e:
+    logging.warning("could not append to %s (%s); going on without this "
+                    "run's history entry.", path, e.strerror or e)
 
 
 def record(config: RunRecord, is_chief: bool) -> None:
@@ -162,8 +237,13 @@ def record(config: RunRecord, is_chief: bool) -> None:
   run. Evaluation never rewrites config.json."""
   if not is_chief:
     return
-  os.makedirs(config.model_dir, exist_ok=True)
   if config.training:
-    with open(os.path.join(config.model_dir, CONFIG_FILE), "w") as f:
+    os.makedirs(config.model_dir, exist_ok=True)
+    # Atomically: an evaluator waiting for the file never reads half of it.
+    path = os.path.join(config.model_dir, CONFIG_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
       f.write(config.to_json() + "\n")
+    os.replace(tmp, path)
+    bases_lib.write(config.model_dir, config.bases)
   append_history(config)

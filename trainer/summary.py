@@ -48,14 +48,14 @@ class Writers:
   def _writer(self, subdir: str):
     if not self._is_chief:
       return tf.summary.create_noop_writer()
-    return tf.summary.create_file_writer(os.path.join(self._model_dir, subdir))
+    return _file_writer(os.path.join(self._model_dir, subdir))
 
   @property
   def root(self):
     """The hparams session's writer (model_dir itself), made on first use."""
     if self._root is None:
-      self._root = (tf.summary.create_file_writer(self._model_dir)
-                    if self._is_chief else tf.summary.create_noop_writer())
+      self._root = (_file_writer(self._model_dir) if self._is_chief
+                    else tf.summary.create_noop_writer())
     return self._root
 
   def scalars(self, writer, step: int, values: dict) -> None:
@@ -109,6 +109,20 @@ class Writers:
     for writer in (self._train, self._eval, self._root):
       if writer is not None:
         writer.close()
+
+
+def _file_writer(logdir: str):
+  """An event writer for `logdir`; where the storage refuses writes (a
+  finished run evaluated on read-only storage), a warning and a writer that
+  drops what it is given: the metrics still reach the JSON line and the log.
+  A training run never gets here on such storage: its lock is refused."""
+  try:
+    return tf.summary.create_file_writer(logdir)
+  except tf.errors.PermissionDeniedError as e:
+    reason = e.message.strip().splitlines()[0].rsplit("; ", 1)[-1]
+    logging.warning("cannot write TensorBoard events in %s (%s); going on "
+                    "without them.", logdir, reason[:200])
+    return tf.summary.create_noop_writer()
 
 
 def _config_items(config):

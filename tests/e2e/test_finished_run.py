@@ -352,6 +352,7 @@ def test_eval_config_merges_saved_and_given_flags(tmp_path):
   flags it names; an early-stopped run's settings do not block --mode=eval."""
   from trainer import config as config_lib, rundir
   from trainer.config import Config
+  from trainer.errors import UserError
   saved = Config(model_dir="elsewhere", dataset="mnist", data_dir="d",
                  global_batch_size=32, train_steps=1250, strategy="mirrored",
                  cpu_replicas=2, early_stopping_patience=3, keep_best=True)
@@ -368,7 +369,10 @@ def test_eval_config_merges_saved_and_given_flags(tmp_path):
   assert (config.strategy, config.cpu_replicas) == ("default", 0)
   assert config.early_stopping_patience == 0 and not config.keep_best
   config_lib.validate(config)
-  assert rundir.config_for(str(tmp_path / "none"), given, {"mode"}) is given
+  # No config.json: refused, never this command line's defaults.
+  with pytest.raises(UserError, match=r"has no config\.json .*start "
+                     "--mode=continuous_eval, which waits for it"):
+    rundir.config_for(str(tmp_path / "none"), given, {"mode"})
 
 
 def test_epochs_resolve_and_refusal():
