@@ -1,9 +1,13 @@
 """A frozen model from an earlier run, for the distillation teacher and the
 SimCLR linear probe's encoder: trainer.load (the run's own config.json, its
 latest checkpoint, the moving average if the run kept one), then
-trainable=False."""
+trainable=False.
 
-import os
+Called in build_model, the earlier run is needed only when this one starts
+training: its config.json is recorded in this run's bases/, and every later
+build (a resume, --mode=eval, trainer.load, trainer.export) takes the
+architecture from that record and the weights from this run's checkpoint.
+"""
 
 from trainer.errors import UserError
 
@@ -12,18 +16,15 @@ def load(run_dir: str, input_spec, dataset: str, flag: str):
   """The main model ("model", or the only one) of the run in `run_dir`.
   `flag`: how the user named run_dir (for the error lines). Refuses a run
   on another dataset or a checkpoint that does not hold the weights."""
-  from trainer import load as load_lib, rundir
-  if not os.path.isdir(run_dir):
-    raise UserError(f"{flag}={run_dir}: no such directory; run the earlier "
-                    "training first.")
-  config = rundir.load_config(run_dir)
-  if config.dataset != dataset:
-    raise UserError(f"the run in {run_dir} was trained on --dataset="
-                    f"{config.dataset}, not {dataset}; use the same dataset.")
+  from trainer import load as load_lib
   try:
     restored = load_lib.restore(run_dir)
   except UserError as e:
     raise UserError(f"{flag}={run_dir}: {e}") from None
+  if restored.config.dataset != dataset:
+    raise UserError(f"the run in {run_dir} was trained on --dataset="
+                    f"{restored.config.dataset}, not {dataset}; use the same "
+                    "dataset.")
   model = restored.model
   if isinstance(model, dict):
     if "model" not in model:

@@ -9,13 +9,14 @@ what it can do.
 """
 
 import dataclasses
+import os
 from typing import Callable
 
 from absl import logging
 import keras
 import tensorflow as tf
 
-from trainer import actions
+from trainer import actions, bases
 from trainer import checkpoint as ckpt_lib
 from trainer import epochs, executors, optim, precision, rundir, watch
 from trainer.distribute import ps_strategy, tpu
@@ -113,6 +114,8 @@ class Parts:
         self.optimizers) == 1 else None
 
   backend: Backend = None
+  # The runs the task loaded while building its models (trainer.bases).
+  loaded: dict = dataclasses.field(default_factory=dict)
 
 
 def optimizers_of(task: Task, config: Config, state: TrainState,
@@ -199,7 +202,8 @@ def parts(config: Config, task: Task | None = None) -> Parts:
   check_batch_fits(config, task)
   # Data first: a missing file is reported before model_dir is touched.
   spec = pipeline.input_spec(task, config.train_split)
-  with strategy.scope():
+  with strategy.scope(), bases.building(
+      config.model_dir, _restores(config), _task_cwd(config)) as loaded:
     models = models_of(task, spec)
     state = TrainState()
     optimizers, variables, flag_optimizer = optimizers_of(task, config,
@@ -222,7 +226,25 @@ def parts(config: Config, task: Task | None = None) -> Parts:
                  ", ".join(f"{n} ({type(o).__bases__[-1].__name__})"
                            for n, o in optimizers.items()))
   return Parts(config, strategy, role, task, models, optimizers, state, steps,
-               checkpointer, ema, flag_optimizer, backend)
+               checkpointer, ema, flag_optimizer, backend, loaded)
+
+
+def _restores(config: Config) -> bool:
+  """Whether the run's own checkpoint will overwrite the models' weights
+  after the build, so what its task loads from elsewhere need not be read:
+  always when evaluating, when resuming in training."""
+  if config.mode not in rundir.TRAINING_MODES:
+    return True
+  pattern = os.path.join(config.model_dir, f"{ckpt_lib.PREFIX}-*.index")
+  return bool(tf.io.gfile.glob(pattern))
+
+
+def _task_cwd(config: Config) -> str:
+  """What a relative path in the task's arguments is relative to: this
+  process's directory when training, the training run's when evaluating."""
+  if config.mode in rundir.TRAINING_MODES:
+    return os.getcwd()
+  return rundir.training_cwd(config.model_dir) or os.getcwd()
 
 
 def assemble(config: Config, task: Task | None = None) -> dict:
@@ -250,6 +272,6 @@ def assemble(config: Config, task: Task | None = None) -> dict:
                     profile_range=config.profile_range,
                     tracks_best=config.tracks_best)
   record = rundir.RunRecord(config.model_dir, config.mode, config.to_json(),
-                            config.command_line())
+                            config.command_line(), bases=built.loaded)
   return dict(parts=built, executor=executor, settings=settings,
               record=record, histograms=histograms)

@@ -18,7 +18,7 @@ import os
 import sys
 import types
 
-from trainer import rundir
+from trainer import bases, rundir
 from trainer.errors import UserError, first_line
 
 
@@ -30,7 +30,9 @@ class Restored:
   input_spec: object     # features of one example after preprocess
   checkpoint: str
   config: object
-  weights: str = "raw"   # "ema": the moving average's (see restore)
+  # "ema": the moving average's (see restore); "none": not read, as the run
+  # being built restores them from its own checkpoint right after.
+  weights: str = "raw"
 
 
 def find_checkpoint(model_dir: str, checkpoint: str = "") -> str:
@@ -53,13 +55,29 @@ def find_checkpoint(model_dir: str, checkpoint: str = "") -> str:
 def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
             **overrides) -> Restored:
   """Rebuilds the run's task and model(s) and restores their weights (the
-  checkpoint's `model` object: one model, or a module of named ones)."""
-  import keras
-  import tensorflow as tf
-  from trainer import build, compat, ema as ema_lib, task as task_lib
-  from trainer.data import pipeline
+  checkpoint's `model` object: one model, or a module of named ones).
+
+  Called while another run's models are being built (a task's build_model
+  loading a base or a teacher), `model_dir` is looked up as that run
+  records it (see trainer.bases); when that run's own checkpoint will
+  restore every weight, the architecture alone is built and no weight is
+  read, so a run deleted after the first start is not needed."""
+  outer = bases.current()
+  if outer is not None:
+    return _restore_loaded(outer, model_dir, checkpoint, ema, overrides)
   config = rundir.load_config(model_dir, **overrides)
   path = find_checkpoint(model_dir, checkpoint or "")
+  cwd = rundir.training_cwd(model_dir) or os.getcwd()
+  with bases.building(model_dir, restores=True, cwd=cwd):
+    task, spec, models = _build(config)
+  return _restored(task, spec, models, config, path, ema)
+
+
+def _build(config):
+  """(task, input spec, {name: model}) of a run's Config, in float32."""
+  import keras
+  from trainer import build, compat, task as task_lib
+  from trainer.data import pipeline
   previous = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy("float32")
   try:
@@ -71,6 +89,13 @@ def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
       models = build.models_of(task, spec)
   finally:
     keras.mixed_precision.set_global_policy(previous)
+  return task, spec, models
+
+
+def _restored(task, spec, models, config, path, ema) -> Restored:
+  """The checkpoint at `path` restored into `models` (and its averages)."""
+  import tensorflow as tf
+  from trainer import build, ema as ema_lib
   objects = {"model": build.trackable(models, build.MAIN)}
   averages = None
   if ema and config.ema_decay:
@@ -85,9 +110,52 @@ def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
                     f"({first_line(e, 200)}).") from None
   if averages is not None:
     averages.copy_to_model()
-  model = models[build.MAIN] if list(models) == [build.MAIN] else models
-  return Restored(task, model, spec, path, config,
+  return Restored(task, _main_or_all(models), spec, path, config,
                   "ema" if averages is not None else "raw")
+
+
+def _restore_loaded(outer, given: str, checkpoint, ema, overrides) -> Restored:
+  """restore() of the run `given` while `outer`'s models are being built:
+  from outer's record of it when there is one and outer restores, else
+  from `given` (relative to outer's working directory). Its fields go into
+  outer's record."""
+  record = bases.record_dir(outer, given)
+  original = os.path.join(outer.cwd, given)   # `given` if absolute
+  why = (f"the task of the run in {outer.run_dir} loads {given} when it "
+         "builds its models")
+  if outer.restores and rundir.saved_fields(record) is not None:
+    source = record
+  elif rundir.saved_fields(original) is not None:
+    source = original
+  elif outer.restores:
+    where = (f"{original}, relative to {outer.cwd} where that run trained"
+             if not os.path.isabs(given) else original)
+    raise UserError(f"{why}: it is neither recorded in {record} (written "
+                    f"when a run starts training) nor at {where}; put that "
+                    "run back, or train this one again from it.")
+  else:
+    raise UserError(f"{why}: {original} has no {rundir.CONFIG_FILE}; train "
+                    "that run first, or give its --model_dir.")
+  config = rundir.load_config(source, **overrides)
+  key = bases.key(given)
+  outer.found[f"{outer.prefix}{bases.DIR}/{key}"] = rundir.saved_fields(
+      source)
+  cwd = rundir.training_cwd(source) or outer.cwd
+  if outer.restores:
+    # Its weights come with outer's checkpoint: build, read nothing.
+    with bases.building_loaded(outer, key, source, True, cwd):
+      task, spec, models = _build(config)
+    return Restored(task, _main_or_all(models), spec, "", config, "none")
+  path = find_checkpoint(source, checkpoint or "")
+  with bases.building_loaded(outer, key, source, True, cwd):
+    task, spec, models = _build(config)
+  return _restored(task, spec, models, config, path, ema)
+
+
+def _main_or_all(models: dict):
+  """The only model if it is the main one, else the dict."""
+  from trainer import build
+  return models[build.MAIN] if list(models) == [build.MAIN] else models
 
 
 def load(model_dir: str, checkpoint: str | None = None, ema: bool = True,
