@@ -91,6 +91,17 @@ class Task:
     strategy.scope(); see optimizer_variables for what each updates."""
     return None
 
+  def update_every(self, name: str) -> int:
+    """N (default 1): optimizer `name` applies on the N-th, 2N-th, ...
+    update only (1-based count of applied updates, resumed with the
+    checkpoint), with that update's own gradients; its iterations, slots
+    and --ema_decay averages stay put on the others. E.g. a WGAN's
+    generator with n_critic=5: 5. `ctx.updates(name)` says, inside the
+    step, whether this update is one (to skip the work on the others).
+    Not available under parameter servers (no shared update count)."""
+    del name
+    return 1
+
   def optimizer_variables(self, name: str, models: dict) -> list | None:
     """The variables optimizer `name` updates, or None (default) for: with
     one optimizer, every trainable variable of every model; with several,

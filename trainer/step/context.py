@@ -23,6 +23,10 @@ for the built-in step and for a user's:
     sees the discriminator of the start of the update (simultaneous
     updates), whatever --grad_accum_steps is. The result therefore does
     not depend on K, nor on the number of replicas or workers;
+  * `ctx.updates(name)`: whether optimizer `name` applies this update
+    (Task.update_every(name) = N: the N-th, 2N-th, ... only); a bool
+    tensor, e.g. to skip the generator's loss with tf.cond on the others
+    (its gradients are dropped there anyway);
   * `ctx.all_gather(x)`: the rows of every replica, in global batch order
     (the same tensor on every topology), e.g. for contrastive negatives;
     differentiable (its gradient is one more all-reduce);
@@ -299,6 +303,16 @@ class StepContext:
     """apply_gradients(gradients(tape, loss, optimizer), optimizer, loss)."""
     self.apply_gradients(self.gradients(tape, loss, optimizer), optimizer,
                          loss)
+
+  def updates(self, optimizer: str | None = None) -> tf.Tensor:
+    """bool scalar tensor: optimizer `optimizer` applies at the end of this
+    update, i.e. its 1-based number is a multiple of
+    Task.update_every(optimizer) (always True when that is 1). The same on
+    every replica and micro-batch of the update. Off its turn the
+    gradients handed to it are dropped: the step may skip computing them,
+    e.g. `tf.cond(ctx.updates("g"), g_gradients, zeros)` (hand over
+    gradients either way: the step is traced once)."""
+    return self._steps.updates(self._steps.optimizer_name(optimizer))
 
   # ---- across replicas ---------------------------------------------------
   def all_gather(self, value, axis: int = 0):

@@ -10,6 +10,15 @@ Per update, with K = --grad_accum_steps micro-batches:
                                  check over all of them, user transform
   strategy.run(apply)            every optimizer's update, in order; then
                                  the weights' moving average (--ema_decay)
+An optimizer with Task.update_every(name) = N > 1 applies on the N-th,
+2N-th, ... update only (1-based count of applied updates: the global step
++ 1, so a dropped non-finite update or a resume keeps the count). Off its
+turn its gradients are still reduced but dropped (they neither stop the
+update nor count in grad_norm), and its apply runs but is undone by a
+select in cross-replica context: its variables, its own state (iterations,
+slots) and their --ema_decay averages are written back bit for bit (no
+tf.cond around the apply; any optimizer class, whatever state it keeps).
+Decided at trace time: with every N = 1 the graph is today's.
 Losses are divided by the GLOBAL batch of the whole update, so the SUM over
 replicas and micro-batches is the mean gradient of the global batch.
 A mean_over="weights" term (StepContext.scale_loss) is handed over
@@ -52,6 +61,7 @@ Two loops run updates; the non-finite guard (trainer.guard) decides which:
 """
 
 import dataclasses
+import numbers
 
 import tensorflow as tf
 
@@ -98,6 +108,8 @@ class Steps:
     self.models = models
     self.optimizers = optimizers
     self.optimizer_variables = optimizer_variables
+    # name -> N of the optimizers that apply every N-th update only.
+    self.every = _schedules(task, optimizers, self.is_parameter_server)
     self.state = state
     self.ema = ema
     self.seed = config.seed
@@ -160,6 +172,16 @@ class Steps:
       raise UserError(f"no optimizer named {name!r}; Task.optimizers() "
                       f"gave {list(self.optimizers)}.")
     return name
+
+  def updates(self, name: str) -> tf.Tensor:
+    """bool scalar: optimizer `name` applies this update (its 1-based
+    number, global step + 1, is a multiple of Task.update_every(name)).
+    Either context; the global step moves only between updates."""
+    every = self.every.get(name)
+    if every is None:
+      return tf.constant(True)
+    number = tf.convert_to_tensor(self.state.global_step) + 1
+    return tf.equal(number % every, 0)
 
   def loss_scale(self):
     return self.state.loss_scale if self.fp16 else None
@@ -330,9 +352,17 @@ class Steps:
       # over a per-tensor is_finite check. Slices: the norm of their
       # values, each row once (never densified).
       norm = tf.linalg.global_norm(sparse.norm_parts(grads))
+      finite, finite_loss = tf.math.is_finite(norm), tf.math.is_finite(loss)
+      if name in self.every:
+        # Off its turn these gradients are dropped unapplied: they can
+        # neither spoil the update nor count in its norm.
+        off = tf.logical_not(self.updates(name))
+        finite = tf.logical_or(finite, off)
+        finite_loss = tf.logical_or(finite_loss, off)
+        norm = tf.where(off, tf.zeros_like(norm), norm)
       norms.append(norm)
-      grads_finite = tf.logical_and(grads_finite, tf.math.is_finite(norm))
-      loss_finite = tf.logical_and(loss_finite, tf.math.is_finite(loss))
+      grads_finite = tf.logical_and(grads_finite, finite)
+      loss_finite = tf.logical_and(loss_finite, finite_loss)
       variables = self.optimizer_variables[name]
       grads = self.task.transform_gradients(grads, variables)
       if self.clip_norm > 0:
@@ -435,9 +465,31 @@ class Steps:
             nxt)
 
   def _apply_everywhere(self, reduced):
+    held = self._hold_off_turn()
     self.strategy.run(self._apply, args=(reduced,))
     if self.ema is not None:
       self.ema.update()
+    for on, variables, before in held:
+      for variable, value in zip(variables, before):
+        variable.assign(tf.where(on, tf.convert_to_tensor(variable), value))
+
+  def _hold_off_turn(self) -> list:
+    """(on its turn, variables, their values now) of each optimizer that
+    applies every N-th update only: everything its update moves, put back
+    after the apply when it is not its turn (cross-replica context: the
+    write reaches every replica's copy)."""
+    held = []
+    for name in self.every:
+      variables = (list(self.optimizer_variables[name]) +
+                   list(self.optimizers[name].variables))
+      if self.ema is not None:
+        mine = {id(v) for v in self.optimizer_variables[name]}
+        variables += [average for average, source in
+                      zip(self.ema.averages, _ema_sources(self.models))
+                      if id(source) in mine]
+      held.append((self.updates(name), variables,
+                   [tf.identity(tf.convert_to_tensor(v)) for v in variables]))
+    return held
 
   def _one_update(self, iterator):
     self._guarded_apply(self._reduced_gradients(iterator))
@@ -587,10 +639,36 @@ def _one_local_replica(strategy) -> bool:
   return len(strategy.extended.worker_devices) == 1
 
 
+def _schedules(task, optimizers: dict, is_parameter_server: bool) -> dict:
+  """name -> N of every optimizer with Task.update_every(name) = N > 1."""
+  every = {}
+  for name in optimizers:
+    n = task.update_every(name)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+      raise UserError(
+          f"{type(task).__name__}.update_every({name!r}) returned {n!r}: "
+          "return a whole number N >= 1 (the optimizer applies on every "
+          "N-th update).")
+    if n > 1:
+      every[name] = int(n)
+  if every and is_parameter_server:
+    name, n = next(iter(every.items()))
+    raise UserError(
+        f"update_every({name!r}) = {n} is not available under "
+        "--strategy=parameter_server: workers apply their updates "
+        "asynchronously, with no shared update count to take turns on; use "
+        "--strategy=mirrored or multiworker.")
+  return every
+
+
+def _ema_sources(models: dict) -> list:
+  """The weights --ema_decay averages, in the order of EMA.averages."""
+  return [v for m in models.values() for v in m.trainable_variables]
+
+
 def make_ema(strategy, models: dict, decay: float):
   """--ema_decay's averages of every model's trainable weights, or None."""
   if not decay:
     return None
   with strategy.scope():
-    return ema_lib.EMA([v for m in models.values()
-                        for v in m.trainable_variables], decay)
+    return ema_lib.EMA(_ema_sources(models), decay)
