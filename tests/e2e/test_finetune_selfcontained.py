@@ -119,3 +119,17 @@ def test_without_base_or_record_the_error_says_why(finetuned, tmp_path,
                          f"the run in {bare} loads runs/base when it builds")
   assert f"neither recorded in {bare}/bases/runs_base-" in line
   assert f"relative to {model_dir.parent.parent} where that run trained" in line
+
+
+def test_training_resumes_without_the_base_run(finetuned, tmp_path,
+                                               monkeypatch):
+  from trainer import controller
+  from trainer.config import Config
+  model_dir, _, elsewhere = finetuned
+  copy = tmp_path / "ft"
+  shutil.copytree(model_dir, copy)
+  monkeypatch.chdir(elsewhere)
+  resumed = controller.run(Config(
+      task="examples.simclr:LinearProbe", task_args="encoder_dir=runs/base",
+      model_dir=str(copy), **{**SMALL, "train_steps": 20}))
+  assert resumed["global_step"] == 20
