@@ -59,9 +59,17 @@ class ResidualMLP(keras.Model):
 class Spirals(trainer.Task):
 
   def train_dataset(self, batch_size, seed, start_position):
-    positions = tf.data.Dataset.counter(start_position)
-    return positions.batch(batch_size, drop_remainder=True).map(
-        lambda p: spiral_points(p, seed), num_parallel_calls=tf.data.AUTOTUNE)
+    # A stream of batch STARTS, each widened to its positions in the map:
+    # Dataset.counter(start).batch(B) scans one position at a time and cost
+    # 1.8 ms of CPU per batch of 64 here, against 0.87 for this (docs/
+    # step-api.md). Endless: range to 2**62, then repeat (cardinality
+    # INFINITE, which multi-worker iterators need to skip a per-batch check).
+    starts = tf.data.Dataset.range(start_position, 2 ** 62,
+                                   batch_size).repeat()
+    return starts.map(
+        lambda s: spiral_points(s + tf.range(batch_size, dtype=tf.int64),
+                                seed),
+        num_parallel_calls=tf.data.AUTOTUNE)
 
   def source(self, split):
     # A fixed evaluation set, different from any training stream.
