@@ -6,7 +6,9 @@ Event files under --model_dir:
   . (the root)    the hparams session (the config as hyperparameters) and,
                   at the end, the final eval metrics as `eval_<name>` scalars,
                   so that sibling model dirs compare in TensorBoard's HParams
-                  tab (run `tensorboard --logdir` on their parent).
+                  tab (run `tensorboard --logdir` on their parent). It stays
+                  at the root: the tab files a session's train/ and eval/
+                  curves under the directory that holds the session.
 """
 
 import datetime
