@@ -13,6 +13,7 @@ from absl import logging
 import tensorflow as tf
 
 from trainer.data import pipeline
+from trainer.reduce import reduce_per_replica
 from trainer.step import sparse
 
 
@@ -244,7 +245,6 @@ class Histograms:
               for name, values in reduced.items()}
 
     per_replica = strategy.run(replica, args=(next(iterator),))
-    return {name: [tf.convert_to_tensor(
-                       strategy.experimental_local_results(g)[0])
-                   for g in grads]
-            for name, grads in per_replica.items()}
+    return {name: [tf.convert_to_tensor(g) for g in grads]
+            for name, grads in reduce_per_replica(per_replica, strategy,
+                                                  "first").items()}

@@ -14,6 +14,7 @@ from absl import logging
 import tensorflow as tf
 
 from trainer.data import pipeline
+from trainer.reduce import reduce_per_replica
 
 
 class SyncExecutor:
@@ -101,7 +102,7 @@ class SyncExecutor:
       def vote(flag):
         value = strategy.run(lambda: tf.identity(flag))
         # ReduceOp has no MAX: a SUM of 0/1 flags is > 0 iff any is set.
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+        return reduce_per_replica(value, strategy, "sum")
       self._vote = tf.function(vote)
     return float(self._vote(tf.constant(1.0 if flag else 0.0))) > 0
 

@@ -7,6 +7,8 @@ metrics therefore accumulate per replica and cost one reduction per summary.
 
 import tensorflow as tf
 
+from trainer.reduce import reduce_per_replica
+
 # A (values, weights) metric `m` keeps sum(values * weights) under `m` and
 # sum(weights) under m + WEIGHTS_SUFFIX (a name no step can return: "#").
 WEIGHTS_SUFFIX = "#weights"
@@ -62,8 +64,7 @@ class MetricSums:
 
   def _read_and_reset(self):
     per_replica = self._strategy.run(self._local_read_and_reset)
-    return self._strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
-                                 axis=None)
+    return reduce_per_replica(per_replica, self._strategy, "sum")
 
   def read_and_reset(self) -> dict:
     """Totals over all replicas since the last read; resets them to 0.

@@ -67,6 +67,7 @@ import tensorflow as tf
 
 from trainer import compat, ema as ema_lib, guard
 from trainer.errors import UserError
+from trainer.reduce import reduce_per_replica
 from trainer.step.context import StepContext, seeds_scope
 from trainer.step import sparse
 from trainer.step.metric_sums import WEIGHTS_SUFFIX, MetricSums
@@ -548,7 +549,7 @@ class Steps:
 
   def _first(self, value):
     """A reduced value (identical on every replica): the first copy."""
-    return self.strategy.experimental_local_results(value)[0]
+    return reduce_per_replica(value, self.strategy, "first")
 
   # ---- evaluation -------------------------------------------------------
   def _eval_step(self, batch):
