@@ -10,13 +10,14 @@ The framework needs a few things Keras' public API does not give:
     slot lists `_momentums`, `_velocities`, `momentums`;
   * Keras variables held as ShardedVariables (the parameter-server
     partitioner): differentiated shard by shard, updated shard by shard,
-    and saved as one whole value (`_serialize_to_tensors` hooks);
+    and checkpointed shard by shard as TF's ShardedVariable is
+    (`DelegatingTrackableMixin`);
   * layer names that do not depend on what the process built before
     (trainer.load): Keras' naming counters, `object_name_uids`;
   * TensorFlow ops and names used around a wrapper that misbehaves:
     `RandomIndexShuffle` (batched seeds), `ResourceScatterAdd` on a
     parameter-server variable, the coordinator's `PSUnavailableError`,
-    Slurm's resolver on hosts without GPUs.
+    Slurm's resolver on hosts without GPUs, multi-worker all_gather.
 These names are private and change between releases. They were verified
 on the versions in TESTED; any other version fails at start with one line
 (set TRAINER_UNTESTED_VERSIONS=1 to try anyway, at your own risk).
@@ -77,11 +78,29 @@ def gradients(tape, target, variables, output_gradients=None):
     if group is None:
       grads.append(flat.pop(0))
       continue
-    parts = [flat.pop(0) for _ in group]
-    grads.append(None if all(p is None for p in parts) else tf.concat(
-        [tf.zeros(s.shape, s.dtype) if p is None else tf.convert_to_tensor(p)
-         for p, s in zip(parts, group)], axis=0))
+    grads.append(_joined([flat.pop(0) for _ in group], group))
   return grads
+
+
+def _joined(parts, shards):
+  """The gradient of a sharded variable from its shards' (None: zero).
+  Slices stay slices, each shard's row numbers offset by the rows before
+  it ("div" sharding), so only the touched rows travel to the ps tasks;
+  anything else is concatenated dense."""
+  if all(p is None for p in parts):
+    return None
+  if all(p is None or isinstance(p, tf.IndexedSlices) for p in parts):
+    offsets = [0]
+    for shard in shards:
+      offsets.append(offsets[-1] + int(shard.shape[0]))
+    kept = [(p, o) for p, o in zip(parts, offsets) if p is not None]
+    return tf.IndexedSlices(
+        tf.concat([p.values for p, _ in kept], 0),
+        tf.concat([tf.cast(p.indices, tf.int64) + o for p, o in kept], 0),
+        tf.constant([offsets[-1], *shards[0].shape[1:]], tf.int64))
+  return tf.concat(
+      [tf.zeros(s.shape, s.dtype) if p is None else tf.convert_to_tensor(p)
+       for p, s in zip(parts, shards)], axis=0)
 
 
 # ---- optimizers ---------------------------------------------------------
@@ -252,24 +271,46 @@ def with_sharded_updates(optimizer):
   return optimizer
 
 
-def save_sharded_whole(variables) -> int:
-  """Keras 3 variables held as ShardedVariables cannot be saved as they are
-  (the saver wants one device per value). Each such variable saves its
-  whole value instead (read from all shards by the coordinator) and
-  restores by assigning it (split over the shards): the checkpoint is the
-  one any other strategy writes and reads. Returns how many are sharded."""
-  count = 0
+_DELEGATING = {}
+
+
+def _by_shard_class(cls):
+  """`cls` (a Keras variable class) whose checkpointing is that of the
+  ShardedVariable it holds: TF's DelegatingTrackableMixin hands the saver
+  the inner trackable's saveables (Keras' own `_serialize_to_tensors` would
+  hand it the ShardedVariable as one value)."""
+  if cls not in _DELEGATING:
+    from tensorflow.python.trackable import base_delegate
+    _DELEGATING[cls] = type(f"ByShard{cls.__name__}",
+                            (base_delegate.DelegatingTrackableMixin, cls), {})
+  return _DELEGATING[cls]
+
+
+def save_sharded_by_shard(variables) -> list:
+  """Keras 3 variables held as ShardedVariables cannot be saved as Keras
+  hands them over (one value, which the saver wants on one device). Each
+  such variable is checkpointed as TF's ShardedVariable is: every shard is
+  one slice of the variable's one key, saved and restored by the ps task
+  that holds it (no other process holds its rows), and a restore reads the
+  rows each shard asks for, whatever the split the checkpoint was written
+  with. So the checkpoint restores under any number of ps tasks, under any
+  other strategy as one ordinary variable, and a checkpoint that holds the
+  whole value restores into shards. Returns the sharded variables."""
+  sharded = []
   for variable in variables:
     if not isinstance(getattr(variable, "value", None), _SHARDED):
       continue
-    count += 1
-    # Instance attributes: the saver honours obj.__dict__ first.
-    variable._serialize_to_tensors = (
-        lambda v=variable: {"VARIABLE_VALUE": tf.convert_to_tensor(v.value)})
-    variable._restore_from_tensors = (
-        lambda tensors, v=variable: v.value.assign(
-            tf.reshape(tensors["VARIABLE_VALUE"], v.shape)))
-  return count
+    sharded.append(variable)
+    if not isinstance(variable, tuple(_DELEGATING.values())):
+      variable._trackable = variable.value
+      variable.__class__ = _by_shard_class(type(variable))
+  return sharded
+
+
+def shard_rows(variable) -> list:
+  """[(device, rows)] of a sharded variable's shards, in row order."""
+  return [(shard.device, int(shard.shape[0]))
+          for shard in variable.value.variables]
 
 
 @contextlib.contextmanager
@@ -332,3 +373,21 @@ class SlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
     if self._cpu_only:
       return {}
     return super().num_accelerators(task_type, task_id, config_proto)
+
+
+def all_gather_by_sum(context, value, axis: int):
+  """all_gather as an all-reduce: each replica puts its rows in its own
+  block of zeros, the SUM is every replica's rows in replica order. Used
+  under multi-worker, where TF 2.21's ReplicaContext.all_gather fails at
+  trace time ("ValueError: destinations can not be empty"). Exact (one
+  non-zero term per element) and differentiable (the all-reduce's
+  gradient is an all-reduce). Needs the same shape on every replica,
+  which the step has (global batch divisible by the replicas)."""
+  value = tf.convert_to_tensor(value)
+  replicas = context.num_replicas_in_sync
+  mine = tf.one_hot(context.replica_id_in_sync_group, replicas,
+                    dtype=value.dtype)
+  mine = tf.reshape(mine, [replicas] + [1] * value.shape.rank)
+  summed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                              mine * value[None])
+  return tf.concat(tf.unstack(summed, num=replicas), axis=axis)

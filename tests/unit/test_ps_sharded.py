@@ -2,6 +2,8 @@
 partitioner makes of large ones): gradients, optimizer updates and
 checkpoints, in one process (a variable creator shards like the ps tasks)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -18,13 +20,16 @@ def sharded_variable():
     value = kwargs["initial_value"]
     value = tf.convert_to_tensor(value() if callable(value) else value)
     if value.shape.rank and value.shape[0] >= 2:
-      half = value.shape[0] // 2
+      parts = tf.split(value, _split(value.shape[0], count[0]))
       return sharded([
           next_creator(**{**kwargs, "initial_value": part, "shape": None})
-          for part in (value[:half], value[half:])])
+          for part in parts])
     return next_creator(**{**kwargs, "initial_value": value})
 
-  def make(value):
+  count = [2]
+
+  def make(value, shards=2):
+    count[0] = shards
     with tf.variable_creator_scope(creator):
       variable = keras.Variable(np.asarray(value, np.float32))
     assert isinstance(variable.value, sharded)
@@ -66,22 +71,77 @@ def test_sgd_updates_a_sharded_variable(sharded_variable):
   np.testing.assert_allclose(tf.convert_to_tensor(v), np.full((4, 3), 0.5))
 
 
-def test_checkpoint_holds_the_whole_value_and_restores_it(sharded_variable,
-                                                         tmp_path):
+def _stored_shapes(path, key):
+  """The shapes the checkpoint stores `key` as: one per slice written."""
+  import tensorflow as tf
+  lines = tf.train.load_checkpoint(path).debug_string().split(b"\n")
+  return [json.loads(line.rsplit(b" ", 1)[1]) for line in lines
+          if key.encode() in line]
+
+
+def _split(rows, shards):
+  return [rows // shards + (1 if i < rows % shards else 0)
+          for i in range(shards)]
+
+
+def test_split_rows_follow_the_shards(sharded_variable):
+  import keras
+  from trainer import compat
+  v = sharded_variable(np.zeros((7, 2)), shards=3)
+  assert compat.save_sharded_by_shard([v, keras.Variable(1.0)]) == [v]
+  assert [rows for _, rows in compat.shard_rows(v)] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("before,after", [(2, 3), (3, 2), (2, 1), (2, 2)])
+def test_checkpoint_saves_each_shard_as_a_slice_and_reshards(
+    sharded_variable, tmp_path, before, after):
+  import tensorflow as tf
+  from trainer import compat
+  value = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+  v = sharded_variable(value, shards=before)
+  compat.save_sharded_by_shard([v])
+  path = tf.train.Checkpoint(w=v).write(str(tmp_path / "ckpt"))
+  key = "w/.ATTRIBUTES/VARIABLE_VALUE"
+  # One key, stored as one slice per shard (each written where its shard
+  # lives); a reader gets the whole value.
+  assert _stored_shapes(path, key) == [[n, 3] for n in _split(7, before)]
+  reader = tf.train.load_checkpoint(path)
+  assert reader.get_variable_to_shape_map()[key] == [7, 3]
+  np.testing.assert_array_equal(reader.get_tensor(key), value)
+  # Another split of the same rows restores every row.
+  other = sharded_variable(np.zeros((7, 3)), shards=after)
+  compat.save_sharded_by_shard([other])
+  tf.train.Checkpoint(w=other).read(path).assert_consumed()
+  np.testing.assert_array_equal(tf.convert_to_tensor(other), value)
+  assert [int(s.shape[0]) for s in other.value.variables] == _split(7, after)
+
+
+def test_sharded_checkpoint_restores_as_one_plain_variable(sharded_variable,
+                                                           tmp_path):
   import keras
   import tensorflow as tf
   from trainer import compat
   value = np.arange(12, dtype=np.float32).reshape(4, 3)
   v = sharded_variable(value)
-  assert compat.save_sharded_whole([v, keras.Variable(1.0)]) == 1
+  compat.save_sharded_by_shard([v])
   path = tf.train.Checkpoint(w=v).write(str(tmp_path / "ckpt"))
-  reader = tf.train.load_checkpoint(path)
-  np.testing.assert_array_equal(
-      reader.get_tensor("w/.ATTRIBUTES/VARIABLE_VALUE"), value)
-  v.assign(tf.zeros((4, 3)))
-  tf.train.Checkpoint(w=v).read(path).assert_consumed()
-  np.testing.assert_array_equal(tf.convert_to_tensor(v), value)
-  # Any other strategy reads it as one ordinary variable.
+  # What the default strategy (evaluation, export) builds.
   plain = keras.Variable(np.zeros((4, 3), np.float32))
   tf.train.Checkpoint(w=plain).read(path).assert_consumed()
   np.testing.assert_array_equal(plain.numpy(), value)
+
+
+def test_a_whole_value_checkpoint_restores_into_shards(sharded_variable,
+                                                       tmp_path):
+  import keras
+  import tensorflow as tf
+  from trainer import compat
+  value = np.arange(15, dtype=np.float32).reshape(5, 3)
+  # The layout any unsharded run, and earlier sharded runs, wrote.
+  path = tf.train.Checkpoint(w=keras.Variable(value)).write(
+      str(tmp_path / "ckpt"))
+  assert _stored_shapes(path, "w/.ATTRIBUTES/VARIABLE_VALUE") == [[5, 3]]
+  v = sharded_variable(np.zeros((5, 3)), shards=2)
+  compat.save_sharded_by_shard([v])
+  tf.train.Checkpoint(w=v).read(path).assert_consumed()
+  np.testing.assert_array_equal(tf.convert_to_tensor(v), value)

@@ -4,11 +4,13 @@ The process running trainer.main is the TF_CONFIG `chief`: the coordinator.
 Workers and parameter servers are plain `tf.distribute.Server`s in their own
 processes (launch.server; launch.local --workers=N --ps=M starts them all).
 Variables live on the ps tasks; the large ones are sharded over them
-(MinSizePartitioner(--ps_shard_min_bytes, max_shards=#ps)). The coordinator
-schedules functions of up to --steps_per_loop updates on whichever worker is
-free and calls coordinator.join() only at summary, checkpoint and evaluation
-boundaries (a "round"; a round shorter than workers x --steps_per_loop is
-split evenly so that every worker gets a function). What follows from that:
+(MinSizePartitioner(--ps_shard_min_bytes, max_shards=#ps)); each shard
+is checkpointed by the ps that holds it (compat.save_sharded_by_shard).
+The coordinator schedules functions of up to --steps_per_loop updates on
+whichever worker is free and calls coordinator.join() only at summary,
+checkpoint and evaluation boundaries (a "round"; a round shorter than
+workers x --steps_per_loop is split evenly so that every worker gets a
+function). What follows from that:
 
 * Each worker's update is computed from its OWN batch at the weights it read
   at the start of that update (possibly stale) and applied to the ps
@@ -93,7 +95,6 @@ class PSSteps(Steps):
   # Workers update the ps-hosted variables concurrently: a shadow copy of
   # them could not be restored per worker. The guard stays per update.
   chunk_guard = False
-  is_parameter_server = True
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
@@ -159,6 +160,24 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
                 tf.errors.CancelledError, tf.errors.DeadlineExceededError)
 
 
+def shard_line(path, shape, rows) -> str:
+  """How one variable is split: `rows` is [(device, rows)] in row order.
+
+  >>> shard_line("user/embeddings", (5, 2), [
+  ...     ("/job:ps/replica:0/task:1/device:CPU:0", 3),
+  ...     ("/job:ps/replica:0/task:0/device:CPU:0", 2)])
+  'user/embeddings [5, 2] sharded over 2 ps: rows 0-2 on ps 1, rows 3-4 on ps 0'
+  """
+  parts, start = [], 0
+  for device, count in rows:
+    match = _PS_TASK.search(device)
+    where = f"ps {match.group(1)}" if match else device
+    parts.append(f"rows {start}-{start + count - 1} on {where}")
+    start += count
+  return (f"{path} {list(shape)} sharded over {len(rows)} ps: "
+          + ", ".join(parts))
+
+
 def _translate(error):
   """The exception to raise for an error out of the coordinator: a lost
   parameter server becomes ParameterServerLost (one clear line, exit 4)."""
@@ -189,12 +208,13 @@ class PSExecutor:
     self._make_eval_steps = make_eval_steps
     for optimizer in parts.optimizers.values():
       compat.with_sharded_updates(optimizer)
-    sharded = compat.save_sharded_whole(
+    sharded = compat.save_sharded_by_shard(
         [v for m in parts.models.values() for v in m.weights] +
         [v for o in parts.optimizers.values() for v in o.variables])
-    if sharded:
-      logging.info("parameter_server: %d variables sharded over the ps tasks "
-                   "(--ps_shard_min_bytes=%d)", sharded,
+    for variable in sharded:
+      logging.info("parameter_server: %s (--ps_shard_min_bytes=%d)",
+                   shard_line(variable.path, variable.shape,
+                              compat.shard_rows(variable)),
                    config.ps_shard_min_bytes)
     self.num_workers = len(cluster.env_tf_config(need_ps=True)["cluster"]
                            ["worker"])
