@@ -19,6 +19,14 @@ reading the rest; --dataset=array_record reads them lazily, at any size).
 --any_size reads the dataset as --image_size would (image_folder: paths
 only) and copies each encoded image unchanged, whatever its size; height
 and width are then written as 0 and the trainer needs --image_size.
+
+  python -m trainer.convert --text_corpus=DIR --out=OUT [--shards=N]
+      [--text_pattern=*.py] [--heldout_fraction=0.05]
+
+writes a folder of text files as byte-level token ArrayRecord files,
+OUT/{train,test}-{i:05d}-of-{N:05d}.array_record (trainer.data.text_convert:
+the same documents and held-out split as the text source, read back by
+trainer.data.readers.token_records).
 """
 
 import glob
@@ -53,6 +61,14 @@ def _define_flags():
                     "does (image_folder: paths only, nothing decoded) and "
                     "copy every encoded image unchanged, of any size "
                     "(needs --container=array_record).")
+  flags.DEFINE_string("text_corpus", None, "A folder of text files to write "
+                      "as byte-level token ArrayRecord files (train and "
+                      "test splits) instead of a --dataset.")
+  flags.DEFINE_string("text_pattern", "*.py", "--text_corpus: the file "
+                      "names to take (fnmatch pattern).")
+  flags.DEFINE_float("heldout_fraction", 0.05, "--text_corpus: the share of "
+                     "files (by a hash of their path) held out as split "
+                     "test.")
 
 
 if __name__ == "__main__":
@@ -297,6 +313,15 @@ def convert(dataset: str, args: registry.DataArgs, split_flag: str,
 
 def main() -> None:
   f = flags.FLAGS
+  if f.text_corpus:
+    if not f.out:
+      raise UserError("--out is required.")
+    from trainer.data import text_convert
+    written = text_convert.convert_text(f.text_corpus, f.out, f.shards,
+                                        f.text_pattern, f.heldout_fraction)
+    for name, paths in written.items():
+      print(f"{name}: {len(paths)} shard(s) in {f.out}")
+    return
   for required in ("dataset", "split", "out"):
     if not getattr(f, required):
       raise UserError(f"--{required} is required.")
