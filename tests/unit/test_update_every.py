@@ -232,8 +232,47 @@ def test_parameter_servers_refuse_with_one_line():
   # Workers apply asynchronously: there is no shared count to take turns on.
   with pytest.raises(UserError, match="parameter_server"):
     steps_lib._schedules(Duel(None), {"critic": None, "g": None},
-                         is_parameter_server=True)
+                         asynchronous=True)
   assert steps_lib._schedules(Task(None), {"a": None}, True) == {}
+
+
+# ---- examples/wgan_gp.py ------------------------------------------------
+def test_wgan_gp_example_steps_the_generator_every_fifth_update(tmp_path):
+  config = Config(task="examples.wgan_gp:WGANGP", train_steps=50,
+                  global_batch_size=32, steps_per_loop=25, summary_every=25,
+                  checkpoint_every=50, eval_every=0, mode="train", seed=3,
+                  model_dir=str(tmp_path / "wgan"))
+  run = controller_lib.create(config)
+  before = run.models["generator"].get_weights()
+  result = run.train(evaluate=False)
+  assert result["global_step"] == 50 and result["nonfinite_steps"] == 0
+  assert int(run.parts.optimizers["critic"].iterations.numpy()) == 50
+  assert int(run.parts.optimizers["generator"].iterations.numpy()) == 50 // 5
+  assert _rel(before, run.models["generator"].get_weights()) > 1e-3
+  assert np.isfinite(result["train_w_distance"])
+
+
+def test_gradient_penalty_of_a_linear_critic_equals_numpy():
+  # critic(x) = w.x + b: its input gradient is w everywhere, so the
+  # penalty is (|w| - 1)^2 and its gradient in w is 2 (|w| - 1) w / |w|.
+  from examples.wgan_gp import gradient_penalty
+  critic = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(1)])
+  w = np.array([[0.5], [-1.5], [2.0], [0.25]], np.float32)
+  critic.layers[-1].kernel.assign(w)
+  rng = np.random.default_rng(0)
+  real, fake = (tf.constant(rng.normal(size=(3, 2, 2, 1)), tf.float32)
+                for _ in range(2))
+  mix = tf.constant(rng.uniform(size=(3, 1, 1, 1)), tf.float32)
+  kernel = critic.layers[-1].kernel
+  with tf.GradientTape() as tape:
+    penalty = gradient_penalty(critic, real, fake, mix)
+    total = tf.reduce_sum(penalty)
+  norm = np.linalg.norm(w)
+  np.testing.assert_allclose(penalty.numpy(), [(norm - 1) ** 2] * 3,
+                             rtol=1e-5)
+  np.testing.assert_allclose(tape.gradient(total, kernel).numpy(),
+                             3 * 2 * (norm - 1) * w / norm, rtol=1e-5)
 
 
 # ---- mirrored(2), in a child process -----------------------------------
