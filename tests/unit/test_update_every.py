@@ -232,7 +232,7 @@ def test_parameter_servers_refuse_with_one_line():
   # Workers apply asynchronously: there is no shared count to take turns on.
   with pytest.raises(UserError, match="parameter_server"):
     steps_lib._schedules(Duel(None), {"critic": None, "g": None},
-                         asynchronous=True)
+                         True)
   assert steps_lib._schedules(Task(None), {"a": None}, True) == {}
 
 
