@@ -1,0 +1,160 @@
+"""Peak RSS of the coordinator and of each parameter server around the
+checkpoints of a table sharded over the ps tasks, at several table sizes.
+
+  python -m bench.ps_table [--rows=100000,4000000] [--dim=32] [--ps=2]
+
+For each size, in turn: a cluster (1 worker and --ps ps tasks, launch.server)
+and a coordinator process that builds a ROWS x DIM Keras Embedding under
+ParameterServerStrategy (MinSizePartitioner as the trainer makes it: one
+shard per ps), saves a checkpoint and restores it. Figures in MB: the
+coordinator's RSS once the table is built, its peak while saving and while
+restoring (the kernel's high-water mark, reset before each step through
+/proc/self/clear_refs), its peak over the whole run (building included:
+Keras computes a new table's initial value on the coordinator), each ps's
+peak, the table's bytes and the largest checkpoint data file.
+Every output starts with the machine line (bench/machine.py).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench import machine
+from bench.common import emit, parse_result, quiet_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MB = 1 << 20
+
+
+def _status_kb(field: str, pid="self") -> int:
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise KeyError(field)
+
+
+def _reset_peak() -> None:
+  """The high-water mark (VmHWM) back to the current RSS (Linux >= 4.0)."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def _coordinator(rows: int, dim: int, directory: str) -> None:
+  """Runs in the coordinator process (TF_CONFIG chief); emits its figures."""
+  import keras
+  import tensorflow as tf
+  from trainer import compat
+  from trainer.distribute.ps_strategy import wait_for_servers
+
+  tf_config = json.loads(os.environ["TF_CONFIG"])
+  wait_for_servers(tf_config, 120)
+  partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+      max_shards=len(tf_config["cluster"]["ps"]))
+  strategy = tf.distribute.ParameterServerStrategy(
+      tf.distribute.cluster_resolver.TFConfigClusterResolver(),
+      variable_partitioner=partitioner)
+  with strategy.scope():
+    table = keras.layers.Embedding(rows, dim)
+    table.build()
+  sharded = compat.save_sharded_by_shard(table.weights)
+  result = {"shards": [n for _, n in compat.shard_rows(sharded[0])]
+                      if sharded else [rows],
+            "built_mb": _status_kb("VmRSS") / 1024}
+  checkpoint = tf.train.Checkpoint(model=table)
+  _reset_peak()
+  path = checkpoint.write(os.path.join(directory, "ckpt"))
+  result["save_peak_mb"] = _status_kb("VmHWM") / 1024
+  _reset_peak()
+  checkpoint.read(path).assert_consumed()
+  result["restore_peak_mb"] = _status_kb("VmHWM") / 1024
+  import resource
+  result["run_peak_mb"] = resource.getrusage(
+      resource.RUSAGE_SELF).ru_maxrss / 1024
+  emit(result)
+
+
+def _free_ports(n):
+  from launch.cluster import free_ports
+  return free_ports(n)
+
+
+def measure(rows: int, dim: int, num_ps: int) -> dict:
+  """One size: servers up, the coordinator run, every process stopped."""
+  ports = _free_ports(2 + num_ps)
+  cluster = {"chief": [f"localhost:{ports[0]}"],
+             "worker": [f"localhost:{ports[1]}"],
+             "ps": [f"localhost:{p}" for p in ports[2:]]}
+  servers = []
+  with tempfile.TemporaryDirectory(prefix="ps_table-") as directory:
+    try:
+      for kind in ("worker", "ps"):
+        for index in range(len(cluster[kind])):
+          config = {"cluster": cluster, "task": {"type": kind, "index": index}}
+          servers.append((kind, index, subprocess.Popen(
+              [sys.executable, "-m", "launch.server"], cwd=REPO,
+              env=quiet_env({"TF_CONFIG": json.dumps(config),
+                             "PYTHONPATH": REPO}),
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+      chief = {"cluster": cluster, "task": {"type": "chief", "index": 0}}
+      started = time.monotonic()
+      proc = subprocess.run(
+          [sys.executable, "-m", "bench.ps_table", "--coordinator",
+           f"--rows={rows}", f"--dim={dim}", f"--dir={directory}"],
+          cwd=REPO, capture_output=True, text=True, timeout=900,
+          env=quiet_env({"TF_CONFIG": json.dumps(chief), "PYTHONPATH": REPO,
+                         "GRPC_FAIL_FAST": "use_caller"}))
+      result = parse_result(proc.stdout)
+      if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"coordinator exited {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+      result["seconds"] = time.monotonic() - started
+      result["ps_peak_mb"] = [_status_kb("VmHWM", p.pid) / 1024
+                              for kind, _, p in servers if kind == "ps"]
+      data = [os.path.getsize(os.path.join(directory, f))
+              for f in os.listdir(directory) if ".data-" in f]
+      result["largest_data_file_mb"] = max(data) / MB
+    finally:
+      for _, _, server in servers:
+        server.terminate()
+      for _, _, server in servers:
+        try:
+          server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+          server.kill()
+          server.wait(timeout=30)
+  result.update(rows=rows, dim=dim, table_mb=rows * dim * 4 / MB)
+  return result
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rows", default="100000,4000000")
+  parser.add_argument("--dim", type=int, default=32)
+  parser.add_argument("--ps", type=int, default=2)
+  parser.add_argument("--coordinator", action="store_true",
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--dir", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.coordinator:
+    _coordinator(int(args.rows), args.dim, args.dir)
+    return
+  print(machine.header(machine.info()), flush=True)
+  print(f"{'rows':>9} {'table':>8} {'built':>7} {'save':>7} {'restore':>8} "
+        f"{'run':>7} {'ps peaks':>16} {'largest file':>13}  (MB)")
+  for rows in [int(r) for r in args.rows.split(",")]:
+    r = measure(rows, args.dim, args.ps)
+    peaks = "/".join(f"{p:.0f}" for p in r["ps_peak_mb"])
+    print(f"{rows:>9} {r['table_mb']:>8.1f} {r['built_mb']:>7.0f} "
+          f"{r['save_peak_mb']:>7.0f} {r['restore_peak_mb']:>8.0f} "
+          f"{r['run_peak_mb']:>7.0f} {peaks:>16} "
+          f"{r['largest_data_file_mb']:>13.1f}", flush=True)
+    print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+  main()
