@@ -21,3 +21,14 @@ def gan_runner(batch: int, model_dir: str):
   return controller.create(Config(
       task="examples.dcgan:DCGAN", global_batch_size=batch,
       model_dir=model_dir))
+
+
+def lm_runner(batch: int, model_dir: str, task_args: str,
+              learning_rate: float):
+  """The trainer on examples.lm:ByteLM at global batch `batch`, Adam."""
+  from trainer import controller
+  from trainer.config import Config
+  return controller.create(Config(
+      task="examples.lm:ByteLM", task_args=task_args,
+      global_batch_size=batch, optimizer="adam",
+      learning_rate=learning_rate, model_dir=model_dir))

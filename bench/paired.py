@@ -69,6 +69,22 @@ The GAN row (`--gan`; --model is then ignored), examples/dcgan.py at --batch:
                  (its two optimizers, one reduction each, per-example noise
                  from the stream position), on the framework's input pipeline
 
+The sequence row (`--lm`; --model is then ignored), examples/lm.py at
+--batch packed rows of 128 bytes (bench.lm.TASK_ARGS):
+  lm_raw         bench.lm's hand-written loop: tf.function, GradientTape,
+                 Keras' Adam, loss per real token of the batch, on the same
+                 packed rows read by the same text source (x raw = 1)
+  lm_framework   Steps.unguarded_chunk of the trainer on examples.lm:ByteLM
+                 (ctx.scale_loss(mean_over="weights"): the token total
+                 travels in the update's one reduction), on the framework's
+                 input pipeline
+
+`--clock=cpu` times each chunk by the process's CPU time instead of the
+wall clock: on a machine other processes load, wall times swing with
+scheduling (quartiles of 0.7-1.24 at load average 10-20), while the CPU a
+chunk takes barely moves; it counts the input pipeline's threads too,
+which is the same for both contenders when their pipelines match.
+
 Multi-worker (each process one worker of a MultiWorkerMirroredStrategy):
 
   python -m launch.local --workers=2 --pin_cores --trainer_module=bench.paired \
@@ -190,6 +206,11 @@ def main(argv=None) -> int:
                  help="multiworker: run under launch.local (module doc)")
   p.add_argument("--gan", action="store_true",
                  help="the GAN row: gan_raw vs gan_framework (module doc)")
+  p.add_argument("--lm", action="store_true",
+                 help="the sequence row: lm_raw vs lm_framework (module doc)")
+  p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                 help="time chunks by wall clock or by process CPU time "
+                      "(module doc)")
   p.add_argument("--on_disk", action="store_true",
                  help="in-memory arrays vs lazily read JPEGs (module doc)")
   p.add_argument("--image_size", type=int, default=64,
@@ -207,6 +228,13 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.interval is None:
     args.interval = 100 if args.end_to_end else 50
+  if args.lm and (args.gan or args.end_to_end or args.on_disk
+                  or args.mixed_precision or args.strategy != "default"):
+    raise SystemExit("bench.paired: --lm runs alone, under "
+                     "--strategy=default.")
+  if args.end_to_end and args.clock != "wall":
+    raise SystemExit("bench.paired: --end_to_end times by the wall clock "
+                     "only.")
   if args.end_to_end and (args.gan or args.strategy != "default"):
     raise SystemExit("bench.paired: --end_to_end runs the built-in task "
                      "under --strategy=default only.")
@@ -235,6 +263,13 @@ def main(argv=None) -> int:
 def _contenders(args, tmp: str) -> dict:
   if args.on_disk:
     return _on_disk(args, tmp)
+  if args.lm:
+    from bench import lm
+    args.model = "byte_lm"
+    return {"lm_raw": lm.raw_loop(args.batch),
+            "lm_framework": framework.chunk(framework.lm_runner(
+                args.batch, os.path.join(tmp, "lm"), lm.TASK_ARGS,
+                lm.LEARNING_RATE))}
   if args.gan:
     if args.strategy != "default":
       raise SystemExit("bench.paired: --gan runs under --strategy=default "
@@ -319,6 +354,7 @@ def _measure(args, tmp: str) -> int:
   # returned, which without a settle runs inside the next one's time.
   after = {name: [] for name in contenders}
   previous = None
+  clock = time.process_time if args.clock == "cpu" else time.perf_counter
   for _ in range(args.rounds):
     for name, run in contenders.items():
       if args.settle:
@@ -326,9 +362,9 @@ def _measure(args, tmp: str) -> int:
         time.sleep(args.settle)
         if previous is not None:
           after[previous].append(time.process_time() - cpu)
-      began = time.perf_counter()
+      began = clock()
       run(n)   # an eager call of a tf.function returns when it has run
-      times[name].append(time.perf_counter() - began)
+      times[name].append(clock() - began)
       previous = name
   after = after if args.settle else None
   replicas = getattr(args, "replicas", 1)
@@ -345,7 +381,8 @@ def _measure(args, tmp: str) -> int:
         f"{'s' if replicas > 1 else ''}) global batch "
         f"{args.batch}: {args.rounds} rounds of {args.interval} updates "
         "each; x raw = median over rounds of "
-        "raw time / contender time [quartiles]")
+        "raw time / contender time [quartiles]"
+        + ("; times are process CPU" if args.clock == "cpu" else ""))
   _table(times, args.interval, after)
   return 0
 
