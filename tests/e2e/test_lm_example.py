@@ -23,10 +23,11 @@ pytestmark = pytest.mark.timeout(300)
 # A tiny model; the last 100 held-out rows (22 of them partly padding,
 # where short files end) at batch 32: the last eval batch is
 # padded with weight-0 rows, which must not count as tokens.
-LM = ["--task=examples.lm:ByteLM", "--task_args=max_len=64,width=32,heads=2",
+TINY = "max_len=64,width=32,heads=2,blocks=1"
+LM = ["--task=examples.lm:ByteLM", f"--task_args={TINY}",
       "--optimizer=adam", "--learning_rate=0.01", "--global_batch_size=16",
-      "--train_steps=60", "--steps_per_loop=1", "--checkpoint_every=10",
-      "--summary_every=30", "--eval_every=60", "--eval_split=test[-100:]",
+      "--train_steps=40", "--steps_per_loop=1", "--checkpoint_every=10",
+      "--summary_every=40", "--eval_every=40", "--eval_split=test[-100:]",
       "--eval_batch_size=32", "--seed=3", "--deterministic"]
 
 
@@ -41,7 +42,7 @@ def _bits_per_byte(model_dir=None, untrained_seed=None) -> float:
     task, model = trainer.load(str(model_dir))
   else:
     keras.utils.set_random_seed(untrained_seed)
-    task = lm.ByteLM(trainer.Config(task_args="max_len=64,width=32,heads=2"))
+    task = lm.ByteLM(trainer.Config(task_args=TINY))
     model = task.build_model(None)
   source = task.source("test[-100:]")
   features, labels = source.gather(tf.range(source.num_examples,
@@ -85,9 +86,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, straight):
     stop(proc)
   resumed = run_trainer(*LM, f"--model_dir={killed}")
   match = re.search(r"restored \S+ at step (\d+)", resumed.stderr)
-  assert match and 10 <= int(match.group(1)) < 60, resumed.stderr[-2000:]
-  a = checkpoint_weights(straight[0] / "ckpt-60")
-  b = checkpoint_weights(killed / "ckpt-60")
+  assert match and 10 <= int(match.group(1)) < 40, resumed.stderr[-2000:]
+  a = checkpoint_weights(straight[0] / "ckpt-40")
+  b = checkpoint_weights(killed / "ckpt-40")
   assert any(k.startswith("state/position") for k in a), sorted(a)[:10]
   assert a.keys() == b.keys()
   for key in a:
