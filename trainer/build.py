@@ -43,6 +43,7 @@ class Backend:
   all_gather: str
   gradient_histograms: bool   # False: weights only (no synchronous step)
   profiler: bool              # the work runs in this process
+  synchronous: bool = True    # one shared update count (update_every)
 
 
 def _tpu(settings):
@@ -62,13 +63,15 @@ BACKENDS = {
     "parameter_server": Backend(
         ps_strategy.build, steps_class=ps_executor.PSSteps,
         executor_class=ps_executor.PSExecutor, all_gather="",
-        gradient_histograms=False, profiler=False),
+        gradient_histograms=False, profiler=False, synchronous=False),
 }
 
 
 def narrow(cls, config: Config, **overrides):
-  """The settings dataclass `cls` filled from the Config's fields of the
-  same names: how every part below gets only what it reads.
+  """The settings dataclass `cls` filled from the Config's fields (and
+  properties) of the same names, or from `overrides`: how every part below
+  gets only what it reads. A field that neither gives is an error, never a
+  silent default.
 
   >>> narrow(strategy_lib.Settings, Config(cpu_replicas=2)).cpu_replicas
   2
@@ -209,9 +212,10 @@ def parts(config: Config, task: Task | None = None) -> Parts:
     optimizers, variables, flag_optimizer = optimizers_of(task, config,
                                                           state, models)
   ema = make_ema(strategy, models, config.ema_decay)
-  steps = backend.steps_class(strategy, task, models, optimizers, variables,
-                              state, narrow(StepSettings, config), ema)
-  steps.all_gather_kind = backend.all_gather
+  steps = backend.steps_class(
+      strategy, task, models, optimizers, variables, state,
+      narrow(StepSettings, config, all_gather=backend.all_gather,
+             synchronous=backend.synchronous), ema)
   objects = {"model": trackable(models, MAIN),
              "optimizer": trackable(optimizers, "optimizer"),
              "global_step": state.global_step, "state": state,
@@ -257,7 +261,8 @@ def assemble(config: Config, task: Task | None = None) -> dict:
   def make_eval_steps(strategy, models):
     # Evaluation only: no optimizer, one micro-batch.
     return Steps(strategy, built.task, models, {}, {}, built.state,
-                 narrow(StepSettings, config, grad_accum_steps=1))
+                 narrow(StepSettings, config, grad_accum_steps=1,
+                        all_gather="collective", synchronous=True))
 
   executor = backend.executor_class(
       built, narrow(executors.Settings, config,

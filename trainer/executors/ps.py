@@ -95,7 +95,6 @@ class PSSteps(Steps):
   # Workers update the ps-hosted variables concurrently: a shadow copy of
   # them could not be restored per worker. The guard stays per update.
   chunk_guard = False
-  is_parameter_server = True
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)

@@ -56,6 +56,7 @@ import keras
 import tensorflow as tf
 
 from layers import seeds as layer_seeds
+from trainer import compat
 from trainer.errors import UserError
 from trainer.step import sparse
 
@@ -318,16 +319,16 @@ class StepContext:
   def all_gather(self, value, axis: int = 0):
     """Concatenation of `value` from every replica along `axis`, in replica
     order, which is global batch order: the same on every topology."""
-    if self._steps.is_parameter_server:
+    kind = self._steps.all_gather_kind
+    if not kind:
       raise UserError(
           "ctx.all_gather is not available under --strategy=parameter_server "
           "(workers do not step together); use --strategy=mirrored or "
           "multiworker.")
     context = tf.distribute.get_replica_context()
-    if isinstance(self._steps.strategy,
-                  tf.distribute.MultiWorkerMirroredStrategy):
+    if kind == "by_sum":
       return tf.nest.map_structure(
-          lambda x: _gather_by_sum(context, x, axis), value)
+          lambda x: compat.all_gather_by_sum(context, x, axis), value)
     return context.all_gather(value, axis)
 
 
@@ -374,24 +375,6 @@ def _terms_in(loss, terms):
 
 # Ops that take an input pipeline's resource, not a variable's.
 _INPUT_OPS = ("Iterator", "MultiDeviceIterator", "Optional")
-
-
-def _gather_by_sum(context, value, axis: int):
-  """all_gather as an all-reduce: each replica puts its rows in its own
-  block of zeros, the SUM is every replica's rows in replica order. Used
-  under multi-worker, where TF 2.21's ReplicaContext.all_gather fails at
-  trace time ("ValueError: destinations can not be empty"). Exact (one
-  non-zero term per element) and differentiable (the all-reduce's
-  gradient is an all-reduce). Needs the same shape on every replica,
-  which the step has (global batch divisible by the replicas)."""
-  value = tf.convert_to_tensor(value)
-  replicas = context.num_replicas_in_sync
-  mine = tf.one_hot(context.replica_id_in_sync_group, replicas,
-                    dtype=value.dtype)
-  mine = tf.reshape(mine, [replicas] + [1] * value.shape.rank)
-  summed = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                              mine * value[None])
-  return tf.concat(tf.unstack(summed, num=replicas), axis=axis)
 
 
 def seeds_scope(steps, meta):

@@ -84,6 +84,11 @@ class StepSettings:
   mixed_precision: str = "float32"
   clip_norm: float = 0.0
   jit_compile: bool = False
+  # What the backend can do (trainer.build's table): ctx.all_gather's kind
+  # ("collective", "by_sum" or "" for none), and whether every replica
+  # steps together on one shared update count (not under parameter servers).
+  all_gather: str = "collective"
+  synchronous: bool = True
 
   @property
   def micro_batch_size(self) -> int:
@@ -99,7 +104,6 @@ class Steps:
 
   sums_class = MetricSums   # executors.ps swaps in a reader for the coordinator
   chunk_guard = True        # unguarded_chunk available (parameter servers: no)
-  is_parameter_server = False
 
   def __init__(self, strategy, task, models: dict, optimizers: dict,
                optimizer_variables: dict, state, config: StepSettings,
@@ -110,7 +114,8 @@ class Steps:
     self.optimizers = optimizers
     self.optimizer_variables = optimizer_variables
     # name -> N of the optimizers that apply every N-th update only.
-    self.every = _schedules(task, optimizers, self.is_parameter_server)
+    self.every = _schedules(task, optimizers, not config.synchronous)
+    self.all_gather_kind = config.all_gather
     self.state = state
     self.ema = ema
     self.seed = config.seed
@@ -640,7 +645,7 @@ def _one_local_replica(strategy) -> bool:
   return len(strategy.extended.worker_devices) == 1
 
 
-def _schedules(task, optimizers: dict, is_parameter_server: bool) -> dict:
+def _schedules(task, optimizers: dict, asynchronous: bool) -> dict:
   """name -> N of every optimizer with Task.update_every(name) = N > 1."""
   every = {}
   for name in optimizers:
@@ -652,7 +657,7 @@ def _schedules(task, optimizers: dict, is_parameter_server: bool) -> dict:
           "N-th update).")
     if n > 1:
       every[name] = int(n)
-  if every and is_parameter_server:
+  if every and asynchronous:
     name, n = next(iter(every.items()))
     raise UserError(
         f"update_every({name!r}) = {n} is not available under "
