@@ -5,20 +5,11 @@ hand-written loop that makes every gradient dense.
 Mirrored(2) runs in one child process, with test_weighted_loss.py's
 mirrored checks (logical CPU devices must exist before TensorFlow starts)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_CHILD = os.environ.get("WEIGHTED_TEST_CHILD") == "1"
-if _CHILD:
-  import tensorflow as _tf
-  _tf.config.set_logical_device_configuration(
-      _tf.config.list_physical_devices("CPU")[0],
-      [_tf.config.LogicalDeviceConfiguration()] * 2)
+import two_replicas  # noqa: E402
+from two_replicas import IN_CHILD as _CHILD
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -159,17 +150,10 @@ def test_child_mirrored_sparse(tmp_path, accum):
 
 
 @pytest.mark.skipif(_CHILD, reason="the parent of the mirrored child")
-def test_mirrored_two_replicas(tmp_path):
-  env = dict(os.environ, WEIGHTED_TEST_CHILD="1", TF_CPP_MIN_LOG_LEVEL="2")
-  repo = Path(__file__).resolve().parents[2]
-  env["PYTHONPATH"] = os.pathsep.join([str(repo), str(repo / "tests"),
-                                       env.get("PYTHONPATH", "")])
-  here = Path(__file__).resolve().parent
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly",
-       "-p", "no:cacheprovider",
-       f"{here / 'test_sparse_step.py'}::test_child_mirrored_sparse",
-       f"{here / 'test_weighted_loss.py'}::test_child_mirrored"],
-      cwd=repo, env=env, capture_output=True, text=True, timeout=280)
-  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-  assert "3 passed" in proc.stdout, proc.stdout[-2000:]
+def test_mirrored_two_replicas():
+  # This file's, test_weighted_loss.py's and test_update_every.py's
+  # mirrored(2) checks, in one child process.
+  two_replicas.run_child(
+      ["tests/unit/test_sparse_step.py::test_child_mirrored_sparse",
+       "tests/unit/test_weighted_loss.py::test_child_mirrored",
+       "tests/unit/test_update_every.py::test_child_mirrored"], passed=5)

@@ -5,20 +5,10 @@ and mirrored(2) (a child process: logical CPU devices must be configured
 before TensorFlow starts), K = 1 and 2; a resumed run bit-identical to an
 uninterrupted one; refusals."""
 
-import os
-from pathlib import Path
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-_CHILD = os.environ.get("UPDATE_EVERY_TEST_CHILD") == "1"
-if _CHILD:
-  import tensorflow as _tf
-  _tf.config.set_logical_device_configuration(
-      _tf.config.list_physical_devices("CPU")[0],
-      [_tf.config.LogicalDeviceConfiguration()] * 2)
+from two_replicas import IN_CHILD as _CHILD
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -298,19 +288,3 @@ def test_gradient_penalty_of_a_linear_critic_equals_numpy():
 def test_child_mirrored(tmp_path, accum):
   _check_equals_hand_written(tmp_path, strategy="mirrored", cpu_replicas=2,
                              grad_accum_steps=accum)
-
-
-@pytest.mark.skipif(_CHILD, reason="the parent of the mirrored child")
-def test_mirrored_two_replicas():
-  env = dict(os.environ, UPDATE_EVERY_TEST_CHILD="1",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  repo = Path(__file__).resolve().parents[2]
-  env["PYTHONPATH"] = os.pathsep.join([str(repo), str(repo / "tests"),
-                                       env.get("PYTHONPATH", "")])
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly",
-       "-p", "no:cacheprovider",
-       f"{Path(__file__).resolve()}::test_child_mirrored"],
-      cwd=repo, env=env, capture_output=True, text=True, timeout=280)
-  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-  assert "2 passed" in proc.stdout, proc.stdout[-2000:]

@@ -5,17 +5,10 @@ NumPy. Mirrored(2) runs in the child process that
 test_sparse_step.py::test_mirrored_two_replicas starts (logical CPU devices
 must be configured before TensorFlow starts)."""
 
-import os
-
 import numpy as np
 import pytest
 
-_CHILD = os.environ.get("WEIGHTED_TEST_CHILD") == "1"
-if _CHILD:
-  import tensorflow as _tf
-  _tf.config.set_logical_device_configuration(
-      _tf.config.list_physical_devices("CPU")[0],
-      [_tf.config.LogicalDeviceConfiguration()] * 2)
+from two_replicas import IN_CHILD as _CHILD
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
