@@ -36,7 +36,7 @@ synthetic), printed with the share of end_to_end spent inside the chunks.
 
   python -m bench.paired --end_to_end --model=cnn --batch=32 --rounds=20
 
-On-disk input (`--on_disk`; issue 15's goal: >= 0.9 of in-memory), the
+On-disk input (`--on_disk`; the goal: >= 0.9 of in-memory), the
 trainer's chunk (cnn, Adam, --batch) on three sources of one shape
 (--image_size, square, 1 channel):
   in_memory     --dataset=synthetic arrays of that shape (x raw = 1)

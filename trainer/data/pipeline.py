@@ -101,8 +101,8 @@ def _positions(start: int, step: int = 1):
   collective per micro-batch (measured in-process, 2 pinned workers, the
   cnn: 49 vs 64 updates/s). Not `Dataset.counter`: it is a scan calling a
   function per position, ~1 ms of CPU per batch of 32 (0.06 here) on the
-  cores the step runs on (issue 18: the chunk ran at 0.84 of the raw loop
-  with it, 0.98 without, bench.paired-style A/B at cnn batch 32)."""
+  cores the step runs on (the chunk ran at 0.84 of the raw loop with it,
+  0.98 without, bench.paired-style A/B at cnn batch 32)."""
   return tf.data.Dataset.range(start, 2 ** 62, step).repeat()
 
 
