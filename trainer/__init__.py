@@ -1,9 +1,19 @@
 """A custom-training-loop framework for TensorFlow 2.
 
 The Python API: subclass `Task`, build a `Config`, call `train` or
-`evaluate`; `load(model_dir)` gives a finished run's task and model. The CLI (`python -m trainer.main`) runs the same loop.
-Names load lazily so that `import trainer.config` (flag checks) does not
-import TensorFlow.
+`evaluate`; `load(model_dir)` gives a finished run's task and model. The
+CLI (`python -m trainer.main`) runs the same loop. Names load lazily so
+that `import trainer.config` (flag checks) does not import TensorFlow.
+
+  >>> import tempfile, trainer
+  >>> run = tempfile.mkdtemp()
+  >>> result = trainer.train(trainer.Config(
+  ...     model="mlp", train_steps=3, eval_every=0, model_dir=run))
+  >>> result["global_step"], 0.0 <= result["eval_accuracy"] <= 1.0
+  (3, True)
+  >>> task, model = trainer.load(run)
+  >>> len(trainer.load.weights(model)) > 0
+  True
 """
 
 import importlib

@@ -32,7 +32,7 @@ MODULES = _modules_with_examples()
 
 
 def test_there_are_examples():
-  assert {"trainer.cli", "trainer.build", "trainer.config"} <= set(MODULES)
+  assert {"trainer", "trainer.cli", "trainer.build", "trainer.config"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
