@@ -383,14 +383,16 @@ def test_epochs_resolve_and_refusal():
   from trainer.config import Config
   from trainer.errors import UserError
   sized = types.SimpleNamespace(
-      source=lambda split: types.SimpleNamespace(num_examples=1500))
+      source=lambda split: types.SimpleNamespace(num_examples=1500),
+      own_train_dataset=lambda: None)
   config = Config(epochs=2, eval_every_epochs=0.5, summary_every_epochs=0.25,
                   global_batch_size=64, mode="train")
   resolved = epochs.resolve(config, sized, log=False)
   assert (resolved.train_steps, resolved.eval_every,
           resolved.summary_every) == (47, 12, 6)
   assert epochs.resolve(Config(), sized, log=False) == Config()
-  streaming = types.SimpleNamespace(train_dataset=lambda **kw: None)
+  streaming = types.SimpleNamespace(
+      own_train_dataset=lambda: (lambda **kw: None))
   with pytest.raises(UserError, match="this task streams train_dataset"):
     epochs.resolve(config, streaming)
   assert epochs.resolve(Config(), streaming) == Config()
