@@ -3,7 +3,6 @@ wait for config.json, an evaluator that evaluated nothing, a checkpoint
 message that names the directory it means, the hint for a float32 value in
 mixed-precision compute."""
 
-import logging
 import types
 
 import pytest
