@@ -4,6 +4,7 @@ context, with its reduction named at the call site."""
 import tensorflow as tf
 
 
+@tf.autograph.experimental.do_not_convert   # no control flow on tensors
 def reduce_per_replica(values, strategy, how: str):
   """`values` (a nest of per-replica values, as strategy.run returns) as
   one value:

@@ -343,6 +343,7 @@ def _filled(gradients, variables) -> list:
           for g, v in zip(gradients, variables)]
 
 
+@tf.autograph.experimental.do_not_convert   # graph bookkeeping only
 def _terms_in(loss, terms):
   """(ids of the weighted terms `loss` depends on, whether it also depends
   on variables other than through them), read from the traced graph."""

@@ -10,10 +10,17 @@ rows of repeated indices, and the parts a norm or finite check reads.
 import tensorflow as tf
 
 
+# Called while the step is traced; no control flow on tensors (the checks
+# are on Python types), so AutoGraph need not convert them.
+_plain_python = tf.autograph.experimental.do_not_convert
+
+
+@_plain_python
 def is_sparse(gradient) -> bool:
   return isinstance(gradient, tf.IndexedSlices)
 
 
+@_plain_python
 def as_float32(gradient):
   """The gradient in float32, sparse if it was."""
   if is_sparse(gradient):
@@ -22,6 +29,7 @@ def as_float32(gradient):
   return tf.convert_to_tensor(gradient, tf.float32)
 
 
+@_plain_python
 def scale(gradient, factor):
   """gradient * factor (a scalar tensor), sparse if it was."""
   if is_sparse(gradient):
@@ -30,6 +38,7 @@ def scale(gradient, factor):
   return gradient * factor
 
 
+@_plain_python
 def add(a, b):
   """a + b. Two slices: their concatenation (repeated indices are summed
   where a reader needs it, see combine_repeated). A dense and a sparse
@@ -47,6 +56,7 @@ def add(a, b):
   return a + b
 
 
+@_plain_python
 def combine_repeated(gradient):
   """Slices with each index once (the rows of a repeated index summed):
   what the gradient's norm and a sparse optimizer update need. Dense
@@ -59,6 +69,7 @@ def combine_repeated(gradient):
   return tf.IndexedSlices(values, unique, gradient.dense_shape)
 
 
+@_plain_python
 def norm_parts(gradients) -> list:
   """Tensors whose global norm is the gradients' (slices: their values,
   so combine_repeated first)."""

@@ -74,6 +74,10 @@ from trainer.step.metric_sums import WEIGHTS_SUFFIX, MetricSums
 
 _SUM = tf.distribute.ReduceOp.SUM
 
+# Bookkeeping called while the step is traced, with no control flow on
+# tensors: AutoGraph's conversion of it cost ~0.8 s of every start.
+_plain_python = tf.autograph.experimental.do_not_convert
+
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
@@ -168,6 +172,7 @@ class Steps:
         f"the task has models {sorted(self.models)} and none is named "
         "'model': name the main one 'model' or use ctx.models[NAME].")
 
+  @_plain_python
   def optimizer_name(self, name: str | None) -> str:
     if name is None:
       if len(self.optimizers) != 1:
@@ -189,6 +194,7 @@ class Steps:
     number = tf.convert_to_tensor(self.state.global_step) + 1
     return tf.equal(number % every, 0)
 
+  @_plain_python
   def loss_scale(self):
     return self.state.loss_scale if self.fp16 else None
 
@@ -288,6 +294,7 @@ class Steps:
           tf.cast(meta["skipped"], tf.float32))
     return ctx.handed, stats
 
+  @_plain_python
   def _sums_of(self, metrics, weight) -> dict:
     if not isinstance(metrics, dict):
       raise UserError(f"Task.train_step/eval_step must return a dict of "
@@ -384,6 +391,7 @@ class Steps:
                          "updates": share})
     return reduced, grads_finite, loss_finite
 
+  @_plain_python
   def combine(self, name, values) -> list:
     """One gradient per variable from a reduced hand-over laid out as
     ctx.layouts[name] says: the per-example part plus each
