@@ -203,3 +203,42 @@ class LocalSimCLR(simclr.SimCLR):
       loss = ctx.scale_loss(per_example)
     ctx.minimize(tape, loss)
     return {"loss": per_example}
+
+
+class BlockingDigits(ClassificationTask):
+  """The mlp on digits whose training input blocks forever, once: the first
+  time worker `block_worker` (TF_CONFIG's task index; 0 without one)
+  preprocesses a batch holding stream position `block_position` or later,
+  and `marker` does not exist yet, it writes `marker` and waits forever
+  (a read stuck on a dead file system, with the process alive). A restart
+  finds the marker and reads on. --task_args=block_position=P,
+  block_worker=W,marker=PATH; the batches are the built-in digits ones."""
+
+  def __init__(self, config):
+    super().__init__(config, model_fn=layers.get("mlp"))
+    args = config.task_kwargs
+    self._block_at = int(args["block_position"])
+    self._block_worker = int(args.get("block_worker", 0))
+    self._marker = args["marker"]
+
+  def preprocess(self, features, labels, meta, training):
+    images, labels = super().preprocess(features, labels, meta, training)
+    if not training:
+      return images, labels
+    flag = tf.numpy_function(self._maybe_block, [meta["pos"]], tf.int64,
+                             stateful=True)
+    with tf.control_dependencies([flag]):
+      return tf.identity(images), labels
+
+  def _maybe_block(self, positions):
+    import json
+    import os
+    import threading
+    task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {})
+    if (int(task.get("index", 0)) == self._block_worker
+        and positions.max() >= self._block_at
+        and not os.path.exists(self._marker)):
+      with open(self._marker, "w") as f:
+        f.write(f"{os.getpid()} {int(positions.max())}\n")
+      threading.Event().wait()   # the stuck read: forever
+    return np.int64(0)

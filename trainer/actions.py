@@ -43,6 +43,7 @@ class LoopSettings:
   max_rollbacks: int = 3
   skip_corrupt: bool = False
   eval_timeout_s: float = 3600.0
+  hang_timeout_s: float = 120.0      # trainer.hang's floor; 0: no watch
   # The --lr_schedule's inputs (optim.learning_rate_at), for the scalar.
   learning_rate: float = 1e-3
   warmup_steps: int = 0

@@ -36,6 +36,7 @@ class Config:
   cluster_resolver: str = "tf_config"
   collective: str = "auto"
   peer_timeout_s: float = 120.0
+  hang_timeout_s: float = 120.0
   tpu: str = ""
   ps_shard_min_bytes: int = 256 << 10
   # What to train.
@@ -181,6 +182,15 @@ _HELP = {
                       "the cluster, resolving peers' host names, and "
                       "(parameter_server) a coordinator without any worker; "
                       "a dead peer makes the others exit non-zero within it.",
+    "hang_timeout_s": "A training update (its input fetch, step and "
+                      "collectives) that makes no progress for max(this, 10 "
+                      "x the median update time) is a hang: the process "
+                      "logs every thread's stack and exits 142, which "
+                      "launch.local --max_restarts restarts from the last "
+                      "checkpoint. Tracing is not watched, saves and "
+                      "evaluation neither; until the first update after "
+                      "start-up, a trace, a save or an evaluation the "
+                      "bound is 5 x longer. 0: off.",
     "tpu": "TPU name or 'local' for --strategy=tpu.",
     "ps_shard_min_bytes": "parameter_server: variables larger than this are "
                           "sharded across the ps tasks.",
@@ -478,6 +488,7 @@ _MAX_EXAMPLES = 1 << 40
 # Float flags and their (minimum, maximum); every one must be finite.
 _FLOAT_RANGE = {
     "learning_rate": (0.0, 1e6), "peer_timeout_s": (0.0, 1e6),
+    "hang_timeout_s": (0.0, 1e6),
     "momentum": (0.0, 1.0), "weight_decay": (0.0, 1e6),
     "clip_norm": (0.0, 1e30), "early_stopping_min_delta": (0.0, 1e30),
     "eval_timeout_s": (0.0, 1e9),

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from trainer import actions as actions_lib
 from trainer import best as best_lib
-from trainer import build, rundir, summary, watch
+from trainer import build, hang, rundir, summary, watch
 from trainer.actions import LoopSettings, Preempted, Tick  # noqa: F401
 from trainer.config import Config
 from trainer.errors import UserError
@@ -43,6 +43,7 @@ class Controller:
     self.summaries = None   # the TrainSummaries action of the current run
     # Extra actions, run after the built-in ones (a user's, the bench's).
     self.extra_actions = list(actions or [])
+    self.hang = None   # the hang watch while train() runs (trainer.hang)
 
   # The parts tests and instruments read (the controller only reads them).
   strategy = property(lambda self: self.parts.strategy)
@@ -78,6 +79,8 @@ class Controller:
                                      self.role.is_chief)
 
   def save(self) -> None:
+    if self.hang is not None:
+      self.hang.note_pause()
     path = self.checkpointer.save(self.global_step)
     if path:
       logging.info("saved checkpoint %s", path)
@@ -92,6 +95,8 @@ class Controller:
   def evaluate(self) -> dict:
     """Metrics of the eval split: with --ema_decay, of the moving average
     (and the raw weights' under raw/ in TensorBoard), else of the weights."""
+    if self.hang is not None:
+      self.hang.note_pause()
     ema = self.parts.ema
     raw = None
     if ema is not None:
@@ -133,9 +138,14 @@ class Controller:
       self.writers.config(self.global_step, self.record)
     stop = _StopSignal().install()
     try:
+      self.hang = self._hang_watch()
       with self._translated_errors():
         result.update(self._train_chunks(stop, evaluate))
     finally:
+      if self.hang is not None:
+        self.hang.stop()
+        self.hang = None
+        self.steps.on_trace = None
       stop.uninstall()
       self._profiler.stop()
       self.progress.close()
@@ -181,6 +191,25 @@ class Controller:
     self.executor.probe, self.executor.profiler = (self._wait_probe,
                                                    self._profiler)
 
+  def _hang_watch(self):
+    """The hang watch over the chunks (None with --hang_timeout_s=0): its
+    progress counter is this process's copy of the stream position, which
+    every update advances (applied or skipped), read without a collective."""
+    settings = self.settings
+    if settings.hang_timeout_s <= 0:
+      return None
+    position = self.strategy.experimental_local_results(
+        self.state.position)[0]
+    role = self.role
+    watch = hang.HangWatch(
+        settings.hang_timeout_s, lambda: int(position.numpy()),
+        {"strategy": type(self.strategy).__name__,
+         "worker": f"{role.worker_index} of {role.num_workers}",
+         "executor": type(self.executor).__name__})
+    # Tracing a training function is not a step (hang.START_FACTOR).
+    self.steps.on_trace = watch.note_trace
+    return watch.start()
+
   def actions(self, evaluate: bool, stop_signal) -> list:
     """The actions after each chunk, in order."""
     summaries = actions_lib.TrainSummaries(self)
@@ -211,8 +240,10 @@ class Controller:
     iterator = self.executor.start()
     while step < settings.train_steps:
       began = time.perf_counter()
-      iterator = self.executor.run(iterator, step,
-                                   self._next_boundary(step) - step)
+      with self._watched(step) as chunk:
+        iterator = self.executor.run(iterator, step,
+                                     self._next_boundary(step) - step)
+        chunk.updates = self.global_step - step
       before, step = step, self.global_step
       tick = Tick(before, step, step >= settings.train_steps,
                   time.perf_counter() - began)
@@ -230,6 +261,12 @@ class Controller:
       if tick.stop:
         break
     return summaries.last
+
+  def _watched(self, step: int):
+    """The hang watch over one chunk (a no-op without a watch)."""
+    if self.hang is None:
+      return contextlib.nullcontext(hang.ChunkRecord())
+    return self.hang.chunk(step)
 
   def _next_boundary(self, step: int) -> int:
     """The next step at which something happens between chunks."""

@@ -13,6 +13,8 @@ DISK_FULL = 74      # EX_IOERR: a checkpoint could not be written (no space / qu
 PREEMPTED = 75      # EX_TEMPFAIL: SIGTERM/SIGINT, checkpoint saved; run the same command again
 TIMEOUT = 124       # launch.local --timeout_s ran out (same code as coreutils `timeout`)
 WATCHDOG = 137      # 128 + SIGKILL: the multiworker start-up watchdog ended a cluster that never formed
+HANG = 142          # 128 + SIGALRM: no training progress within --hang_timeout_s (trainer/hang.py);
+                    # >= 128, so a Kubeflow restartPolicy ExitCode retries it too
 
 # Codes a restart cannot fix: a config error repeats, a full disk stays full,
 # a preemption must be rescheduled, not restarted.
@@ -28,4 +30,5 @@ MEANINGS = {
     PREEMPTED: "preempted, checkpoint saved",
     TIMEOUT: "launcher time limit",
     WATCHDOG: "cluster did not form (start-up watchdog)",
+    HANG: "a training step hung (no progress within the hang bound)",
 }

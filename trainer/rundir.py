@@ -36,7 +36,8 @@ HISTORY_FILE = "history.jsonl"
 # own command line (or their defaults), never from config.json.
 PROCESS_FIELDS = frozenset({
     "strategy", "cpu_replicas", "cluster_resolver", "collective",
-    "peer_timeout_s", "tpu", "ps_shard_min_bytes", "model_dir", "mode",
+    "peer_timeout_s", "hang_timeout_s", "tpu", "ps_shard_min_bytes",
+    "model_dir", "mode",
     "checkpoint", "eval_timeout_s", "progress", "profile_steps",
     "histograms_every", "keep_best", "early_stopping_patience"})
 

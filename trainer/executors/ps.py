@@ -112,12 +112,14 @@ class PSSteps(Steps):
     return None
 
   def _train_chunk(self, iterator, num_updates, slot):
+    self.noting_trace(True)
     slot = tf.reshape(slot, [1])
     done = tf.gather(self.progress, slot)[0]
     for _ in tf.range(num_updates - done):
       tick = compat.scatter_add(self.progress, slot, tf.ones([1], tf.int64))
       with tf.control_dependencies([tick]):
         self._one_update(iterator)
+    self.noting_trace(False)
 
   def reset_progress(self):
     self.progress.assign(tf.zeros([_SLOTS], tf.int64))

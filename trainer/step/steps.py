@@ -108,6 +108,10 @@ class Steps:
 
   sums_class = MetricSums   # executors.ps swaps in a reader for the coordinator
   chunk_guard = True        # unguarded_chunk available (parameter servers: no)
+  # on_trace(True) when a training function's trace begins, on_trace(False)
+  # when its Python body ends: the hang watch does not count tracing as a
+  # stalled step (trainer.hang).
+  on_trace = None
 
   def __init__(self, strategy, task, models: dict, optimizers: dict,
                optimizer_variables: dict, state, config: StepSettings,
@@ -523,10 +527,19 @@ class Steps:
     guard.count(self.state, ok, grads_finite, loss_finite, self.update_batch,
                 self.fp16)
 
+  @_plain_python
+  def noting_trace(self, active: bool) -> None:
+    """Tells on_trace that a training function's trace begins or ends
+    (called from their Python bodies: at trace time only)."""
+    if self.on_trace is not None:
+      self.on_trace(active)
+
   def _guarded_loop(self, iterator, num_updates):
     """`num_updates` must be a tensor: a Python int would retrace per value."""
+    self.noting_trace(True)
     for _ in tf.range(num_updates):
       self._one_update(iterator)
+    self.noting_trace(False)
 
   def _unguarded_chunk(self, iterator, num_updates):
     """Up to `num_updates` (>= 1) unguarded updates; False if one was
@@ -534,6 +547,7 @@ class Steps:
     guarded_loop, from a new iterator: this one may be a batch ahead).
     Fetches ahead (module doc) unless the iterator says not to: the
     input-wait probe's timed iterator measures the fetch on demand."""
+    self.noting_trace(True)
     self.shadow.save()
     state, first = self.state, self._first
     ahead = self.fetch_ahead and getattr(iterator, "fetch_ahead", True)
@@ -558,6 +572,7 @@ class Steps:
         lambda i, ok, *_: tf.logical_and(ok, i < num_updates), body,
         (tf.zeros([], num_updates.dtype), tf.constant(True),
          *([next(iterator)] if ahead else [])))
+    self.noting_trace(False)
     return ok
 
   def _first(self, value):
