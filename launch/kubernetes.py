@@ -4,6 +4,11 @@
       --strategy=multiworker --train_steps=1000 --model_dir=gs://bucket/run1 | kubectl apply -f -
 
 The TF operator sets TF_CONFIG in every pod itself; the pods find each other on port 2222.
+
+Restart policy (--restart_policy): OnFailure (the default) restarts a pod after any non-zero
+exit, a hang's 142 included. ExitCode restarts only exits 128-255, which the operator takes for
+retryable (the trainer's 137, a cluster that did not form, and 142, a hang, are in that range
+on purpose; trainer/exitcodes.py), and fails the job on 1-127.
 """
 
 import re
@@ -69,8 +74,9 @@ def _define(fv):
   flags.DEFINE_string("image", None, "Container image holding this project.", flag_values=fv)
   flags.DEFINE_string("namespace", "default", "Kubernetes namespace.", flag_values=fv)
   flags.DEFINE_string("name", "tf-train", "TFJob name (a DNS label).", flag_values=fv)
-  flags.DEFINE_enum("restart_policy", "OnFailure", RESTART_POLICIES, "Pod restart policy.",
-                    flag_values=fv)
+  flags.DEFINE_enum("restart_policy", "OnFailure", RESTART_POLICIES,
+                    "Pod restart policy: OnFailure restarts any non-zero exit; ExitCode only "
+                    "128-255 (137: cluster did not form, 142: a hang).", flag_values=fv)
   flags.DEFINE_string("cpu", None, "CPU request and limit per pod, e.g. 4 or 500m.",
                       flag_values=fv)
   flags.DEFINE_string("memory", None, "Memory request and limit per pod, e.g. 8Gi.",

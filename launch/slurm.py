@@ -5,6 +5,13 @@
 
 Each Slurm task is one worker; the trainer's Slurm cluster resolver builds the cluster from the
 SLURM_* variables srun sets, so no TF_CONFIG is written.
+
+Restart policy: the script runs the step again (every worker, same allocation) after an exit
+that a restart can fix, at most --max_restarts times, as launch.local --max_restarts does:
+the workers resume from the last checkpoint. Codes in trainer/exitcodes.py NOT_RETRYABLE
+(0 done, 2 usage, 74 disk full, 75 preempted) end the job with that code; any other (a hang,
+142; a lost peer, 4; a cluster that did not form, 137; a bug, 1) restarts it. srun reports the
+highest exit code of its tasks (128 + N for a task killed by signal N).
 """
 
 import re
@@ -14,6 +21,7 @@ from absl import app
 from absl import flags
 
 from launch import cli
+from launch import codes
 
 PORT_ENV = "TRAINER_SLURM_PORT_BASE"  # trainer.distribute.strategy passes it to SlurmClusterResolver
 _TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
@@ -33,7 +41,7 @@ def trainer_command(trainer_args):
 
 
 def script(nodes, trainer_args, tasks_per_node=1, job_name="tf-train", time="01:00:00",
-           partition=None, cpus_per_task=None, port=None):
+           partition=None, cpus_per_task=None, port=None, max_restarts=3):
   """Returns the sbatch script text."""
   lines = ["#!/bin/bash",
            f"#SBATCH --job-name={job_name}",
@@ -52,7 +60,25 @@ def script(nodes, trainer_args, tasks_per_node=1, job_name="tf-train", time="01:
             "export SLURM_KILL_BAD_EXIT=1"]
   if port is not None:
     lines.append(f"export {PORT_ENV}={port}")
-  lines += ["", " ".join(shlex.quote(a) for a in trainer_command(trainer_args)), ""]
+  final = "|".join(str(c) for c in sorted(codes.NOT_RETRYABLE))
+  lines += ["",
+            "train() {",
+            "  " + " ".join(shlex.quote(a) for a in trainer_command(trainer_args)),
+            "}",
+            "",
+            f"# Restart policy: run the step again after a retryable exit, at most {max_restarts}",
+            "# times (the workers resume from the last checkpoint); exits "
+            f"{final.replace('|', ', ')} are final.",
+            "restarts=0",
+            "while true; do",
+            "  code=0",
+            "  train || code=$?",
+            f'  case "$code" in {final}) exit "$code" ;; esac',
+            f'  if [ "$restarts" -ge {max_restarts} ]; then exit "$code"; fi',
+            "  restarts=$((restarts + 1))",
+            f'  echo "launch.slurm: restart $restarts/{max_restarts} after exit $code" >&2',
+            "done",
+            ""]
   return "\n".join(lines)
 
 
@@ -65,6 +91,9 @@ def _define(fv):
                       flag_values=fv)
   flags.DEFINE_integer("cpus_per_task", None, "CPUs per worker.", flag_values=fv)
   flags.DEFINE_integer("port", None, f"Base port for the workers (exported as {PORT_ENV}).",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_restarts", 3, "Run the step again after a retryable exit (a hang, "
+                       "a lost peer, a bug; not 0, 2, 74, 75) at most this many times.",
                        flag_values=fv)
 
 
@@ -84,8 +113,10 @@ def _main(argv):
     cli.check(fv.cpus_per_task >= 1, "cpus_per_task", fv.cpus_per_task, "must be >= 1")
   if fv.port is not None:
     cli.check(1024 <= fv.port <= 65535, "port", fv.port, "must lie in 1024..65535")
+  cli.check(0 <= fv.max_restarts <= 1000, "max_restarts", fv.max_restarts,
+            "must lie in 0..1000")
   print(script(fv.nodes, trainer_args, fv.tasks_per_node, fv.job_name, fv.time, fv.partition,
-               fv.cpus_per_task, fv.port), end="")
+               fv.cpus_per_task, fv.port, fv.max_restarts), end="")
   return 0
 
 

@@ -79,7 +79,7 @@ def test_slurm_script():
                "#SBATCH --time=02:30:00", "#SBATCH --partition=cpu",
                "#SBATCH --cpus-per-task=8", "export TRAINER_SLURM_PORT_BASE=9000"):
     assert line in lines
-  (srun,) = [line for line in lines if line.startswith("srun ")]
+  (srun,) = [line.strip() for line in lines if line.strip().startswith("srun ")]
   assert shlex.split(srun) == ["srun", "python", "-m", "trainer.main", "--strategy=multiworker",
                                "--cluster_resolver=slurm", "--train_steps=100",
                                "--model_dir=/scratch/run 1"]
@@ -90,7 +90,8 @@ def test_slurm_keeps_the_users_strategy_and_resolver():
   proc = launch("slurm", "--nodes=1", "--", "--strategy=multiworker",
                 "--cluster_resolver=slurm")
   assert proc.returncode == 0, proc.stderr
-  (srun,) = [line for line in proc.stdout.splitlines() if line.startswith("srun ")]
+  (srun,) = [line.strip() for line in proc.stdout.splitlines()
+             if line.strip().startswith("srun ")]
   assert srun.count("--strategy") == 1 and srun.count("--cluster_resolver") == 1
   assert "#SBATCH --partition" not in proc.stdout
   assert "TRAINER_SLURM_PORT_BASE" not in proc.stdout
@@ -109,6 +110,7 @@ def test_slurm_keeps_the_users_strategy_and_resolver():
     ("slurm", ["--", "--x"], "--nodes"),
     ("slurm", ["--nodes=1", "--time=2h"], "--time=2h"),
     ("slurm", ["--nodes=1", "--tasks_per_node=0"], "--tasks_per_node=0"),
+    ("slurm", ["--nodes=1", "--max_restarts=-1"], "--max_restarts=-1"),
 ])
 def test_bad_flags_exit_2_with_one_line(tool, args, flag):
   proc = launch(tool, *args)
@@ -116,3 +118,43 @@ def test_bad_flags_exit_2_with_one_line(tool, args, flag):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"launch.{tool}: ") and flag in lines[0]
   assert proc.stdout == ""
+
+
+FAKE_SRUN = """#!/bin/bash
+# Exits with the next code of $SRUN_CODES (one per call); records each call.
+n=$(wc -l < "$SRUN_CALLS" 2>/dev/null || echo 0)
+echo "$*" >> "$SRUN_CALLS"
+codes=($SRUN_CODES)
+exit "${codes[$n]}"
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("codes, restarts, calls, final", [
+    ("142 0", 3, 2, 0),            # a hang: the step runs again and finishes
+    ("4 137 142 0", 3, 4, 0),      # a lost peer, a cluster that never formed, a hang
+    ("142 142 142", 2, 3, 142),    # out of restarts: the last code
+    ("2", 3, 1, 2),                # usage: a restart would repeat it
+    ("75", 3, 1, 75),              # preempted: resubmit, not restart
+    ("74", 3, 1, 74),              # disk full
+])
+def test_slurm_script_restarts_retryable_exits(tmp_path, codes, restarts, calls, final):
+  """The sbatch script itself, run by bash with a stand-in srun: what it restarts is
+  what launch.local restarts (trainer/exitcodes.py NOT_RETRYABLE), at most --max_restarts."""
+  proc = launch("slurm", "--nodes=2", f"--max_restarts={restarts}", "--", "--train_steps=9")
+  assert proc.returncode == 0, proc.stderr
+  job = tmp_path / "job.sh"
+  job.write_text(proc.stdout)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(FAKE_SRUN)
+  (bin_dir / "srun").chmod(0o755)
+  record = tmp_path / "calls"
+  run = subprocess.run(["bash", str(job)], capture_output=True, text=True, timeout=60,
+                       env={"PATH": f"{bin_dir}:/usr/bin:/bin", "SRUN_CODES": codes,
+                            "SRUN_CALLS": str(record)})
+  assert run.returncode == final, run.stderr
+  lines = record.read_text().splitlines()
+  assert len(lines) == calls
+  assert all(line.endswith("--train_steps=9") for line in lines)
+  assert run.stderr.count("launch.slurm: restart ") == calls - 1
