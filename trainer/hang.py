@@ -16,9 +16,12 @@ update, whatever --steps_per_loop: a chunk of many updates is watched
 update by update. The median is over the chunks run so far (seconds per
 update of each), leaving out the ones that traced or followed a pause.
 
-While a training function's Python trace runs (the first chunk, the
-input-wait probe's timed copy, a guarded replay: Steps.on_trace says so),
-the watch waits: tracing is not a step. Until the first update after
+The loop's own Python is not a step either: the watch also samples the
+innermost frames of the thread that runs the chunks, and any movement
+there (AutoGraph converting, tracing, scheduling) restarts the clock; a
+thread blocked in an op shows one frozen frame. While a training function's
+Python trace runs (the first chunk, the input-wait probe's timed copy, a
+guarded replay: Steps.on_trace says so), the watch waits. Until the first update after
 start-up, a trace, a checkpoint save or an evaluation, the bound is
 START_FACTOR (5) times longer: TensorFlow still builds the traced function,
 and under multiworker the first collective after any of them waits for the
@@ -101,6 +104,9 @@ class HangWatch:
     self._long_chunk = False  # this chunk traced or followed a pause
     self._tracing = False     # a training function's Python trace runs
     self._traced_at = None    # clock() when the last trace ended
+    self._python_at = None    # clock() when the loop's thread last ran Python
+    self._loop_thread = None  # threading.get_ident() of the thread that arms
+    self._loop_frame = None   # its innermost frame as last sampled
     self._fired = False
 
   # ---- what the loop tells it -----------------------------------------
@@ -118,6 +124,7 @@ class HangWatch:
     """A chunk starting at global step `step` runs from now."""
     with self._lock:
       self._armed_at = self._clock()
+      self._loop_thread = threading.get_ident()
       self._chunk_step = step
       self._moves = 0
       self._long_chunk = self._long
@@ -201,8 +208,33 @@ class HangWatch:
         self._moves += 1
         self._long = False
 
+  def python_ran(self) -> None:
+    """The loop's thread ran Python since the last look: it is not blocked
+    in an op (it traces, converts, schedules); the clock starts again."""
+    with self._lock:
+      if self._armed_at is not None:
+        self._python_at = self._clock()
+
+  def _sample_loop_thread(self) -> None:
+    """Calls python_ran() if the loop thread's innermost Python frame moved
+    since the last sample. A thread blocked in TensorFlow's C++ (a step, a
+    collective, an input fetch) shows the same frame at the same
+    instruction for as long as it is blocked."""
+    frame = sys._current_frames().get(self._loop_thread)   # noqa: SLF001
+    seen = []
+    while frame is not None:   # (code, instruction) of the innermost 4, depth
+      if len(seen) < 4:
+        seen.append((id(frame.f_code), frame.f_lasti))
+      seen.append(None)
+      frame = frame.f_back
+    seen = (len(seen), tuple(x for x in seen if x is not None))
+    if seen != self._loop_frame:
+      self._loop_frame = seen
+      self.python_ran()
+
   def _watch(self) -> None:
     while not self._stopped.wait(self._poll_s):
+      self._sample_loop_thread()
       message = self.check()
       if message is not None:
         self._fire(message)
@@ -220,6 +252,8 @@ class HangWatch:
         since = max(since, self._moved_at)
       if self._traced_at is not None:
         since = max(since, self._traced_at)
+      if self._python_at is not None:
+        since = max(since, self._python_at)
       bound = self._bound()
       limit = bound * (START_FACTOR if self._long else 1)
       waited = now - since

@@ -91,6 +91,17 @@ def test_the_bound_is_ten_median_updates_when_that_is_longer():
       w.check()
 
 
+def test_python_on_the_loop_thread_restarts_the_clock():
+  w, clock = warmed()
+  w.arm(20)
+  clock.now += 9.0
+  w.python_ran()
+  clock.now += 9.0
+  assert w.check() is None
+  clock.now += 1.5
+  assert w.check()
+
+
 @pytest.mark.parametrize("before", ["start", "save", "trace"])
 def test_start_up_a_pause_or_a_trace_allow_five_bounds(before):
   w, clock = (watch() if before == "start" else warmed())
@@ -155,6 +166,35 @@ def test_the_threads_report_a_stalled_chunk_with_every_stack(monkeypatch):
   assert captured[0].startswith("hang: thread 'MainThread'")
   (mine,) = [s for s in captured if s.startswith("hang: thread 'input'")]
   assert "in stuck_input_read" in mine and "blocked.wait()" in mine
+
+
+def test_python_running_on_the_loop_thread_is_not_a_hang():
+  """Tracing and AutoGraph's conversion run Python on the loop's thread
+  without moving the counter; a thread blocked in an op shows one frozen
+  frame. The watch tells them apart by sampling that thread's frame."""
+  fired = threading.Event()
+  busy_until = time.monotonic() + 2.0
+  release = threading.Event()
+  w = hang.HangWatch(0.2, lambda: 0, on_hang=lambda m: fired.set())
+  w.start()
+
+  def loop():
+    w.arm(0)                 # the thread that arms is the one watched
+    total = 0
+    while time.monotonic() < busy_until:   # "tracing": Python, no updates
+      total += sum(range(100))
+    release.wait()           # "a blocked op": one frozen frame
+
+  thread = threading.Thread(target=loop, daemon=True)
+  try:
+    thread.start()
+    time.sleep(1.8)
+    assert not fired.is_set(), "Python on the loop thread was called a hang"
+    assert fired.wait(20), "a frozen loop thread was not called a hang"
+  finally:
+    w.stop()
+    release.set()
+  assert time.monotonic() >= busy_until
 
 
 def test_a_quiet_chunk_within_the_bound_does_not_fire():
