@@ -345,8 +345,8 @@ class Perf:
     self.flops_per_example = None
     self.peak = None
     how = settings.perf_flops
-    if how == "off":
-      return
+    if how == "off" or not loop.role.is_chief:
+      return   # only the chief writes perf/ (and measures the peak alone)
     try:
       self.flops_per_example, method = step_flops(loop.parts, settings, how)
     except Exception as e:   # noqa: BLE001 - a count that fails is reported
@@ -389,15 +389,14 @@ def step_flops(parts, settings, how: str) -> tuple[float | None, str]:
   """(training FLOPs per example of the run's step, how they were counted),
   or (None, why not)."""
   task = parts.task
-  ds = pipeline.train_dataset(task, settings.train_split,
-                              settings.micro_batch_size, settings.seed, 0)
-  spec = ds.element_spec
-  batch = settings.micro_batch_size
   builtin = type(task).train_step is Task.train_step
+  if how == "auto" and not builtin:
+    return None, ("the task has its own train_step (--perf_flops=trace "
+                  "counts it by tracing one micro-step once more)")
+  batch = settings.micro_batch_size
+  spec = pipeline.train_dataset(task, settings.train_split, batch,
+                                settings.seed, 0).element_spec
   if how == "auto":
-    if not builtin:
-      return None, ("the task has its own train_step (--perf_flops=trace "
-                    "counts it by tracing one micro-step once more)")
     unbatched = tf.nest.map_structure(
         lambda s: tf.TensorSpec(s.shape[1:], s.dtype), spec[0])
     forward = flops.profiler_forward_flops(parts.model, batch, unbatched)
