@@ -177,9 +177,15 @@ class Recorder:
                start_source: str, restored_step: int):
     self.model_dir = model_dir
     self.is_chief = is_chief
+    previous = read(model_dir)
+    last = float((previous or {}).get("last", {}).get("record", 0.0))
+    if last > start:
+      # Another run of this model dir recorded after this process started
+      # (an earlier run inside this same process): this run starts after it.
+      start, start_source = last, "the previous record of this model dir"
     self.start = start
     self.start_source = start_source
-    self.carried = resumed(read(model_dir), start, restored_step)
+    self.carried = resumed(previous, start, restored_step)
     self.own = Totals()
     self.step = restored_step
     self._written_at = 0.0

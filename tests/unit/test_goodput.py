@@ -55,6 +55,10 @@ def test_a_timeline_adds_up_and_a_restart_carries_it(tmp_path):
   third = goodput.Recorder(str(tmp_path), True, 10_000.0, "test", 100)
   assert third.carried.downtime_s == 3.0 and third.carried.restarts == 1
   assert third.carried.lost_updates == 20
+  # A second run inside one process (the Python API) starts after the
+  # first one's last record, not at the process's start.
+  again = goodput.Recorder(str(tmp_path), True, 50.0, "test", 100)
+  assert again.start == 127.0 and again.carried.downtime_s == 3.0
 
 
 def test_rollback_and_update_time():
