@@ -16,9 +16,9 @@ Categories (seconds, summed over every process of the run in --model_dir):
                          the checkpoint it resumed from and the last step the
                          previous process recorded (after a rollback, the
                          updates rolled back), x that process's update time
-                         (the median per-update time of its latest chunks:
-                         the first chunks' traces are left out); moved out
-                         of stepping_s
+                         (the median per-update time of its latest chunks,
+                         its first chunk, which traces, left out when there
+                         are others); moved out of stepping_s
   downtime_s             from the previous process's last record to this
                          process's start (not after a run that had finished:
                          a later run that extends it starts a new session)
@@ -190,6 +190,8 @@ class Recorder:
     self.step = restored_step
     self._written_at = 0.0
     self._per_update = collections.deque(maxlen=_RECENT_CHUNKS)
+    self._first_chunk = None   # its per-update time (it includes a trace)
+    self._redone = 0           # updates rolled back in this process
 
   def startup(self, until: float) -> None:
     self.own.startup_s = max(0.0, until - self.start)
@@ -198,7 +200,10 @@ class Recorder:
     self.own.stepping_s += seconds
     self.own.updates += updates
     if updates > 0:
-      self._per_update.append(seconds / updates)
+      if self._first_chunk is None:
+        self._first_chunk = seconds / updates
+      else:
+        self._per_update.append(seconds / updates)
 
   def add(self, category: str, seconds: float) -> None:
     setattr(self.own, category, getattr(self.own, category) + seconds)
@@ -210,18 +215,21 @@ class Recorder:
     self.own.input_wait_s += seconds
 
   def redone(self, updates: int) -> None:
-    """`updates` are to be stepped again (a rollback)."""
-    self.own = lose(self.own, updates, self.update_s())
+    """`updates` are to be stepped again (a rollback); their time is the
+    update time as known at each record."""
+    self._redone += updates
 
   def update_s(self) -> float:
     """This process's update time: the median per-update time of its
-    latest chunks (robust to the first chunks' traces); 0 before any."""
-    return statistics.median(self._per_update) if self._per_update else 0.0
+    latest chunks but the first (a trace); the first's alone; 0 before."""
+    if self._per_update:
+      return statistics.median(self._per_update)
+    return self._first_chunk or 0.0
 
   def totals(self, now: float, background_s: float) -> Totals:
     own = dataclasses.replace(self.own, wall_s=max(0.0, now - self.start),
                               checkpoint_background_s=background_s)
-    return self.carried.plus(own)
+    return self.carried.plus(lose(own, self._redone, self.update_s()))
 
   def record(self, now: float, step: int, background_s: float,
              ended: str = RUNNING, force: bool = True) -> Totals:
