@@ -14,7 +14,8 @@ with respect to activations and to weights, each about one forward).
 
 import math
 
-TRAIN_FACTOR = 3.0
+# One copy of the profiler count and the factor, in the trainer (perf/).
+from trainer.flops import TRAIN_FACTOR, profiler_forward_flops  # noqa: F401
 
 
 def _build(model_name: str):
@@ -23,17 +24,6 @@ def _build(model_name: str):
   from bench import common
   keras.utils.set_random_seed(0)
   return layers.get(model_name)(common.SHAPES[model_name], common.NUM_CLASSES)
-
-
-def profiler_forward_flops(model, batch: int) -> float:
-  import tensorflow as tf
-  spec = tf.TensorSpec([batch, *model.input_shape[1:]], tf.float32)
-  fn = tf.function(lambda x: model(x, training=False))
-  graph = fn.get_concrete_function(spec).graph
-  opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-  opts["output"] = "none"
-  info = tf.compat.v1.profiler.profile(graph=graph, options=opts)
-  return float(info.total_float_ops)
 
 
 def analytic_forward_flops(model) -> float:

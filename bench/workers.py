@@ -162,29 +162,10 @@ def keras_fit(args) -> dict:
 
 def matmul(args) -> dict:
   import tensorflow as tf
-  n = args.size
-  dtype = tf.dtypes.as_dtype(args.dtype)
-  a = tf.random.normal([n, n], dtype=tf.float32)
-  b = tf.random.normal([n, n], dtype=tf.float32)
-  a, b = tf.cast(a, dtype), tf.cast(b, dtype)
-
-  @tf.function
-  def run(a, b, k):
-    acc = tf.zeros([], tf.float32)
-    for _ in tf.range(k):
-      c = tf.matmul(a, b)
-      acc += tf.cast(c[0, 0], tf.float32)   # keep every matmul alive
-    return acc
-
-  k = tf.constant(args.matmul_reps, tf.int32)
-  run(a, b, tf.constant(1, tf.int32)).numpy()   # trace + warm-up
-  gflops = []
-  while len(gflops) < args.min_intervals:
-    began = time.perf_counter()
-    run(a, b, k).numpy()
-    dt = time.perf_counter() - began
-    gflops.append(2.0 * n ** 3 * args.matmul_reps / dt / 1e9)
-  return {"gflops": gflops, "size": n, "dtype": args.dtype,
+  from trainer import flops as flops_lib   # one copy of the measurement
+  gflops = flops_lib.matmul_gflops(args.size, args.dtype, args.matmul_reps,
+                                   args.min_intervals)
+  return {"gflops": gflops, "size": args.size, "dtype": args.dtype,
           "threads": _threads(tf)}
 
 

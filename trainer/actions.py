@@ -1,7 +1,8 @@
 """What the outer loop does after each chunk of updates, one action each
 (Orbit's Controller actions): the non-finite policy, train summaries,
 histograms, the stop vote (preemption, damaged data), checkpoints,
-evaluation with best-checkpoint keeping and early stopping.
+evaluation with best-checkpoint keeping and early stopping, the goodput
+account (goodput/) and the hardware efficiency (perf/).
 
 An action is a callable `action(tick)`; the Controller calls its list in
 order after every chunk. `tick` says what the chunk did and carries what
@@ -11,12 +12,18 @@ an action: `Controller(..., actions=[*defaults, mine])`.
 """
 
 import dataclasses
+import os
+import time
 
 from absl import logging
+import keras
 import tensorflow as tf
 
-from trainer import guard, optim
+from trainer import cpuinfo, flops, goodput, guard, optim
+from trainer.data import pipeline
+from trainer.data.readers import folder_index
 from trainer.errors import UserError
+from trainer.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,11 @@ class LoopSettings:
   learning_rate: float = 1e-3
   warmup_steps: int = 0
   lr_schedule: str = "constant"
+  perf_flops: str = "auto"
+  # The inputs of the step's FLOP count (perf/).
+  train_split: str = "train"
+  micro_batch_size: int = 64
+  seed: int = 0
 
 
 class Preempted(Exception):
@@ -75,6 +87,7 @@ class Tick:
   step: int                # global step after it
   done: bool               # step >= --train_steps
   seconds: float           # the chunk's wall time
+  ended: float = 0.0       # time.perf_counter() at the chunk's end
   # Set by actions:
   rolled_back: bool = False   # the loop restarts its data; later actions skip
   summarized: bool = False
@@ -206,6 +219,194 @@ class Evaluation:
         self._checkpoints.save(tick)
       loop.stopped_eval = metrics
       tick.stop = True
+
+
+class GoodputAccount:
+  """Where the wall time went (trainer.goodput): after every chunk its time
+  and the loop's time since the last account (checkpoint saves and
+  evaluation as the loop timed them, the rest as other); at every train
+  summary the goodput/ scalars, each worker's step time among them
+  (goodput/worker_<i>/step_s: under a synchronous strategy the collectives
+  make them alike, so a straggler shows by its own input wait,
+  goodput/worker_<i>/input_wait_share)."""
+
+  def __init__(self, loop, summaries: TrainSummaries, started: float,
+               start_source: str):
+    self._loop = loop
+    self._summaries = summaries
+    self.recorder = goodput.Recorder(
+        loop.settings.model_dir, loop.role.is_chief, started, start_source,
+        loop.global_step)
+    self._mark = None            # perf_counter at the end of the last account
+    self._step = loop.global_step
+    self._timed = loop.timed_seconds()
+    self._interval = [0.0, 0]    # this worker's chunk seconds and updates
+
+  def _fold(self, until: float) -> None:
+    """The loop's time from the last account to `until` (perf_counter):
+    saves, evaluations (as the loop timed them) and the rest as other."""
+    timed = self._loop.timed_seconds()
+    blocked = timed["checkpoint"] - self._timed["checkpoint"]
+    evaluating = timed["evaluation"] - self._timed["evaluation"]
+    self._timed = timed
+    rec = self.recorder
+    rec.add("checkpoint_blocked_s", blocked)
+    rec.add("evaluation_s", evaluating)
+    if self._mark is not None:
+      rec.add("other_s", max(0.0, until - self._mark - blocked - evaluating))
+    self._mark = until
+
+  def count(self, tick: Tick) -> None:
+    """The first action: the chunk and the loop's time before it (placed
+    before any action that may end the tick or the run)."""
+    rec = self.recorder
+    began = tick.ended - tick.seconds
+    if self._mark is None:   # the first chunk: start-up ends where it began
+      rec.startup(time.time() - (time.perf_counter() - began))
+    self._fold(began)
+    if tick.before < self._step:   # rolled back: those updates are redone
+      rec.redone(self._step - tick.before)
+    updates = tick.step - tick.before
+    rec.chunk(tick.seconds, updates)
+    self._interval[0] += tick.seconds
+    self._interval[1] += updates
+    self._step = tick.step
+    self._mark = tick.ended
+
+  def __call__(self, tick: Tick) -> None:
+    """The last built-in action: the record, and goodput/ at a summary."""
+    self._fold(time.perf_counter())
+    rec = self.recorder
+    share = None
+    if tick.summarized:
+      share = self._loop.input_wait_share
+      if share is not None:
+        rec.input_wait(share * self._summaries.last_seconds)
+    totals = rec.record(time.time(), tick.step, self._background(),
+                        force=tick.summarized or tick.saved or tick.done)
+    if tick.summarized:
+      self._write(tick.step, totals, share)
+
+  def _background(self) -> float:
+    return self._loop.checkpointer.background_seconds()
+
+  def _write(self, step: int, totals: goodput.Totals, share) -> None:
+    loop = self._loop
+    seconds, updates = self._interval
+    self._interval = [0.0, 0]
+    own = [seconds / updates if updates else 0.0,
+           -1.0 if share is None else share]
+    # A collective under multi-worker: every worker calls it alike.
+    workers = loop.executor.gather(own)
+    scalars = scalars_of(totals)
+    for i, (step_s, wait) in enumerate(workers):
+      scalars[f"goodput/worker_{i}/step_s"] = step_s
+      if wait >= 0:
+        scalars[f"goodput/worker_{i}/input_wait_share"] = wait
+    loop.writers.scalars(loop.writers.train, step, scalars)
+
+  def finish(self, step: int, ended: str) -> dict:
+    """The account at the end (after the final evaluation): written, and
+    the JSON line's values."""
+    self._fold(time.perf_counter())
+    totals = self.recorder.record(time.time(), step, self._background(),
+                                  ended=ended)
+    loop = self._loop
+    if loop.writers is not None:
+      loop.writers.scalars(loop.writers.train, step, scalars_of(totals))
+    return {"goodput": goodput.goodput(totals)}
+
+
+def scalars_of(totals: goodput.Totals) -> dict:
+  """The goodput/ scalars of `totals`."""
+  values = {f"goodput/{name}": getattr(totals, name)
+            for name in ("wall_s", *goodput.CATEGORIES,
+                         "checkpoint_background_s", "lost_updates",
+                         "restarts")}
+  values["goodput/goodput"] = goodput.goodput(totals)
+  return values
+
+
+class Perf:
+  """perf/ scalars at every train summary: the model FLOP/s achieved over
+  the interval's chunks (examples/sec x training FLOPs per example) and its
+  share of the machine's measured matmul peak in the compute dtype (x the
+  number of workers: one machine each is assumed).
+
+  --perf_flops=auto counts the built-in step as 3 x the main model's
+  forward pass (the benchmark's convention); a task's own train_step is
+  not counted then (one log line), --perf_flops=trace counts any step by
+  tracing one micro-step once more (forward and backward exactly as
+  written, 1-3 s); off: no perf/."""
+
+  def __init__(self, loop, summaries: TrainSummaries):
+    self._loop = loop
+    self._summaries = summaries
+    settings = loop.settings
+    self.flops_per_example = None
+    self.peak = None
+    how = settings.perf_flops
+    if how == "off" or not loop.role.is_chief:
+      return   # only the chief writes perf/ (and measures the peak alone)
+    try:
+      self.flops_per_example, method = step_flops(loop.parts, settings, how)
+    except Exception as e:   # noqa: BLE001 - a count that fails is reported
+      self.flops_per_example, method = None, (
+          f"TensorFlow's profiler could not count this step ({e!r:.200})")
+    if not self.flops_per_example:
+      logging.info("perf/: model FLOP/s cannot be counted: %s; no perf/ "
+                   "scalars.", method)
+      return
+    dtype = keras.mixed_precision.global_policy().compute_dtype
+    try:
+      usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+      usable = os.cpu_count()
+    cpu = cpuinfo.this_cpu()
+    gflops, source = flops.machine_peak(
+        dtype, folder_index.location(""),
+        {"cpu": cpu.get("cpu"), "flags": cpu.get("flags"), "cpus": usable,
+         "tensorflow": tf.__version__,
+         "devices": [d.device_type for d in tf.config.list_logical_devices()]})
+    self.peak = gflops * 1e9 * loop.role.num_workers
+    logging.info("perf/: %.4g training FLOPs per example (%s); matmul peak "
+                 "%.0f GFLOP/s in %s (%s).", self.flops_per_example, method,
+                 gflops, dtype, source)
+
+  def __call__(self, tick: Tick) -> None:
+    if not tick.summarized or not self.flops_per_example:
+      return
+    rate = self._summaries.last.get("examples_per_sec") or 0.0
+    achieved = rate * self.flops_per_example
+    loop = self._loop
+    loop.writers.scalars(loop.writers.train, tick.step, {
+        "perf/model_flops_per_sec": achieved,
+        "perf/peak_flops_per_sec": self.peak,
+        "perf/peak_share": achieved / self.peak,
+        "perf/flops_per_example": self.flops_per_example})
+
+
+def step_flops(parts, settings, how: str) -> tuple[float | None, str]:
+  """(training FLOPs per example of the run's step, how they were counted),
+  or (None, why not)."""
+  task = parts.task
+  builtin = type(task).train_step is Task.train_step
+  if how == "auto" and not builtin:
+    return None, ("the task has its own train_step (--perf_flops=trace "
+                  "counts it by tracing one micro-step once more)")
+  batch = settings.micro_batch_size
+  spec = pipeline.train_dataset(task, settings.train_split, batch,
+                                settings.seed, 0).element_spec
+  if how == "auto":
+    unbatched = tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape[1:], s.dtype), spec[0])
+    forward = flops.profiler_forward_flops(parts.model, batch, unbatched)
+    return (flops.TRAIN_FACTOR * forward / batch,
+            f"{flops.TRAIN_FACTOR:g} x the forward pass, TF profiler")
+  step = tf.function(parts.steps._micro_step)  # noqa: SLF001
+  graph = step.get_concrete_function(*spec).graph
+  return (flops.graph_flops(graph) / batch,
+          "one traced micro-step (forward and backward), TF profiler")
 
 
 def learning_rates(parts, schedule, step: int) -> dict:

@@ -84,6 +84,11 @@ class Checkpointer:
     write_scratch(self.checkpoint, self._worker_index, step)
     return None
 
+  def background_seconds(self) -> float:
+    """Cumulative seconds of background checkpoint writing in this process
+    (0.0: every save here is synchronous, all of it blocked)."""
+    return 0.0
+
   def paths(self) -> list[str]:
     """Checkpoints in --model_dir, newest first: those the `checkpoint`
     index lists and every ckpt-N whose .index file exists."""

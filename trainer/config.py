@@ -24,6 +24,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
 MODES = ("train", "eval", "train_and_eval", "continuous_eval")
 NONFINITE = ("skip", "rollback", "fail")
 PROGRESS = ("auto", "line", "log")
+PERF_FLOPS = ("auto", "trace", "off")
 BEST_MODES = ("auto", "min", "max")
 
 
@@ -87,6 +88,7 @@ class Config:
   histograms_every: int = 0
   profile_steps: str = ""
   input_wait_steps: int = 10
+  perf_flops: str = "auto"
   # Best checkpoint and early stopping.
   keep_best: bool = False
   early_stopping_patience: int = 0
@@ -295,6 +297,12 @@ _HELP = {
                         "over the last N updates before each summary "
                         "(0: off; other updates carry no timing ops; off "
                         "under --deterministic, which forbids timestamps).",
+    "perf_flops": "How perf/ counts the step's training FLOPs (model "
+                  "FLOP/s and its share of this machine's matmul peak): "
+                  "auto (3 x the main model's forward pass for the "
+                  "built-in step; a task's own train_step is not counted), "
+                  "trace (any step: one micro-step traced once more, 1-3 s "
+                  "at start-up), off.",
     "keep_best": "Keep the best checkpoint by --early_stopping_metric in "
                  "MODEL_DIR/best/ (with best.json) without stopping early. "
                  "On by itself when --early_stopping_patience > 0.",
@@ -335,6 +343,7 @@ _ENUMS = {
     "collective": COLLECTIVES, "optimizer": OPTIMIZERS,
     "lr_schedule": SCHEDULES, "mixed_precision": PRECISIONS, "mode": MODES,
     "nonfinite": NONFINITE, "dataset": DATASETS, "progress": PROGRESS,
+    "perf_flops": PERF_FLOPS,
     "early_stopping_mode": BEST_MODES,
 }
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from trainer import actions as actions_lib
 from trainer import best as best_lib
-from trainer import build, hang, rundir, summary, watch
+from trainer import build, goodput, hang, rundir, summary, watch
 from trainer.actions import LoopSettings, Preempted, Tick  # noqa: F401
 from trainer.config import Config
 from trainer.errors import UserError
@@ -28,7 +28,8 @@ class Controller:
   """The outer loop of one run, over its parts and executor."""
 
   def __init__(self, parts, executor, settings: LoopSettings,
-               record: rundir.RunRecord, histograms=None, actions=None):
+               record: rundir.RunRecord, histograms=None, actions=None,
+               started: tuple[float, str] | None = None):
     self.parts = parts
     self.executor = executor
     self.settings = settings
@@ -44,6 +45,11 @@ class Controller:
     # Extra actions, run after the built-in ones (a user's, the bench's).
     self.extra_actions = list(actions or [])
     self.hang = None   # the hang watch while train() runs (trainer.hang)
+    # When the run began for the goodput account, and what that time is.
+    self.started = started or (time.time(), "creation of the Controller")
+    self.account = None      # the GoodputAccount of the current run
+    self.input_wait_share = None   # the probe's, at the latest summary
+    self._timed = {"checkpoint": 0.0, "evaluation": 0.0}
 
   # The parts tests and instruments read (the controller only reads them).
   strategy = property(lambda self: self.parts.strategy)
@@ -78,10 +84,24 @@ class Controller:
       self.writers = summary.Writers(self.settings.model_dir,
                                      self.role.is_chief)
 
+  def timed_seconds(self) -> dict:
+    """Seconds this Controller spent blocked in checkpoint saves and in
+    evaluation (with best/ keeping), cumulative (the goodput account)."""
+    return dict(self._timed)
+
+  @contextlib.contextmanager
+  def _timing(self, what: str):
+    began = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._timed[what] += time.perf_counter() - began
+
   def save(self) -> None:
     if self.hang is not None:
       self.hang.note_pause()
-    path = self.checkpointer.save(self.global_step)
+    with self._timing("checkpoint"):
+      path = self.checkpointer.save(self.global_step)
     if path:
       logging.info("saved checkpoint %s", path)
 
@@ -97,6 +117,10 @@ class Controller:
     (and the raw weights' under raw/ in TensorBoard), else of the weights."""
     if self.hang is not None:
       self.hang.note_pause()
+    with self._timing("evaluation"):
+      return self._evaluate()
+
+  def _evaluate(self) -> dict:
     ema = self.parts.ema
     raw = None
     if ema is not None:
@@ -137,10 +161,17 @@ class Controller:
     else:
       self.writers.config(self.global_step, self.record)
     stop = _StopSignal().install()
+    self.account = None
     try:
       self.hang = self._hang_watch()
       with self._translated_errors():
         result.update(self._train_chunks(stop, evaluate))
+    except Preempted:
+      self._account_ends(goodput.PREEMPTED)
+      raise
+    except BaseException:
+      self._account_ends(goodput.FAILED)
+      raise
     finally:
       if self.hang is not None:
         self.hang.stop()
@@ -154,8 +185,9 @@ class Controller:
       if metrics is None:
         metrics = self.evaluate()
         if self.best is not None:
-          self.best.update(self.global_step, metrics,
-                           self.checkpointer.checkpoint)
+          with self._timing("evaluation"):
+            self.best.update(self.global_step, metrics,
+                             self.checkpointer.checkpoint)
       result.update(_prefixed("eval", metrics))
       self.writers.final(self.global_step, _prefixed(
           "eval", {k: v for k, v in metrics.items() if k != "examples"}))
@@ -165,7 +197,21 @@ class Controller:
       result.update(self.best.summary())
     if settings.early_stopping_patience > 0:
       result["early_stopped"] = self.stopped_eval is not None
+    result.update(self._account_ends(goodput.FINISHED))
     return result
+
+  def _account_ends(self, ended: str) -> dict:
+    """The goodput account's last record of this process; the JSON line's
+    `goodput` (nothing if no update ran in this process)."""
+    if self.account is None:
+      return {}
+    try:
+      return self.account.finish(self.global_step, ended)
+    except Exception as e:   # noqa: BLE001 - never mask the run's own end
+      if ended == goodput.FINISHED:
+        raise
+      logging.warning("goodput: the last record failed (%s).", e)
+      return {}
 
   def _start_watching(self, evaluate: bool) -> None:
     """Progress display, best/ and early stopping, and the instruments."""
@@ -215,13 +261,16 @@ class Controller:
     summaries = actions_lib.TrainSummaries(self)
     self.summaries = summaries
     checkpoints = actions_lib.Checkpoints(self)
-    chosen = [actions_lib.NonFinitePolicy(self), summaries]
+    account = actions_lib.GoodputAccount(self, summaries, *self.started)
+    self.account = account
+    chosen = [account.count, actions_lib.NonFinitePolicy(self), summaries,
+              actions_lib.Perf(self, summaries)]
     if self.histograms is not None:
       chosen.append(actions_lib.WeightHistograms(self, self.histograms))
     chosen += [actions_lib.StopVote(self, stop_signal), checkpoints]
     if evaluate:
       chosen.append(actions_lib.Evaluation(self, summaries, checkpoints))
-    return chosen + self.extra_actions
+    return chosen + [account] + self.extra_actions
 
   def _train_chunks(self, stop, evaluate: bool) -> dict:
     settings = self.settings
@@ -245,8 +294,9 @@ class Controller:
                                      self._next_boundary(step) - step)
         chunk.updates = self.global_step - step
       before, step = step, self.global_step
-      tick = Tick(before, step, step >= settings.train_steps,
-                  time.perf_counter() - began)
+      ended = time.perf_counter()
+      tick = Tick(before, step, step >= settings.train_steps, ended - began,
+                  ended)
       self.progress.tick(step, (step - before) / max(tick.seconds, 1e-9),
                          settings.global_batch_size)
       for action in after_chunk:
@@ -283,7 +333,8 @@ class Controller:
     alike: from reduced eval metrics and state read at start."""
     if self.best is None:
       return False
-    self.best.update(step, metrics, self.checkpointer.checkpoint)
+    with self._timing("evaluation"):
+      self.best.update(step, metrics, self.checkpointer.checkpoint)
     if not self.best.should_stop(step):
       return False
     logging.info("early stopping at step %d: eval %s did not improve on "
@@ -299,6 +350,7 @@ class Controller:
     weight = max(sums.pop("weight"), 1.0)
     updates = sums.pop("updates")
     skipped = sums.pop("skipped_examples")
+    self.input_wait_share = self._wait_probe.read_and_reset()
     grad_norm = sums.pop("grad_norm") / max(updates, 1.0)
     metrics = {name: value / weight for name, value in sums.items()}
     done = step - interval_start
@@ -311,7 +363,7 @@ class Controller:
         "grad_norm": grad_norm,
         "nonfinite_steps": float(self.state.nonfinite_steps.numpy()),
         "skipped_examples": skipped,
-        "input_wait_share": self._wait_probe.read_and_reset(),
+        "input_wait_share": self.input_wait_share,
     }
     self.writers.scalars(self.writers.train, step, scalars)
     eta = (settings.train_steps - step) / rate if rate > 0 else None
@@ -377,10 +429,15 @@ def _prefixed(prefix: str, values: dict) -> dict:
   return {f"{prefix}_{k}": v for k, v in values.items()}
 
 
-def create(config: Config, task=None, actions=None) -> Controller:
+def create(config: Config, task=None, actions=None,
+           started: tuple[float, str] | None = None) -> Controller:
   """The Controller of a run, as trainer.build assembles it; `actions` run
-  after the built-in ones after every chunk."""
-  return Controller(**build.assemble(config, task), actions=actions)
+  after the built-in ones after every chunk. `started`: (time.time() value,
+  what it is) where the goodput account's start-up begins; default: now,
+  before the build."""
+  started = started or (time.time(), "trainer.controller.create")
+  return Controller(**build.assemble(config, task), actions=actions,
+                    started=started)
 
 
 def train(config: Config, task=None) -> dict:
@@ -394,9 +451,10 @@ def evaluate(config: Config, task=None, checkpoint: str | None = None) -> dict:
   return create(config, task).evaluate_checkpoint(checkpoint)
 
 
-def run(config: Config, task=None) -> dict:
-  """Dispatches on --mode."""
-  controller = create(config, task)
+def run(config: Config, task=None,
+        started: tuple[float, str] | None = None) -> dict:
+  """Dispatches on --mode; `started` as in create."""
+  controller = create(config, task, started=started)
   if config.mode == "eval":
     return controller.evaluate_checkpoint(config.checkpoint or None)
   if config.mode == "continuous_eval":

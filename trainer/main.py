@@ -22,6 +22,7 @@ from trainer.distribute import cluster  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import dirlock  # noqa: E402
 from trainer import exitcodes  # noqa: E402
+from trainer import goodput  # noqa: E402
 from trainer import rundir  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -76,7 +77,8 @@ def main() -> int:
     _import_tensorflow()
     from trainer import controller
     try:
-      result = controller.run(config)
+      # The goodput account's start-up begins at this process's start.
+      result = controller.run(config, started=goodput.process_start())
     except controller.Preempted as e:
       logging.warning("%s", e)
       print(controller.summary_line({"global_step": e.step,

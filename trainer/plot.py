@@ -10,6 +10,10 @@ such as learning_rate and steps_per_sec);
 each run has its colour, train is a solid line, eval a dashed line with
 markers. The curves come from the TensorBoard event files in MODEL_DIR/train
 and MODEL_DIR/eval (a resumed run's repeated steps keep their newest value).
+A run with a goodput account (MODEL_DIR/goodput.json, trainer/goodput.py)
+adds a last panel: one bar per run, its wall time split into the account's
+categories (seconds), titled with each run's goodput (--nogoodput: no
+panel).
 The image is --width x --height pixels (default 1200 x 450). Needs
 matplotlib: pip install 'tf-trainer[plot]'.
 """
@@ -19,7 +23,7 @@ import os
 
 from absl import flags
 
-from trainer import cli
+from trainer import cli, goodput
 from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -37,6 +41,8 @@ def define_flags() -> None:
                     "directory names).")
   flags.DEFINE_integer("width", 1200, "Image width in pixels.")
   flags.DEFINE_integer("height", 450, "Image height in pixels.")
+  flags.DEFINE_bool("goodput", True, "Add the goodput panel (where the wall "
+                    "time went) for runs with a goodput.json.")
 
 
 _DPI = 100
@@ -117,9 +123,11 @@ def run_metrics(runs: list[dict]) -> list[str]:
 
 
 def plot(model_dirs: list[str], out: str, metrics=None,
-         labels=None, width: int = 1200, height: int = 450) -> str:
+         labels=None, width: int = 1200, height: int = 450,
+         with_goodput: bool = True) -> str:
   """Draws the curves of `model_dirs` into the PNG `out`; returns `out`.
-  metrics: the tags to plot, one panel each; default: run_metrics."""
+  metrics: the tags to plot, one panel each; default: run_metrics.
+  with_goodput: a last panel of the goodput accounts, where there are."""
   if not model_dirs:
     raise UserError("give at least one --model_dir.")
   if labels and len(labels) != len(model_dirs):
@@ -138,8 +146,12 @@ def plot(model_dirs: list[str], out: str, metrics=None,
     raise UserError(f"--metrics: no run has {', '.join(missing)}; the runs "
                     f"have: {', '.join(_all_tags(runs))}.")
   labels = list(labels) if labels else _default_labels(model_dirs)
-  fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+  accounts = [goodput.read(d) if with_goodput else None for d in model_dirs]
+  panels = len(metrics) + (1 if any(accounts) else 0)
+  fig, axes = plt.subplots(1, panels, squeeze=False,
                            figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+  if any(accounts):
+    goodput_panel(axes[0][-1], accounts, labels, plt)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for ax, metric in zip(axes[0], metrics):
     for i, (run, label) in enumerate(zip(runs, labels)):
@@ -169,6 +181,28 @@ def plot(model_dirs: list[str], out: str, metrics=None,
   return out
 
 
+def goodput_panel(ax, accounts: list, labels: list, plt) -> None:
+  """One horizontal bar per run: its wall time by category (seconds)."""
+  colors = plt.get_cmap("tab10").colors
+  names = list(goodput.CATEGORIES)
+  shown = [(label, account) for label, account in zip(labels, accounts)
+           if account]
+  for row, (label, account) in enumerate(shown):
+    totals = account.get("totals", {})
+    left = 0.0
+    for i, name in enumerate(names):
+      width = float(totals.get(name, 0.0))
+      ax.barh(row, width, left=left, color=colors[i % len(colors)],
+              label=name[:-2].replace("_", " ") if row == 0 else None)
+      left += width
+  ax.set_yticks(range(len(shown)))
+  ax.set_yticklabels([f"{label}\ngoodput {a.get('goodput', 0.0):.0%}"
+                      for label, a in shown], fontsize="small")
+  ax.set_xlabel("wall time (s)")
+  ax.set_title("goodput: where the wall time went")
+  ax.legend(fontsize="x-small")
+
+
 def _all_tags(runs) -> list[str]:
   return sorted({tag for run in runs for kind in ("train", "eval")
                  for tag in run[kind]})
@@ -185,7 +219,7 @@ def main() -> None:
   # TensorBoard's reader logs every file it opens at INFO.
   std_logging.getLogger("tensorboard").setLevel(std_logging.WARNING)
   print(plot(FLAGS.model_dir, FLAGS.out, FLAGS.metrics, FLAGS.labels,
-             FLAGS.width, FLAGS.height))
+             FLAGS.width, FLAGS.height, FLAGS.goodput))
 
 
 def run():

@@ -98,6 +98,7 @@ def test_only_the_chief_writes(uninterrupted):
   assert list(tmpdir.iterdir()) == []
   names = {p.name for p in model_dir.iterdir()}
   allowed = re.compile(r"^(checkpoint|config\.json|history\.jsonl|train|eval|"
+                       r"goodput\.json|"
                        r"ckpt-\d+\.(index|data-\d+-of-\d+)|events\.out\..*)$")
   assert not [n for n in names if not allowed.match(n)], names
   assert {"checkpoint", "config.json", "train", f"ckpt-{STEPS}.index"} <= names

@@ -235,6 +235,11 @@ class PSExecutor:
   def agree(self, flag: bool) -> bool:
     return flag   # one coordinator decides
 
+  def gather(self, values: list) -> list[list]:
+    """The coordinator's own `values` (its workers run scheduled functions,
+    not a loop of their own)."""
+    return [list(values)]
+
   def _join(self):
     self.coordinator.join()
 

@@ -26,6 +26,7 @@ class SyncExecutor:
     self.settings = settings
     self._eval_data = None
     self._vote = None
+    self._gather = None
     # Set by the Controller: the input-wait probe and the profiler window.
     self.probe = self.profiler = None
 
@@ -105,6 +106,27 @@ class SyncExecutor:
         return reduce_per_replica(value, strategy, "sum")
       self._vote = tf.function(vote)
     return float(self._vote(tf.constant(1.0 if flag else 0.0))) > 0
+
+  def gather(self, values: list) -> list[list]:
+    """Each worker's `values` (floats), by worker index: a collective under
+    multiworker (every worker calls it alike)."""
+    parts = self.parts
+    workers = parts.role.num_workers
+    if workers <= 1:
+      return [list(values)]
+    if self._gather is None:
+      strategy = parts.strategy
+
+      def gather(table):
+        value = strategy.run(lambda: tf.identity(table))
+        return reduce_per_replica(value, strategy, "sum")
+      self._gather = tf.function(gather)
+    # Each worker fills its own row (divided by its replicas, all of which
+    # add it); the sum is then every worker's row.
+    local = parts.strategy.num_replicas_in_sync // workers
+    table = [[0.0] * len(values) for _ in range(workers)]
+    table[parts.role.worker_index] = [v / local for v in values]
+    return self._gather(tf.constant(table, tf.float64)).numpy().tolist()
 
   # ---- evaluation -----------------------------------------------------
   def eval_sums(self) -> dict:
