@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import forkserver
+
 import numpy as np
 import pytest
 
@@ -58,10 +60,47 @@ def trainer_cmd(*args) -> list[str]:
   return [sys.executable, "-m", "trainer.main", *args]
 
 
+# `python -m` runs are forks of a server that imported TensorFlow once
+# (tests/forkserver.py says what it carries and when it steps aside).
+_FORKS = forkserver.Server(_CACHE, str(REPO))
+atexit.register(_FORKS.close)
+
+
+def run_module(module: str, args, timeout: float, extra_env=None,
+               cwd=REPO) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` with the output captured, as subprocess.run
+  would (TimeoutExpired after killing it on timeout)."""
+  run_env = env(**(extra_env or {}))
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    proc = _FORKS.popen(module, list(args), run_env, cwd, stdout=out,
+                        stderr=err, new_session=True)
+    if proc is None:
+      return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
+                            env=run_env, capture_output=True, text=True,
+                            timeout=timeout)
+    try:
+      code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      _kill_group(proc.pid)
+      proc.wait(timeout=30)
+      raise
+    out.seek(0)
+    err.seek(0)
+    return subprocess.CompletedProcess(
+        proc.args, code, out.read().decode(errors="replace"),
+        err.read().decode(errors="replace"))
+
+
+def _kill_group(pid: int) -> None:
+  try:
+    os.killpg(pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+
+
 def run_trainer(*args, timeout=300, check=True, extra_env=None):
   """Runs `python -m trainer.main ARGS`; returns the CompletedProcess."""
-  proc = subprocess.run(trainer_cmd(*args), cwd=REPO, env=env(**(extra_env or {})),
-                        capture_output=True, text=True, timeout=timeout)
+  proc = run_module("trainer.main", args, timeout, extra_env)
   if check and proc.returncode != 0:
     raise AssertionError(f"trainer exited {proc.returncode}\nSTDOUT:\n"
                          f"{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
@@ -76,10 +115,15 @@ def last_json(proc) -> dict:
 
 def start_trainer(*args, extra_env=None, log_path=None):
   """Starts the trainer in the background (own process group)."""
-  out = open(log_path, "w") if log_path else subprocess.DEVNULL
-  return subprocess.Popen(trainer_cmd(*args), cwd=REPO, env=env(**(extra_env or {})),
-                          stdout=out, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  run_env = env(**(extra_env or {}))
+  with open(log_path or os.devnull, "w") as out:
+    proc = _FORKS.popen("trainer.main", list(args), run_env, REPO,
+                        stdout=out, stderr=out, new_session=True)
+    if proc is None:
+      proc = subprocess.Popen(trainer_cmd(*args), cwd=REPO, env=run_env,
+                              stdout=out, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+  return proc
 
 
 def stop(proc, sig=signal.SIGKILL, timeout=30):
