@@ -4,6 +4,7 @@ task under the default strategy, and both equal a hand-written NumPy
 row-wise Adam (tests/plugin_tasks.py:RowTable: a 64 x 4 table, rows looked
 up by a fixed stream, a squared-distance loss)."""
 
+import json
 import os
 import re
 
@@ -19,8 +20,7 @@ LR, BATCH, UPDATES = 0.05, 8, 12
 FLAGS = ["--task=plugin_tasks:RowTable", "--optimizer=lazy_adam",
          f"--learning_rate={LR}", f"--global_batch_size={BATCH}",
          f"--train_steps={UPDATES}", "--steps_per_loop=4",
-         "--summary_every=12", "--eval_every=0", "--mode=train",
-         "--progress=log"]
+         "--summary_every=12", "--eval_every=0", "--progress=log"]
 # Keras 3 checkpoints the weights under the optimizer; Adam's slots are
 # its variables 1 (first moment) and 2 (second moment) with one variable.
 KEYS = [f"optimizer/{name}/.ATTRIBUTES/VARIABLE_VALUE"
@@ -60,9 +60,8 @@ def _train_default(model_dir):
   config = Config(task="plugin_tasks:RowTable", optimizer="lazy_adam",
                   learning_rate=LR, global_batch_size=BATCH,
                   train_steps=UPDATES, steps_per_loop=4, summary_every=12,
-                  eval_every=0, mode="train", progress="log",
-                  model_dir=str(model_dir))
-  controller.create(config).train(evaluate=False)
+                  eval_every=0, progress="log", model_dir=str(model_dir))
+  return controller.create(config).train()
 
 
 def _slots(weights):
@@ -83,7 +82,7 @@ def test_one_worker_two_ps_lazy_adam_equals_default_and_numpy(
                                f"--model_dir={ps_dir}"], workers=1, ps=2)
   try:
     default_dir = tmp_path / "default"
-    _train_default(default_dir)
+    default_result = _train_default(default_dir)
     rc = cluster.wait(timeout=240)
   finally:
     cluster.stop()
@@ -106,6 +105,17 @@ def test_one_worker_two_ps_lazy_adam_equals_default_and_numpy(
                                err_msg=name)
   for a, b in zip(_slots(sharded), _slots(default)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+  # The evaluation at the end: on the coordinator, reading the table's rows
+  # from the ps tasks; on one device; and by NumPy.
+  from plugin_tasks import TABLE_IDS, TABLE_TARGETS
+  chief = [l[len("[chief] "):] for l in log.splitlines()
+           if l.startswith("[chief] {")]
+  ps_result = json.loads(chief[-1])
+  want_loss = np.mean(np.sum(
+      np.square(want_table[TABLE_IDS] - TABLE_TARGETS), axis=1))
+  for result in (ps_result, default_result):
+    assert abs(result["eval_loss"] - want_loss) <= 1e-5 * want_loss, (
+        result, want_loss)
   # Lazy: the rows never looked up keep their first value, bit for bit.
   from plugin_tasks import table_start
   np.testing.assert_array_equal(_slots(sharded)[0][48:], table_start()[48:])
