@@ -130,7 +130,7 @@ def test_killed_process_restarts_and_the_table_is_checkpoint_plus_updates(
                                    ("table", "m", "v")):
       np.testing.assert_array_equal(got, expected,
                                     err_msg=f"{victim}: {name}")
-  print(f"{victim}: killed after ckpt-{before}, resumed from ckpt-{last}; "
+  print(f"{victim}: killed after ckpt-{before}, checked from ckpt-{last}; "
         f"{iterations} optimizer updates for {UPDATES} counted")
 
 
