@@ -1,17 +1,19 @@
-"""Peak RSS of the coordinator and of each parameter server around the
-checkpoints of a table sharded over the ps tasks, at several table sizes.
+"""Peak RSS of the coordinator and of each parameter server for a table
+sharded over the ps tasks, at several table sizes.
 
   python -m bench.ps_table [--rows=100000,4000000] [--dim=32] [--ps=2]
 
 For each size, in turn: a cluster (1 worker and --ps ps tasks, launch.server)
-and a coordinator process that builds a ROWS x DIM Keras Embedding under
-ParameterServerStrategy (MinSizePartitioner as the trainer makes it: one
-shard per ps), saves a checkpoint and restores it. Figures in MB: the
-coordinator's RSS once the table is built, its peak while saving and while
-restoring (the kernel's high-water mark, reset before each step through
-/proc/self/clear_refs), its peak over the whole run (building included:
-Keras computes a new table's initial value on the coordinator), each ps's
-peak, the table's bytes and the largest checkpoint data file.
+and a coordinator process that builds, as the trainer does
+(trainer.distribute.ps_strategy: MinSizePartitioner, one shard per ps,
+compat.make_variables_on_the_ps), a ROWS x DIM layers.Embedding and the
+LazyAdam slots of its table, looks up 1,024 rows from the coordinator (what
+evaluation does), saves a checkpoint and restores it. Figures in MB: the
+coordinator's RSS once table and slots are built, its peak while looking
+up, saving and restoring (the kernel's high-water mark, reset before each
+step through /proc/self/clear_refs), its peak over the whole run (building
+included), each ps's peak, the bytes of the rows each ps holds (table and
+slots), the table's bytes and the largest checkpoint data file.
 Every output starts with the machine line (bench/machine.py).
 """
 
@@ -38,17 +40,28 @@ def _status_kb(field: str, pid="self") -> int:
   raise KeyError(field)
 
 
-def _reset_peak() -> None:
+def _reset_peak(pid="self") -> None:
   """The high-water mark (VmHWM) back to the current RSS (Linux >= 4.0)."""
-  with open("/proc/self/clear_refs", "w") as f:
+  with open(f"/proc/{pid}/clear_refs", "w") as f:
     f.write("5")
 
 
-def _coordinator(rows: int, dim: int, directory: str) -> None:
-  """Runs in the coordinator process (TF_CONFIG chief); emits its figures."""
-  import keras
+def _coordinator(rows: int, dim: int, directory: str, ps_pids) -> None:
+  """Runs in the coordinator process (TF_CONFIG chief); emits its figures
+  and, per step, each ps's peak (ps_pids: their process ids)."""
+  phases = {}
+
+  def phase(name):
+    """The peaks since the last phase, as `name`; resets them."""
+    phases[name] = {"coordinator": _status_kb("VmHWM") / 1024,
+                    "ps": [_status_kb("VmHWM", p) / 1024 for p in ps_pids]}
+    for pid in ["self", *ps_pids]:
+      _reset_peak(pid)
+
+  import numpy as np
   import tensorflow as tf
-  from trainer import compat
+  import layers
+  from trainer import compat, optim
   from trainer.distribute.ps_strategy import wait_for_servers
 
   tf_config = json.loads(os.environ["TF_CONFIG"])
@@ -58,20 +71,36 @@ def _coordinator(rows: int, dim: int, directory: str) -> None:
   strategy = tf.distribute.ParameterServerStrategy(
       tf.distribute.cluster_resolver.TFConfigClusterResolver(),
       variable_partitioner=partitioner)
+  compat.make_variables_on_the_ps(strategy)
   with strategy.scope():
-    table = keras.layers.Embedding(rows, dim)
+    table = layers.Embedding(rows, dim, hashed=False)
     table.build()
-  sharded = compat.save_sharded_by_shard(table.weights)
+    optimizer = compat.with_sharded_updates(optim.LazyAdam())
+    optimizer.build(table.trainable_variables)
+  sharded = compat.save_sharded_by_shard(table.weights + optimizer.variables)
+  per_ps = {}
+  for variable in sharded:
+    for device, count in compat.shard_rows(variable):
+      per_ps[device] = per_ps.get(device, 0) + count * dim * 4 / MB
   result = {"shards": [n for _, n in compat.shard_rows(sharded[0])]
                       if sharded else [rows],
+            "sharded_variables": len(sharded),
+            "ps_rows_mb": [per_ps[d] for d in sorted(per_ps)],
             "built_mb": _status_kb("VmRSS") / 1024}
-  checkpoint = tf.train.Checkpoint(model=table)
-  _reset_peak()
+  phase("build")
+  ids = tf.constant(np.random.default_rng(0).integers(0, rows, 1024))
+  looked_up = tf.function(table)(ids)
+  assert looked_up.shape == (1024, dim), looked_up.shape
+  result["lookup_peak_mb"] = _status_kb("VmHWM") / 1024
+  phase("lookup")
+  checkpoint = tf.train.Checkpoint(model=table, optimizer=optimizer)
   path = checkpoint.write(os.path.join(directory, "ckpt"))
   result["save_peak_mb"] = _status_kb("VmHWM") / 1024
-  _reset_peak()
+  phase("save")
   checkpoint.read(path).assert_consumed()
   result["restore_peak_mb"] = _status_kb("VmHWM") / 1024
+  phase("restore")
+  result["phases"] = phases
   import resource
   result["run_peak_mb"] = resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -104,7 +133,9 @@ def measure(rows: int, dim: int, num_ps: int) -> dict:
       started = time.monotonic()
       proc = subprocess.run(
           [sys.executable, "-m", "bench.ps_table", "--coordinator",
-           f"--rows={rows}", f"--dim={dim}", f"--dir={directory}"],
+           f"--rows={rows}", f"--dim={dim}", f"--dir={directory}",
+           "--ps_pids=" + ",".join(str(p.pid) for kind, _, p in servers
+                                    if kind == "ps")],
           cwd=REPO, capture_output=True, text=True, timeout=900,
           env=quiet_env({"TF_CONFIG": json.dumps(chief), "PYTHONPATH": REPO,
                          "GRPC_FAIL_FAST": "use_caller"}))
@@ -139,20 +170,28 @@ def main(argv=None):
   parser.add_argument("--coordinator", action="store_true",
                       help=argparse.SUPPRESS)
   parser.add_argument("--dir", help=argparse.SUPPRESS)
+  parser.add_argument("--ps_pids", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.coordinator:
-    _coordinator(int(args.rows), args.dim, args.dir)
+    _coordinator(int(args.rows), args.dim, args.dir,
+                 [int(p) for p in args.ps_pids.split(",") if p])
     return
   print(machine.header(machine.info()), flush=True)
-  print(f"{'rows':>9} {'table':>8} {'built':>7} {'save':>7} {'restore':>8} "
-        f"{'run':>7} {'ps peaks':>16} {'largest file':>13}  (MB)")
+  print(f"{'rows':>9} {'table':>8} {'built':>7} {'lookup':>7} {'save':>7} "
+        f"{'restore':>8} {'run':>7} {'ps peaks':>12} {'ps rows':>12} "
+        f"{'largest file':>13}  (MB)")
   for rows in [int(r) for r in args.rows.split(",")]:
     r = measure(rows, args.dim, args.ps)
     peaks = "/".join(f"{p:.0f}" for p in r["ps_peak_mb"])
+    held = "/".join(f"{p:.0f}" for p in r["ps_rows_mb"])
     print(f"{rows:>9} {r['table_mb']:>8.1f} {r['built_mb']:>7.0f} "
-          f"{r['save_peak_mb']:>7.0f} {r['restore_peak_mb']:>8.0f} "
-          f"{r['run_peak_mb']:>7.0f} {peaks:>16} "
+          f"{r['lookup_peak_mb']:>7.0f} {r['save_peak_mb']:>7.0f} "
+          f"{r['restore_peak_mb']:>8.0f} {r['run_peak_mb']:>7.0f} "
+          f"{peaks:>12} {held:>12} "
           f"{r['largest_data_file_mb']:>13.1f}", flush=True)
+    print("  ps peaks by step: " + ", ".join(
+        f"{name} " + "/".join(f"{p:.0f}" for p in peaks["ps"])
+        for name, peaks in r["phases"].items()), flush=True)
     print(json.dumps(r), flush=True)
 
 

@@ -242,3 +242,58 @@ class BlockingDigits(ClassificationTask):
         f.write(f"{os.getpid()} {int(positions.max())}\n")
       threading.Event().wait()   # the stuck read: forever
     return np.int64(0)
+
+
+# ---- a small embedding table trained row-wise (issue 29) ---------------
+TABLE_ROWS, TABLE_DIM = 64, 4
+# Example p looks up row TABLE_IDS[p % n] and regresses it onto
+# TABLE_TARGETS[p % n]; rows 48-63 are never looked up.
+_rng = np.random.default_rng(29)
+TABLE_IDS = _rng.integers(0, 48, size=40).astype(np.int64)
+TABLE_TARGETS = _rng.normal(size=(40, TABLE_DIM)).astype(np.float32)
+del _rng
+
+
+def table_start(rows=TABLE_ROWS, dim=TABLE_DIM):
+  """The table's initial value: a fixed function of the row and column,
+  in [1, 2) (so that relative tolerances mean something)."""
+  i = np.arange(rows * dim, dtype=np.float64).reshape(rows, dim)
+  return (1.0 + np.mod(i * 0.6180339887, 1.0)).astype(np.float32)
+
+
+class TableStart(keras.initializers.Initializer):
+  """table_start(shape) computed by TensorFlow ops (wherever the variable
+  is created), not a host-side array."""
+
+  def __call__(self, shape, dtype=None):
+    i = tf.reshape(tf.range(shape[0] * shape[1], dtype=tf.float64), shape)
+    return tf.cast(1.0 + tf.math.floormod(i * 0.6180339887, 1.0),
+                   dtype or "float32")
+
+
+class RowTable(Task):
+  """layers.Embedding(TABLE_ROWS, TABLE_DIM, hashed=False) looked up by
+  id; loss: squared distance of the row to the example's target. Training
+  reads its own stream: the example at position p is p % 40."""
+
+  def source(self, split):
+    del split
+    return array_source("row_table", TABLE_IDS, TABLE_TARGETS)
+
+  def train_dataset(self, batch_size, seed, start_position):
+    del seed
+    ids, targets = tf.constant(TABLE_IDS), tf.constant(TABLE_TARGETS)
+    n = len(TABLE_IDS)
+    return tf.data.Dataset.counter(start_position).map(
+        lambda p: (tf.gather(ids, p % n), tf.gather(targets, p % n))
+    ).batch(batch_size, drop_remainder=True)
+
+  def build_model(self, input_spec):
+    ids = keras.Input(input_spec.shape, dtype=input_spec.dtype)
+    table = layers.Embedding(TABLE_ROWS, TABLE_DIM, hashed=False,
+                             embeddings_initializer=TableStart(),
+                             name="table")
+    return keras.Model(ids, table(ids))
+
+  def loss(self, labels, outputs):
+    return tf.reduce_sum(tf.square(outputs - labels), axis=-1)

@@ -307,6 +307,97 @@ def save_sharded_by_shard(variables) -> list:
   return sharded
 
 
+# ---- where a sharded table's values are made ------------------------------
+# Keras initializers whose value at a row does not depend on the row: a
+# shard's part is the initializer at the shard's shape.
+_ROW_FREE = (keras.initializers.Zeros, keras.initializers.Ones)
+
+
+def _part_of(initializer, shape, dtype):
+  """Keras' `initializer(shape)` as a tf.Variable initial value that also
+  takes TF's partition_shape / partition_offset (ParameterServerStrategy
+  calls it once per shard, on the ps device that will hold the shard).
+  A row-independent initializer makes only the shard; any other one makes
+  the whole value there and keeps the shard's rows (the same values an
+  unsharded variable gets; transiently the whole value on that ps)."""
+
+  def initial_value(partition_shape=None, partition_offset=None):
+    if partition_shape is None or tuple(partition_shape) == tuple(shape):
+      return initializer(shape, dtype=dtype)
+    if type(initializer) in _ROW_FREE or (
+        type(initializer) is keras.initializers.Constant
+        and not getattr(initializer.value, "shape", ())):
+      return initializer(tuple(partition_shape), dtype=dtype)
+    start = partition_offset[0]
+    return initializer(shape, dtype=dtype)[start:start + partition_shape[0]]
+
+  return initial_value
+
+
+def _initialize_where_placed(self, initializer):
+  # Keras' own (backend/tensorflow/core.py) hands tf.Variable a callable
+  # without a shape: ParameterServerStrategy then calls it on the
+  # coordinator and ships the whole value to the ps tasks.
+  self._value = tf.Variable(
+      _part_of(initializer, self._shape, self._dtype), shape=self._shape,
+      dtype=tf.as_dtype(self._dtype), trainable=self.trainable,
+      name=self.name, aggregation=self._map_aggregation(self.aggregation),
+      synchronization=self._map_synchronization(self.synchronization))
+
+
+def make_variables_on_the_ps(strategy) -> None:
+  """Under ParameterServerStrategy `strategy`: (1) a Keras variable's
+  initial value is computed on the ps task that holds it, shard by shard,
+  never on the coordinator; (2) a slot of a sharded variable (an optimizer
+  slot: Keras creates it colocated with its variable, which TF never
+  shards) is sharded like it, shard i next to the variable's shard i."""
+  from keras.src.backend.tensorflow import core as tf_core
+  tf_core.Variable._initialize_with_initializer = _initialize_where_placed
+  extended = strategy.extended
+  colocate = extended.colocate_vars_with
+
+  def colocate_vars_with(variable):
+    if isinstance(variable, _SHARDED):
+      return tf.variable_creator_scope(_sharded_like(variable))
+    return colocate(variable)
+
+  extended.colocate_vars_with = colocate_vars_with
+
+
+def _sharded_like(reference):
+  """A variable creator: a variable of `reference`'s shape becomes a
+  ShardedVariable split as `reference` is, each part colocated with
+  `reference`'s part (any other shape: colocated with its first part)."""
+  shards = reference.variables
+
+  def creator(next_creator, **kwargs):
+    shape = kwargs.get("shape")
+    initial = kwargs["initial_value"]
+    if shape is None or tuple(shape) != tuple(reference.shape):
+      return next_creator(**{**kwargs, "colocate_with": shards[0]})
+    name = kwargs.get("name")
+    parts, start = [], 0
+    for i, shard in enumerate(shards):
+      rows = int(shard.shape[0])
+      part_shape = (rows, *shape[1:])
+      offset = (start, *[0] * (len(shape) - 1))
+
+      def value(part_shape=part_shape, offset=offset, start=start, rows=rows):
+        try:
+          return initial(partition_shape=part_shape, partition_offset=offset)
+        except TypeError:   # a callable without partition arguments
+          return tf.convert_to_tensor(initial())[start:start + rows]
+
+      parts.append(next_creator(**{
+          **kwargs, "initial_value": value, "shape": part_shape,
+          "colocate_with": shard,
+          "name": None if name is None else f"{name}/part_{i}"}))
+      start += rows
+    return _SHARDED(parts)
+
+  return creator
+
+
 def shard_rows(variable) -> list:
   """[(device, rows)] of a sharded variable's shards, in row order."""
   return [(shard.device, int(shard.shape[0]))

@@ -144,10 +144,11 @@ def test_killed_ps_stops_the_coordinator_then_relaunch_resumes(tmp_path):
   finally:
     cluster.stop()
   log = cluster.log()
-  # One line per sharded variable (the two conv kernels and the dense one).
+  # One line per sharded variable: the two conv kernels and the dense one,
+  # and each one's two Adam slots (sharded like it).
   assert len(re.findall(r"parameter_server: \S+ \[[\d, ]+\] sharded over "
                         r"2 ps: rows 0-\d+ on ps \d, rows \d+-\d+ on ps \d",
-                        log)) == 3, log[-5000:]
+                        log)) == 9, log[-5000:]
   assert rc == 4, log[-5000:]   # trainer.main: a peer task was lost
   assert took < 120
   errors = [l for l in log.splitlines() if "trainer.main: error:" in l]

@@ -145,3 +145,72 @@ def test_a_whole_value_checkpoint_restores_into_shards(sharded_variable,
   compat.save_sharded_by_shard([v])
   tf.train.Checkpoint(w=v).read(path).assert_consumed()
   np.testing.assert_array_equal(tf.convert_to_tensor(v), value)
+
+
+def test_initial_values_are_made_per_shard_and_slots_split_like_the_table(
+    monkeypatch):
+  """compat.make_variables_on_the_ps's two parts, without a cluster: a
+  creator plays ParameterServerStrategy (it calls the initial value with
+  each shard's partition_shape / partition_offset, as TF does)."""
+  import keras
+  import tensorflow as tf
+  from keras.src.backend.tensorflow import core as tf_core
+  from trainer import compat
+  monkeypatch.setattr(tf_core.Variable, "_initialize_with_initializer",
+                      compat._initialize_where_placed)
+  asked = []
+
+  def ps_like(next_creator, **kwargs):
+    shape, value = kwargs["shape"], kwargs["initial_value"]
+    assert shape is not None and callable(value)
+    rows = _split(shape[0], 2)
+    parts, start = [], 0
+    for n in rows:
+      part = value(partition_shape=(n, *shape[1:]),
+                   partition_offset=(start, 0))
+      asked.append(tuple(part.shape))
+      parts.append(next_creator(**{**kwargs, "initial_value": part,
+                                   "shape": None}))
+      start += n
+    return tf.__internal__.distribute.ShardedVariable(parts)
+
+  rows = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+  shapes = []
+
+  def row_numbers(shape, dtype=None):   # depends on the row: made whole
+    shapes.append(("rows", tuple(shape)))
+    return tf.constant(rows[:shape[0]], dtype)
+
+  zeros_call = keras.initializers.Zeros.__call__
+  monkeypatch.setattr(keras.initializers.Zeros, "__call__",
+                      lambda self, shape, dtype=None: shapes.append(
+                          ("zeros", tuple(shape))) or zeros_call(
+                              self, shape, dtype))
+
+  with tf.variable_creator_scope(ps_like):
+    table = keras.Variable(row_numbers, shape=(7, 3))
+    zeros = keras.Variable("zeros", shape=(7, 3))
+  np.testing.assert_array_equal(tf.convert_to_tensor(table), rows)
+  np.testing.assert_array_equal(tf.convert_to_tensor(zeros), 0.0)
+  assert asked == [(4, 3), (3, 3)] * 2
+  # Each shard of the row-dependent one is cut from the whole value; the
+  # row-free one is made at each shard's shape only.
+  assert shapes == [("rows", (7, 3))] * 2 + [("zeros", (4, 3)),
+                                              ("zeros", (3, 3))]
+  # A slot of the table: a ShardedVariable with the table's split, each
+  # part colocated with the table's part (any other shape: its first).
+  placed = []
+
+  def strategy_like(next_creator, **kwargs):
+    placed.append(kwargs.pop("colocate_with"))
+    return next_creator(**kwargs)
+
+  with tf.variable_creator_scope(strategy_like), tf.variable_creator_scope(
+      compat._sharded_like(table.value)):
+    slot = keras.Variable("ones", shape=(7, 3))
+    other = keras.Variable("zeros", shape=(3,))
+  assert compat.is_sharded(slot) and not compat.is_sharded(other)
+  assert [int(s.shape[0]) for s in slot.value.variables] == [4, 3]
+  shards = table.value.variables
+  assert placed == [shards[0], shards[1], shards[0]]
+  np.testing.assert_array_equal(tf.convert_to_tensor(slot), 1.0)

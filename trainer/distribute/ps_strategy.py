@@ -9,6 +9,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from trainer import compat
 from trainer.distribute import cluster, net
 from trainer.distribute.role import Role
 from trainer.errors import UserError
@@ -70,5 +71,7 @@ def build(config):
       min_shard_bytes=config.ps_shard_min_bytes, max_shards=num_ps)
   strategy = tf.distribute.ParameterServerStrategy(
       resolver, variable_partitioner=partitioner)
+  # Values made on the ps tasks; optimizer slots sharded like their tables.
+  compat.make_variables_on_the_ps(strategy)
   # The coordinator is the one process that runs the loop, saves and writes.
   return strategy, Role(is_chief=True, worker_index=0, num_workers=1)

@@ -33,9 +33,10 @@ function). What follows from that:
   tops the round up). So global_step == --train_steps at the end, always;
   a worker killed in the middle of an update may leave that update applied
   in part without being counted.
-* Evaluation runs inline on the coordinator: the weights are copied from the
-  ps tasks into a local copy of the model once per evaluation, and the
-  ordinary eval loop runs on it (no worker takes part).
+* Evaluation runs inline on the coordinator, on the trained model itself
+  (no worker takes part, no copy of the model): each eval batch reads the
+  weights it uses from the ps tasks, of a sharded table only the rows it
+  looks up.
 * A lost worker is tolerated (the coordinator re-schedules its functions and
   re-creates its dataset when it is back); a lost parameter server is fatal:
   the coordinator raises ParameterServerLost (an UnavailableError: exit 4
@@ -61,7 +62,6 @@ from trainer.data import pipeline
 from trainer.step import sparse
 from trainer.step.metric_sums import MetricSums
 from trainer.step.steps import Steps
-from trainer.task import models_of
 
 # Worker w's stream starts at w * _WORKER_STRIDE: disjoint stream regions
 # (positions are int64: a worker can read 2**40 examples before the next one's region).
@@ -306,31 +306,21 @@ class PSExecutor:
 
   # ---- evaluation on the coordinator ----------------------------------
   def _local_copy(self):
-    """Coordinator-local models (same architecture, same variable order),
-    their eval Steps under the default strategy, and the eval data."""
+    """Eval Steps under the default strategy over the trained models
+    themselves, and the eval data."""
     if self._local is None:
       parts, config = self.parts, self.config
-      default = tf.distribute.get_strategy()
-      spec = pipeline.input_spec(parts.task, config.train_split)
-      models = models_of(parts.task, spec)
-      mine = [tuple(v.shape) for m in models.values() for v in m.weights]
-      theirs = [tuple(v.shape) for m in parts.models.values()
-                for v in m.weights]
-      if mine != theirs:
-        raise RuntimeError("parameter_server: the coordinator's eval copy of "
-                           "the model does not match the trained model.")
-      steps = self._make_eval_steps(default, models)
+      steps = self._make_eval_steps(tf.distribute.get_strategy(),
+                                    parts.models)
       ds, batches, _ = pipeline.eval_dataset(
           parts.task, config.eval_split, config.eval_batch_size)
-      self._local = (models, steps, ds, batches)
+      self._local = (steps, ds, batches)
     return self._local
 
   def eval_sums(self) -> dict:
-    models, steps, ds, batches = self._local_copy()
-    # One read of every weight from the ps tasks per evaluation.
-    for name, model in models.items():
-      for mine, theirs in zip(model.weights,
-                              self.parts.models[name].weights):
-        mine.assign(tf.convert_to_tensor(theirs))
+    # No copy of the model: each batch reads the weights it uses from the
+    # ps tasks (a sharded table: only the looked-up rows), so the
+    # coordinator never holds a table.
+    steps, ds, batches = self._local_copy()
     steps.eval_loop(iter(ds), tf.constant(batches, tf.int64))
     return steps.eval_sums.read_and_reset()
