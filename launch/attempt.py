@@ -142,7 +142,8 @@ def _wait_listening(servers, ctx):
 
 
 def run_parameter_server(tasks, ctx):
-  """Servers first, then the chief; the chief's exit ends the attempt, servers restart in place."""
+  """Servers first, then the chief; the chief's exit or a lost ps ends the attempt; workers
+  restart in place."""
   servers = [Child(t) for t in tasks if not t.trainer]
   chief = Child(next(t for t in tasks if t.trainer))
   try:
@@ -171,6 +172,13 @@ def _watch_parameter_server(servers, chief, ctx):
       returncode = c.poll()
       if returncode is None or c.name in given_up:
         continue
+      if c.task.task_type == "ps":
+        # The variables it held are gone: the coordinator cannot go on with a new empty ps, so
+        # the whole group restarts from the last checkpoint, for one restart (not one here and
+        # one more when the chief then fails). A ps that exited 0 was lost all the same.
+        log(f"{c.name} exited with {returncode}; the variables it held are lost: stopping "
+            "the group")
+        return Outcome(returncode or 1, c.name, retry=True)
       if ctx.restarts.take(c.name, returncode):
         # Same TF_CONFIG, same port: ParameterServerStrategy reconnects to it.
         servers[i] = Child(c.task).start()

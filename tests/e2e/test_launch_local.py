@@ -287,6 +287,34 @@ def test_dead_server_restarts_in_place(child, capsys):
 
 
 @pytest.mark.timeout(120)
+def test_lost_ps_restarts_the_group_once(child, capsys):
+  """A ps server's variables die with it: the group restarts from the last checkpoint, and
+  that costs one restart, not one for the ps and another for the chief that then fails."""
+  cmd, out = child
+  servers = [*cmd, str(out), json.dumps({"ps 0": "listen_kill9_once", "*": "listen"})]
+  # The first chief waits (it would exit 4 once it noticed); the second one succeeds.
+  chief_rules = json.dumps({"chief": "wait_starts:chief:2"})
+  rc = local.run(1, 1, [str(out), chief_rules], command=cmd, server_command=servers,
+                 max_restarts=1, timeout_s=60, grace_s=5)
+  err = capsys.readouterr().err
+  assert rc == 0, err
+  assert "restart 1/1 after ps 0 exited with -9" in err, err
+  assert len(records(out, "chief")) == 2 and len(records(out, "worker0")) == 2
+  first, second = records(out, "ps0")
+  assert first["tf_config"]["cluster"] != second["tf_config"]["cluster"]  # a new group
+
+
+@pytest.mark.timeout(120)
+def test_lost_ps_without_restarts_fails_with_its_code(child, capsys):
+  cmd, out = child
+  servers = [*cmd, str(out), json.dumps({"ps 0": "listen_kill9_once", "*": "listen"})]
+  rc = local.run(1, 1, [str(out), json.dumps({"chief": "sleep"})], command=cmd,
+                 server_command=servers, timeout_s=60, grace_s=5)
+  assert rc == 137, capsys.readouterr().err
+  assert len(records(out, "chief")) == 1
+
+
+@pytest.mark.timeout(120)
 def test_time_limit_stops_the_group(child):
   cmd, out = child
   start = time.monotonic()
