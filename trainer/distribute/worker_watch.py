@@ -1,13 +1,20 @@
-"""Parameter-server training: bound the wait when every worker is lost.
+"""Parameter-server training: name workers that stop answering, and bound
+the wait when every worker is lost.
 
-ClusterCoordinator tolerates lost workers by waiting for them to return,
-without a deadline: with every worker gone, the coordinator waited forever,
-said nothing, and (its join blocking the loop) could not even save on
-SIGTERM. A daemon thread probes the workers' ports once a second; while none
-answers it logs a "waiting for workers" line every few seconds, and after
---peer_timeout_s without any it ends the run with one line and exit 4. A
-worker that comes back in time (launch.local --max_restarts restarts it on
-the same port) resets the clock, and the coordinator picks it up itself.
+A daemon thread probes each worker's gRPC server once a second
+(net.grpc_answers: the server itself must answer, so a stopped or hung
+process counts as silent although its kernel still accepts connections).
+
+* One worker silent: one line naming it. The coordinator's own RPCs to it
+  fail within --peer_timeout_s (gRPC keepalive pings, ps_strategy.grpc_options),
+  ClusterCoordinator then re-runs its functions on the other workers and
+  takes the worker back once it answers again (another line says so).
+* Every worker silent: ClusterCoordinator would wait for one to return
+  without a deadline, saying nothing (its join blocking the loop, it could
+  not even save on SIGTERM). The thread logs "waiting for workers" every few
+  seconds and, after --peer_timeout_s without any, ends the run with one
+  line and exit 4. A worker that comes back in time (launch.local
+  --max_restarts restarts it on the same port) resets the clock.
 """
 
 import threading
@@ -20,9 +27,13 @@ from trainer import exitcodes
 from trainer.distribute import net
 
 _POLL_S = 1.0
+_PROBE_S = 1.0
+# Silent probes in a row before a worker is named (a loaded machine may
+# miss one).
+_SILENT_PROBES = 2
 
 
-_answers = net.answers
+_answers = net.grpc_answers
 
 
 class WorkerWatch:
@@ -34,6 +45,7 @@ class WorkerWatch:
     self._addresses = list(addresses)
     self._timeout_s = timeout_s
     self._log_every_s = log_every_s or max(1.0, min(10.0, timeout_s / 4))
+    self._misses = [0] * len(self._addresses)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True,
                                     name="worker-watch")
@@ -45,11 +57,30 @@ class WorkerWatch:
   def stop(self) -> None:
     self._stop.set()
 
+  def _probe(self) -> bool:
+    """Probes every worker, logs who stops or starts answering; returns
+    whether any answers."""
+    for index, address in enumerate(self._addresses):
+      if _answers(address, _PROBE_S):
+        if self._misses[index] >= _SILENT_PROBES:
+          logging.info("parameter_server: worker %d (%s) answers again; the "
+                       "coordinator takes it back.", index, address)
+        self._misses[index] = 0
+        continue
+      self._misses[index] += 1
+      if self._misses[index] == _SILENT_PROBES:
+        logging.warning(
+            "parameter_server: worker %d (%s) does not answer (exited, "
+            "stopped or hung); its functions go to the other workers within "
+            "--peer_timeout_s=%g.", index, address, self._timeout_s)
+    return any(m == 0 for m in self._misses)
+
   def _run(self) -> None:
     since, logged = None, 0.0
     while not self._stop.wait(_POLL_S):
+      any_answers = self._probe()
       now = time.monotonic()
-      if any(_answers(a) for a in self._addresses):
+      if any_answers:
         if since is not None:
           logging.info("parameter_server: a worker answers again.")
         since = None

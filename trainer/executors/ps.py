@@ -25,14 +25,22 @@ function). What follows from that:
   starts its stream afresh from there (examples may repeat or be skipped
   across a failure).
 * Exact global step: each scheduled function gets a slot in a ps-hosted
-  int64 vector `progress` and first reads how many of its updates already
-  ran; every update bumps its slot BEFORE its atomic global_step.assign_add.
-  A function re-run after a worker failure (ClusterCoordinator re-schedules
-  it) therefore runs only the updates the dead worker did not start, and an
-  update cut off between the two increments is not counted (the coordinator
-  tops the round up). So global_step == --train_steps at the end, always;
-  a worker killed in the middle of an update may leave that update applied
-  in part without being counted.
+  int64 vector `progress` and, before each update, reads how many of its
+  updates already ran; every update bumps its slot BEFORE its atomic
+  global_step.assign_add. A function re-run after a worker failure
+  (ClusterCoordinator re-schedules it) therefore runs only the updates the
+  lost worker did not start, and an update cut off between the two
+  increments is not counted (the coordinator tops the round up). So
+  global_step == --train_steps at the end; a worker killed in the middle of
+  an update may leave that update applied in part without being counted.
+* Frozen workers (stopped, hung): the coordinator's RPCs fail within
+  --peer_timeout_s (keepalive pings: ps_strategy.grpc_options) and the
+  worker counts as lost, as above; worker_watch logs a line naming it. If
+  it wakes up, the function it was running goes on: before each update it
+  also checks a ps-hosted round number (bumped at each join), so a function
+  of a past round stops, and one of the current round stops when its slot
+  is full. Only the update it was frozen in may still land, counted: if
+  that happens in the last round, global_step ends one past --train_steps.
 * Evaluation runs inline on the coordinator, on the trained model itself
   (no worker takes part, no copy of the model): each eval batch reads the
   weights it uses from the ps tasks, of a sharded table only the rows it
@@ -104,6 +112,11 @@ class PSSteps(Steps):
       # Next to the global step (colocated variables are never sharded).
       self.progress = tf.Variable(tf.zeros([_SLOTS], tf.int64),
                                   trainable=False, name="ps_chunk_progress")
+      # The current round (the joins between them): a function of an older
+      # round still running on a worker that was dropped stops.
+      self.round = tf.Variable(tf.zeros([], tf.int64), trainable=False,
+                               name="ps_round")
+    self.rounds = 0
     self.train_chunk = tf.function(self._train_chunk)
 
   def _make_buffers(self):
@@ -111,18 +124,23 @@ class PSSteps(Steps):
     # gradients are summed in tensors instead (_reduced_gradients).
     return None
 
-  def _train_chunk(self, iterator, num_updates, slot):
+  def _train_chunk(self, iterator, num_updates, slot, round_):
     self.noting_trace(True)
     slot = tf.reshape(slot, [1])
-    done = tf.gather(self.progress, slot)[0]
-    for _ in tf.range(num_updates - done):
+    # Read before every update: the function may run twice at once (its
+    # worker froze, was dropped, and came back while the re-run goes on).
+    while tf.logical_and(tf.gather(self.progress, slot)[0] < num_updates,
+                         tf.equal(self.round.read_value(), round_)):
       tick = compat.scatter_add(self.progress, slot, tf.ones([1], tf.int64))
       with tf.control_dependencies([tick]):
         self._one_update(iterator)
     self.noting_trace(False)
 
   def reset_progress(self):
+    """Ends a round: fresh slots, and functions of older rounds stop."""
+    self.rounds += 1
     self.progress.assign(tf.zeros([_SLOTS], tf.int64))
+    self.round.assign(self.rounds)
 
   # K > 1 micro-batches: worker-local sums in tensors (unrolled K times).
   def _micro_first(self, batch):
@@ -284,7 +302,8 @@ class PSExecutor:
       self.coordinator.schedule(
           steps.train_chunk,
           args=(iterator, tf.constant(size, tf.int64),
-                tf.constant(slot, tf.int32)))
+                tf.constant(slot, tf.int32),
+                tf.constant(steps.rounds, tf.int64)))
     self._join()
     steps.reset_progress()
 
