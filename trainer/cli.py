@@ -94,12 +94,23 @@ def exit_code(error: BaseException) -> tuple[int, str, bool] | None:
   return None
 
 
+# absl's help flags print and exit 1; asked-for help is a success here.
+_HELP_FLAGS = {"help", "helpshort", "helpfull", "helpxml", "?"}
+
+
 def parse(program: str, argv: list[str]) -> list[str]:
-  """absl's FLAGS(argv); a flag error is one line and exit 2."""
+  """absl's FLAGS(argv); a flag error is one line and exit 2; --help,
+  --helpshort, --helpfull, --helpxml exit 0."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     errors.fail(program, f"{e}. See --helpfull.")
+  except SystemExit as e:
+    asked = {a.lstrip("-").split("=", 1)[0] for a in argv[1:]
+             if a.startswith("-")}
+    if e.code == 1 and asked & _HELP_FLAGS:
+      sys.exit(exitcodes.OK)
+    raise
 
 
 def run(program: str, body: Callable[[], int | None],

@@ -140,3 +140,12 @@ def test_command_line(tmp_path):
   assert bad.returncode == 2
   last = bad.stderr.strip().splitlines()[-1]
   assert last.startswith("trainer.convert: error: --shards=0")
+
+
+@pytest.mark.parametrize("flag", ["--helpshort", "--helpfull"])
+def test_help_exits_0(flag):
+  """Flags are parsed before TensorFlow loads: a cheap process. Asked-for
+  help is a success (absl's own help flags exit 1)."""
+  proc = _cli(flag)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--text_corpus" in proc.stdout
