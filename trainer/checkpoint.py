@@ -22,6 +22,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
 import time
 
@@ -263,11 +265,58 @@ def _remove_partial(model_dir: str, name: str, before: set) -> None:
         pass
 
 
+# trainer-worker<index>-<host>-<pid>-<random>: write_scratch's directories.
+_SCRATCH = re.compile(r"trainer-worker\d+-(?P<host>.+)-(?P<pid>\d+)-[^-]*")
+_scratch_swept = []
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True   # e.g. another user's process
+  return True
+
+
+def remove_stale_scratch(directory: str | None = None) -> list[str]:
+  """Removes the scratch directories that killed workers left (a SIGKILL
+  skips write_scratch's clean-up): only directories named by write_scratch
+  for this host, owned by this user, whose process is gone. Returns them."""
+  directory = directory or tempfile.gettempdir()
+  host, removed = socket.gethostname(), []
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return removed
+  for name in names:
+    match = _SCRATCH.fullmatch(name)
+    if not match or match["host"] != host:
+      continue
+    path = os.path.join(directory, name)
+    try:
+      info = os.lstat(path)
+    except OSError:
+      continue
+    pid = int(match["pid"])
+    if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+        and pid != os.getpid() and not _alive(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
+
+
 def write_scratch(checkpoint, worker_index: int, step: int) -> None:
   """A non-chief worker's save: the same collective reads as the chief's
   (variables may sync on read), written to a temporary directory that is
-  deleted at once."""
-  scratch = tempfile.mkdtemp(prefix=f"trainer-worker{worker_index}-")
+  deleted at once (and, at a process's first save, those of killed
+  workers: remove_stale_scratch)."""
+  if not _scratch_swept:
+    _scratch_swept.append(remove_stale_scratch())
+  scratch = tempfile.mkdtemp(
+      prefix=f"trainer-worker{worker_index}-{socket.gethostname()}-"
+      f"{os.getpid()}-")
   try:
     checkpoint.write(os.path.join(scratch, PREFIX))
   except (OSError, tf.errors.OpError) as e:

@@ -5,7 +5,8 @@ import socket
 
 # An HTTP/2 client's connection preface and an empty SETTINGS frame
 # (RFC 9113 3.4, 6.5): a gRPC server answers them with its own SETTINGS.
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_PREFACE = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
 _FRAME_HEADER = 9
 
 
