@@ -139,8 +139,8 @@ class PSSteps(Steps):
   def reset_progress(self):
     """Ends a round: fresh slots, and functions of older rounds stop."""
     self.rounds += 1
+    self.round.assign(self.rounds)   # first: a stale function sees it
     self.progress.assign(tf.zeros([_SLOTS], tf.int64))
-    self.round.assign(self.rounds)
 
   # K > 1 micro-batches: worker-local sums in tensors (unrolled K times).
   def _micro_first(self, batch):
