@@ -142,8 +142,8 @@ def _wait_listening(servers, ctx):
 
 
 def run_parameter_server(tasks, ctx):
-  """Servers first, then the chief; the chief's exit or a lost ps ends the attempt; workers
-  restart in place."""
+  """Servers first, then the chief; the chief's exit ends the attempt; worker servers restart
+  in place, a lost ps does not (its variables are gone: the group restarts after the chief)."""
   servers = [Child(t) for t in tasks if not t.trainer]
   chief = Child(next(t for t in tasks if t.trainer))
   try:
@@ -173,12 +173,13 @@ def _watch_parameter_server(servers, chief, ctx):
       if returncode is None or c.name in given_up:
         continue
       if c.task.task_type == "ps":
-        # The variables it held are gone: the coordinator cannot go on with a new empty ps, so
-        # the whole group restarts from the last checkpoint, for one restart (not one here and
-        # one more when the chief then fails). A ps that exited 0 was lost all the same.
-        log(f"{c.name} exited with {returncode}; the variables it held are lost: stopping "
-            "the group")
-        return Outcome(returncode or 1, c.name, retry=True)
+        # Its variables are gone: a new empty ps on its port would not bring them back. The
+        # chief exits 4 with one line once it notices; that exit restarts the whole group
+        # from the last checkpoint: one restart for one ps loss, not two.
+        given_up.add(c.name)
+        log(f"{c.name} exited with {returncode}; the variables it held are lost: not "
+            "restarted alone (the chief stops, then the whole group restarts if allowed)")
+        continue
       if ctx.restarts.take(c.name, returncode):
         # Same TF_CONFIG, same port: ParameterServerStrategy reconnects to it.
         servers[i] = Child(c.task).start()

@@ -8,7 +8,7 @@ or the ps-mode chief's) last JSON line, trainer.main's summary, is printed once 
 as the launcher's last stdout line: `python -m launch.local ... | tail -1` is the run's result.
 
 Exit status: 0 when every trainer process exited 0; otherwise the first non-zero exit code of
-a trainer, or of a lost ps server (128 + N for one killed by signal N); 75 when a trainer was preempted (never
+a trainer (128 + N for one killed by signal N); 75 when a trainer was preempted (never
 restarted); 2 for bad flags; 124 when --timeout_s ran out; 128 + N when the launcher itself got
 signal N (SIGINT/SIGTERM, forwarded to all children) and no trainer reported 75.
 """
@@ -40,9 +40,9 @@ def run(workers, ps=0, trainer_args=(), max_restarts=0, port_base=None, env=None
     workers: trainer processes (ps == 0) or worker servers (ps > 0); >= 1.
     ps: parameter servers; > 0 also starts one chief (the coordinator, running the trainer).
     trainer_args: flags appended to the trainer command.
-    max_restarts: restarts allowed in total: of the whole group after a trainer failed or a
-      ps server was lost (its variables go with it), and (ps > 0) of a dead worker server in
-      place, on its own port.
+    max_restarts: restarts allowed in total: of the whole group after a trainer failed (with
+      ps > 0, also after a ps server was lost: the chief then fails), and (ps > 0) of a dead
+      worker server in place, on its own port.
     port_base: use ports port_base, port_base + 1, ...; None: free ports, new each attempt.
     env: variables added to os.environ for every child.
     timeout_s: stop everything and return 124 after this long; None: no limit.

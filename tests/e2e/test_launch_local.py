@@ -75,6 +75,14 @@ if action == "kill9_once" or action == "listen_kill9_once":
     os.kill(os.getpid(), signal.SIGKILL)
   if action == "kill9_once":
     sys.exit(0)
+if action == "exit4_when_ps_lost":  # a coordinator: exit 4 once ps 0 died; 0 when restarted
+  if starts("chief") > 1:
+    sys.exit(0)
+  deadline = time.time() + 30
+  while not (out / "ps0.killed").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.5)
+  sys.exit(4)
 if action.startswith("wait_starts:"):  # wait_starts:TAG:N[:CODE]: exit CODE once TAG started N times
   _, t, n, *code = action.split(":")
   deadline = time.time() + 30
@@ -292,26 +300,26 @@ def test_lost_ps_restarts_the_group_once(child, capsys):
   that costs one restart, not one for the ps and another for the chief that then fails."""
   cmd, out = child
   servers = [*cmd, str(out), json.dumps({"ps 0": "listen_kill9_once", "*": "listen"})]
-  # The first chief waits (it would exit 4 once it noticed); the second one succeeds.
-  chief_rules = json.dumps({"chief": "wait_starts:chief:2"})
+  chief_rules = json.dumps({"chief": "exit4_when_ps_lost"})
   rc = local.run(1, 1, [str(out), chief_rules], command=cmd, server_command=servers,
                  max_restarts=1, timeout_s=60, grace_s=5)
   err = capsys.readouterr().err
   assert rc == 0, err
-  assert "restart 1/1 after ps 0 exited with -9" in err, err
+  assert "ps 0 exited with -9; the variables it held are lost" in err, err
+  assert "restart 1/1 after chief exited with 4" in err, err
   assert len(records(out, "chief")) == 2 and len(records(out, "worker0")) == 2
   first, second = records(out, "ps0")
   assert first["tf_config"]["cluster"] != second["tf_config"]["cluster"]  # a new group
 
 
 @pytest.mark.timeout(120)
-def test_lost_ps_without_restarts_fails_with_its_code(child, capsys):
+def test_lost_ps_without_restarts_ends_with_the_chiefs_code(child, capsys):
   cmd, out = child
   servers = [*cmd, str(out), json.dumps({"ps 0": "listen_kill9_once", "*": "listen"})]
-  rc = local.run(1, 1, [str(out), json.dumps({"chief": "sleep"})], command=cmd,
+  rc = local.run(1, 1, [str(out), json.dumps({"chief": "exit4_when_ps_lost"})], command=cmd,
                  server_command=servers, timeout_s=60, grace_s=5)
-  assert rc == 137, capsys.readouterr().err
-  assert len(records(out, "chief")) == 1
+  assert rc == 4, capsys.readouterr().err
+  assert len(records(out, "chief")) == 1 and len(records(out, "ps0")) == 1
 
 
 @pytest.mark.timeout(120)
