@@ -46,22 +46,24 @@ def wait_for_servers(tf_config: dict, timeout_s: float) -> None:
 def grpc_options(peer_timeout_s: float, given: str = "") -> str:
   """TF_GRPC_DEFAULT_OPTIONS for the coordinator's channels, so that an RPC
   to a stopped or hung worker or ps (its kernel still holds the connection
-  open) fails within `peer_timeout_s`: a keepalive ping after half of it,
-  unanswered for the other half, closes the connection (UnavailableError:
-  ClusterCoordinator's worker-failure handling takes over). Reconnecting to
+  open) fails within `peer_timeout_s`: a keepalive ping every third of it,
+  unanswered for another third, closes the connection (UnavailableError:
+  ClusterCoordinator's worker-failure handling takes over), at most 2/3 of
+  it after the freeze: before the hang watch (trainer.hang) would end the
+  run, with --hang_timeout_s at its default. Reconnecting to
   such a peer gives up after at most 2 s instead of gRPC's 20 s, which every
   function the coordinator registers with every worker would otherwise pay.
   Options already in `given` (the user's) are kept as they are.
 
   >>> grpc_options(120)
-  'grpc.keepalive_time_ms=60000,grpc.keepalive_timeout_ms=60000,grpc.http2.ping_timeout_ms=60000,grpc.min_reconnect_backoff_ms=2000'
+  'grpc.keepalive_time_ms=40000,grpc.keepalive_timeout_ms=40000,grpc.http2.ping_timeout_ms=40000,grpc.min_reconnect_backoff_ms=2000'
   >>> grpc_options(1, "grpc.keepalive_time_ms=5")
   'grpc.keepalive_time_ms=5,grpc.keepalive_timeout_ms=1000,grpc.http2.ping_timeout_ms=1000,grpc.min_reconnect_backoff_ms=1000'
   """
-  half = max(1000, int(peer_timeout_s * 1000 / 2))
-  ours = {"grpc.keepalive_time_ms": half, "grpc.keepalive_timeout_ms": half,
-          "grpc.http2.ping_timeout_ms": half,
-          "grpc.min_reconnect_backoff_ms": min(2000, half)}
+  third = max(1000, int(peer_timeout_s * 1000 / 3))
+  ours = {"grpc.keepalive_time_ms": third, "grpc.keepalive_timeout_ms": third,
+          "grpc.http2.ping_timeout_ms": third,
+          "grpc.min_reconnect_backoff_ms": min(2000, third)}
   options = [o for o in given.split(",") if o]
   names = {o.split("=", 1)[0] for o in options}
   options += [f"{k}={v}" for k, v in ours.items() if k not in names]
