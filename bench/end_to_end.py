@@ -30,9 +30,15 @@ Data: --data=mnist reads ../shared/data/mnist (its only split, "test",
 10,000 real digits); --data=auto (default) uses it when present, else
 synthetic 28x28x1 uint8 images (10,000). Checkpoints and evaluation are not
 in the rounds (one checkpoint at the very end, untimed): eval_every=0 and
-checkpoint_every=train_steps. Like every paired contender, a pause between
-two of the trainer's intervals lets its prefetch buffer fill; the next few
-batches of each interval come ready (a few of its 100 updates).
+checkpoint_every=train_steps.
+
+Each timed interval, the trainer's included, is preceded by a pause of
+--settle seconds (default 0.5 here): every pipeline still alive (the
+trainer's, each contender's) refills its prefetch buffer while nothing is
+timed, and each interval starts with its own buffer full. Without it, the
+buffer the trainer had drawn on at its summary refilled inside raw_data's
+timed interval (the trainer flattered, the raw loop slowed on two cores).
+The table gives the process CPU in the pause after each contender.
 """
 
 import argparse
@@ -44,12 +50,25 @@ from bench import framework
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data",
                                           "mnist"))
+
+
+def find_mnist() -> str:
+  """../shared/data/mnist next to the repository, or one level up (a git
+  worktree in a folder of worktrees); the first if neither has it."""
+  for up in ("..", os.path.join("..", "..")):
+    path = os.path.normpath(os.path.join(REPO, up, "shared", "data", "mnist"))
+    if os.path.isdir(path):
+      return path
+  return MNIST_DIR
+
+
 WARMUP_INTERVALS = 2   # tracing of the chunk and of the probe's trace
 CACHED_BATCHES = 32
 
 
-def data_settings(choice: str, mnist_dir: str = MNIST_DIR) -> dict:
+def data_settings(choice: str, mnist_dir: str | None = None) -> dict:
   """Config fields of the data both sides read, and a label for it."""
+  mnist_dir = mnist_dir or find_mnist()
   have_mnist = os.path.isfile(os.path.join(mnist_dir,
                                            "t10k-images-idx3-ubyte.gz"))
   if choice == "mnist" and not have_mnist:
@@ -155,8 +174,18 @@ def measure(args, tmp: str) -> tuple[dict, dict]:
     run(n)
     run(n)
   times = {name: [] for name in (*others, "end_to_end")}
+  # Process CPU in the settle after each contender's interval: its
+  # pipeline refilling the prefetch buffer it drew on, which without the
+  # settle runs inside the NEXT contender's timed interval.
+  after = {name: [] for name in times}
   inside = []
   clock = {"summaries": 0, "last": None}
+
+  def settle(previous: str) -> None:
+    if args.settle > 0:
+      cpu = time.process_time()
+      time.sleep(args.settle)
+      after[previous].append(time.process_time() - cpu)
 
   def on_summary(chunk_s):
     now = time.perf_counter()
@@ -165,11 +194,14 @@ def measure(args, tmp: str) -> tuple[dict, dict]:
     if k > WARMUP_INTERVALS + 1:   # interval k was preceded by the others
       times["end_to_end"].append(now - clock["last"])
       inside.append(chunk_s)
+    if k >= WARMUP_INTERVALS + 1:
+      settle("end_to_end")
     if WARMUP_INTERVALS + 1 <= k <= WARMUP_INTERVALS + rounds:
       for name, run in others.items():
         began = time.perf_counter()
         run(n)
         times[name].append(time.perf_counter() - began)
+        settle(name)
     clock["last"] = time.perf_counter()
 
   paired_runner.train(evaluate=False)
@@ -179,6 +211,7 @@ def measure(args, tmp: str) -> tuple[dict, dict]:
                        "summary interval did not end where expected).")
   return times, {"data": data_settings(args.data)["label"],
                  "inside_chunks": inside,
+                 "after": after if args.settle > 0 else None,
                  "global_step": paired_runner.global_step}
 
 

@@ -32,15 +32,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before any TF import
 
-from bench import common, data_scaling, machine, report  # noqa: E402
+from bench import common, data_scaling, end_to_end, machine, report  # noqa: E402
 from bench.rows import Row, catalog  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
 # On-disk JPEG rows: enough examples that an epoch outlasts a timed run.
 JPEG_EXAMPLES = 50000
-MNIST_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data",
-                                          "mnist"))
+MNIST_DIR = end_to_end.find_mnist()
 STARTUP_S = 20.0          # subprocess timeout allowance for imports, tracing
 
 
@@ -99,7 +98,7 @@ class Measured:
     wall = time.monotonic() - t0
     foreign = (_cpu_busy_s() - busy0) - (_children_cpu_s() - ours0)
     return {"returncode": code, "stdout": out, "stderr": err,
-            "wall_s": wall,
+            "wall_s": wall, "cpu_s": _children_cpu_s() - ours0,
             "foreign_load": max(0.0, foreign / (wall * ncpu)) if wall else None}
 
 
