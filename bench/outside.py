@@ -103,13 +103,18 @@ def per_update(long_s: float, short_s: float, long_n: int,
 
 def ratios(reference: list[float], contender: list[float]) -> dict:
   """Per-round reference / contender (> 1: the contender is faster) as
-  min, median and max, and best / best (each side's smallest time)."""
-  per_round = [r / c for r, c in zip(reference, contender) if c > 0]
-  if not per_round:
-    return {}
-  return {"min": min(per_round), "median": statistics.median(per_round),
-          "max": max(per_round), "best": min(reference) / min(contender),
-          "rounds": per_round}
+  min, median and max, and best / best (each side's smallest time).
+  A round where either differenced time is not positive (start-up jitter
+  larger than the difference: a loaded machine) counts as `dropped`."""
+  pairs = list(zip(reference, contender))
+  kept = [(r, c) for r, c in pairs if r > 0 and c > 0]
+  out = {"dropped": len(pairs) - len(kept)}
+  if not kept:
+    return out
+  per_round = [r / c for r, c in kept]
+  return {**out, "min": min(per_round), "median": statistics.median(per_round),
+          "max": max(per_round), "rounds": per_round,
+          "best": min(r for r, _ in kept) / min(c for _, c in kept)}
 
 
 def parse_contenders(text: str) -> dict:
@@ -315,11 +320,16 @@ def report(args, contenders: dict, wall: dict, cpu: dict, loads: list,
           f"[rounds: {rounds}]")
   for ref in (n for n in REFERENCES if n in wall and contenders[n] is None):
     for name in (n for n in wall if contenders[n] is not None):
-      q = ratios(wall[ref], wall[name])
-      c = ratios(cpu[ref], cpu[name])
-      print(f"  {name} x {ref}: per round min {q['min']:.3f} median "
-            f"{q['median']:.3f} max {q['max']:.3f}; best/best "
-            f"{q['best']:.3f}; by CPU median {c['median']:.3f}")
+      parts = []
+      for clock, times in (("wall", wall), ("CPU", cpu)):
+        q = ratios(times[ref], times[name])
+        text = (f"{clock}: per round min {q['min']:.3f} median "
+                f"{q['median']:.3f} max {q['max']:.3f}, best/best "
+                f"{q['best']:.3f}" if "min" in q else f"{clock}: no round")
+        if q["dropped"]:
+          text += f" ({q['dropped']} round(s) dropped: difference <= 0)"
+        parts.append(text)
+      print(f"  {name} x {ref}: " + "; ".join(parts))
 
 
 def main(argv=None) -> int:

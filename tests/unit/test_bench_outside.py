@@ -24,6 +24,11 @@ def test_ratios_per_round_and_best():
   assert (q["min"], q["median"], q["max"]) == pytest.approx(
       (per_round[0], 1.0, per_round[1]))
   assert q["best"] == pytest.approx(1.0)   # 0.0040 / 0.0040
+  assert q["dropped"] == 0
+  # A round whose difference is not positive (start-up jitter) is dropped.
+  q = outside.ratios([0.005, -0.001, 0.006], [0.004, 0.005, -0.002])
+  assert q["dropped"] == 2 and q["rounds"] == pytest.approx([1.25])
+  assert outside.ratios([-1.0], [1.0]) == {"dropped": 1}
 
 
 def test_contenders_parse_and_refuse():
