@@ -266,8 +266,12 @@ def test_paired_end_to_end_runs_the_trainers_loop(tmp_path, capsys):
   from bench import end_to_end, machine, paired
   from tests.conftest import event_steps
   args = argparse.Namespace(model="cnn", batch=8, interval=10, rounds=3,
-                            data="synthetic")
+                            data="synthetic", settle=0.01)
   times, details = end_to_end.measure(args, str(tmp_path))
+  # A settle before each timed interval, the trainer's too (its first
+  # after the warm-up, then one after each of its timed intervals).
+  assert {k: len(v) for k, v in details["after"].items()} == {
+      "raw_data": 3, "framework": 3, "framework_cached": 3, "end_to_end": 4}
   assert list(times) == ["raw_data", "framework", "framework_cached",
                          "end_to_end"]
   assert all(len(ts) == 3 and min(ts) > 0 for ts in times.values())
