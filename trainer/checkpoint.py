@@ -89,9 +89,13 @@ class Checkpointer:
       # every worker: the values of this step boundary, to the host.
       snapshot = compat.CheckpointSnapshot(self.checkpoint)
     except NotImplementedError as e:
-      raise UserError(f"--async_checkpoint cannot snapshot this model's "
-                      f"state ({e}); run without --async_checkpoint.") from None
+      if self.asynchronous:
+        raise UserError(f"--async_checkpoint cannot copy this model's state "
+                        f"({e}): run without --async_checkpoint.") from None
+      snapshot = _Live(self.checkpoint)   # read while it is written
     if not self._is_chief:
+      if isinstance(snapshot, _Live):     # the reads happen in the write
+        write_scratch(self.checkpoint, self._worker_index, step)
       return None   # the chief writes; nothing of a worker's is kept
     path = os.path.join(self.model_dir, f"{PREFIX}-{step}")
     if not self.asynchronous:
@@ -263,6 +267,17 @@ class Checkpointer:
 
 
 _VANISHED = object()
+
+
+class _Live:
+  """What a synchronous save writes when the state cannot be snapshotted
+  (objects with their own registered savers): the live objects."""
+
+  def __init__(self, checkpoint):
+    self._checkpoint = checkpoint
+
+  def write(self, prefix: str) -> None:
+    self._checkpoint.write(prefix)
 _CKPT_FILE = re.compile(re.escape(PREFIX) + r"-(\d+)\.index$")
 
 
