@@ -32,6 +32,8 @@ MLP = ["--model=mlp", "--optimizer=adam", "--dataset=digits",
 ASYNC = [*MLP, "--async_checkpoint"]
 SLOW = pytest.mark.skipif(not os.environ.get("TRAINER_SLOW"),
                           reason="30 SIGKILLs (minutes); set TRAINER_SLOW=1")
+# The slow tests' number of kills (fewer on a machine too busy for 30).
+KILLS = int(os.environ.get("TRAINER_ASYNC_KILLS", "30"))
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +50,13 @@ def _assert_equal_bits(found: dict, reference: dict):
     assert np.array_equal(found[key], reference[key]), key
 
 
-def _wait_for_line(log, pattern, procs, timeout=120):
-  """Waits until the log file has a line matching `pattern`; False if the
-  processes ended first."""
+def _wait_for_line(log, pattern, procs, timeout=120, count=1):
+  """Waits until the log file has `count` lines matching `pattern`; False
+  if the processes ended first."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    if log.exists() and re.search(pattern, log.read_text(errors="replace")):
+    if log.exists() and len(re.findall(
+        pattern, log.read_text(errors="replace"))) >= count:
       return True
     if all(p.poll() is not None for p in procs):
       return False
@@ -77,18 +80,20 @@ def _checkpoints_complete(model_dir) -> int:
 
 def _kill_runs(model_dir, tmp_path, kills, rng, start, restored_pattern,
                kill=stop_all):
-  """`kills` runs SIGKILLed at a random moment after their first background
-  save began; each restart must resume from the newest complete checkpoint.
-  Returns how many kills found a write in flight."""
+  """`kills` runs SIGKILLed at a random moment after 1 to 3 saves of their
+  own committed (so that each restart makes progress however slow the
+  disk); each restart must resume from the newest complete checkpoint.
+  Returns how many kills found a write in flight, and the newest step."""
   in_flight = 0
   newest = 0
   for i in range(kills):
     log = tmp_path / f"kill{i}.txt"
     procs = start(log)
+    commits = rng.randint(1, 3)
     try:
-      started = _wait_for_line(log, r"saving checkpoint \S+ in the background",
-                               procs)
-      time.sleep(rng.uniform(0.0, 0.4))
+      started = _wait_for_line(log, r"saved checkpoint ", procs,
+                               timeout=300, count=commits)
+      time.sleep(rng.uniform(0.0, 0.3))
     finally:
       kill(procs)
     text = log.read_text(errors="replace")
@@ -137,25 +142,26 @@ def test_kills_and_sigterm_during_background_writes(tmp_path, reference):
 
 
 @SLOW
-def test_30_kills(tmp_path, reference):
+def test_30_kills(tmp_path):
   model_dir = tmp_path / "run"
   rng = random.Random(30)
 
   def start(log):
     return [start_trainer(*ASYNC, f"--model_dir={model_dir}",
-                          "--train_steps=400", log_path=log)]
-  in_flight, _ = _kill_runs(model_dir, tmp_path, 30, rng, start,
+                          "--train_steps=200", log_path=log)]
+  in_flight, _ = _kill_runs(model_dir, tmp_path, KILLS, rng, start,
                             r"restored \S+/ckpt-{step} at step {step}")
-  print(f"30 kills: {in_flight} with a background write in flight")
+  print(f"{KILLS} kills: {in_flight} with a background write in flight")
   step = _sigterm_while_writing(model_dir, tmp_path / "term.txt")
   resumed = run_trainer(*ASYNC, f"--model_dir={model_dir}",
-                        "--train_steps=400")
+                        "--train_steps=200", timeout=1800)
   assert f"restored {model_dir}/ckpt-{step} at step {step}" in resumed.stderr
-  reference_400 = tmp_path / "ref400"
-  run_trainer(*MLP, f"--model_dir={reference_400}", "--train_steps=400")
-  _assert_equal_bits(checkpoint_weights(model_dir / "ckpt-400"),
-                     checkpoint_weights(reference_400 / "ckpt-400"))
-  assert in_flight >= 10
+  reference_200 = tmp_path / "ref"
+  run_trainer(*MLP, f"--model_dir={reference_200}", "--train_steps=200",
+              timeout=1800)
+  _assert_equal_bits(checkpoint_weights(model_dir / "ckpt-200"),
+                     checkpoint_weights(reference_200 / "ckpt-200"))
+  assert in_flight >= KILLS // 3
 
 
 def _two_workers(args, log, timeout_s=600):
@@ -215,10 +221,10 @@ def test_30_kills_two_workers(tmp_path):
   def start(log):
     return [_two_workers([*worker_flags, "--async_checkpoint",
                           f"--model_dir={model_dir}"], log)]
-  in_flight, _ = _kill_runs(model_dir, tmp_path, 30, rng, start,
+  in_flight, _ = _kill_runs(model_dir, tmp_path, KILLS, rng, start,
                             r"restored \S+/ckpt-{step} at step {step}",
                             kill=_kill_with_workers)
-  print(f"2 workers, 30 kills: {in_flight} with a background write in flight")
+  print(f"2 workers, {KILLS} kills: {in_flight} with a background write in flight")
   final = _two_workers([*worker_flags, "--async_checkpoint",
                         f"--model_dir={model_dir}"], tmp_path / "final.txt")
   assert final.wait(timeout=900) == 0, \
