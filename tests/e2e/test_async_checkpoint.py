@@ -65,16 +65,18 @@ def _wait_for_line(log, pattern, procs, timeout=120, count=1):
 
 
 def _checkpoints_complete(model_dir) -> int:
-  """Every ckpt-N.index names complete files, and the index names the
-  newest of them; returns the newest step (0 if none)."""
+  """Every ckpt-N.index names complete files, and the index names one of
+  them (the newest, or the one before if the kill came between the
+  .index's rename and the index's rewrite: the restart takes the newest
+  file either way); returns the newest step (0 if none)."""
   import tensorflow as tf
   from trainer import checkpoint as ckpt_lib
   found = sorted(int(p.name[5:-6]) for p in model_dir.glob("ckpt-*.index"))
   for step in found:
     ckpt_lib.verified_config(str(model_dir / f"ckpt-{step}"))
   if found:
-    assert tf.train.latest_checkpoint(str(model_dir)) == str(
-        model_dir / f"ckpt-{found[-1]}")
+    assert tf.train.latest_checkpoint(str(model_dir)) in [
+        str(model_dir / f"ckpt-{step}") for step in found[-2:]]
   return found[-1] if found else 0
 
 
