@@ -144,6 +144,7 @@ def test_kills_and_sigterm_during_background_writes(tmp_path, reference):
 
 
 @SLOW
+@pytest.mark.timeout(7200)
 def test_30_kills(tmp_path):
   model_dir = tmp_path / "run"
   rng = random.Random(30)
@@ -207,6 +208,7 @@ def _alive(pid) -> bool:
 
 
 @SLOW
+@pytest.mark.timeout(7200)
 def test_30_kills_two_workers(tmp_path):
   worker_flags = [a for a in MLP if not a.startswith("--global_batch_size")]
   worker_flags += ["--global_batch_size=64", "--strategy=multiworker",
