@@ -23,7 +23,7 @@ from conftest import (REPO, checkpoint_weights, env, last_json, run_trainer,
 
 pytestmark = pytest.mark.timeout(900)
 
-STEPS = 60
+STEPS = 40
 MLP = ["--model=mlp", "--optimizer=adam", "--dataset=digits",
        "--global_batch_size=32", f"--train_steps={STEPS}",
        "--steps_per_loop=1", "--checkpoint_every=2", "--summary_every=50",
