@@ -224,7 +224,8 @@ def parts(config: Config, task: Task | None = None) -> Parts:
     objects["ema"] = ema
   checkpointer = ckpt_lib.Checkpointer(
       config.model_dir, objects, keep=config.keep_checkpoints,
-      is_chief=role.is_chief, worker_index=role.worker_index)
+      is_chief=role.is_chief, worker_index=role.worker_index,
+      asynchronous=config.async_checkpoint)
   if len(models) > 1 or len(optimizers) > 1:
     logging.info("models: %s; optimizers: %s", ", ".join(models),
                  ", ".join(f"{n} ({type(o).__bases__[-1].__name__})"

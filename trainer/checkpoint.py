@@ -1,11 +1,13 @@
 """Checkpoints: chief-only writes, every worker saves, verified restore.
 
 Under MultiWorkerMirroredStrategy every worker must call save() (variables
-may sync on read, which takes all workers); the chief writes to --model_dir,
-the others to a temporary directory they delete at once.
-CheckpointManager moves the `checkpoint` pointer only after the files are
-written, so the pointer never names a partial checkpoint; a checkpoint that
-is damaged anyway (a truncated file) is reported and the previous one used.
+may sync on read, which takes all workers): every worker reads the state
+(the snapshot), the chief writes it to --model_dir. A checkpoint's files
+are written under a hidden name, fsynced and renamed in, its .index last;
+the `checkpoint` pointer moves only after that, so neither names a partial
+checkpoint, synchronous or background (--async_checkpoint) alike. A
+checkpoint that is damaged anyway (a truncated file) is reported and the
+previous one used.
 
 The `checkpoint` index file is a convenience, not the truth: checkpoints are
 found from the `ckpt-N.index` files themselves, so a deleted or garbled index
@@ -25,12 +27,13 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 
 from absl import logging
 import tensorflow as tf
 
-from trainer import exitcodes
+from trainer import compat, exitcodes
 from trainer.errors import UserError, first_line
 
 PREFIX = "ckpt"
@@ -48,48 +51,125 @@ class DiskFull(Exception):
 
 
 class Checkpointer:
-  """Saves and restores `objects` (model, optimizer, state, config)."""
+  """Saves and restores `objects` (model, optimizer, state, config).
+
+  A save copies the state of the step boundary (every value read now, to
+  the host: compat.CheckpointSnapshot) and then writes it: in the calling
+  thread, or with `asynchronous` in a background thread while training
+  goes on. Either way the write goes to a hidden directory, is fsynced,
+  and is moved in by rename (data files first, the .index file last), so
+  a ckpt-N.index in --model_dir always names complete, synced files; only
+  then is the `checkpoint` index rewritten (fsynced). At most one save is
+  in flight: the next save, a restore and the end of training wait for it.
+  """
 
   def __init__(self, model_dir: str, objects: dict, keep: int, is_chief: bool,
-               worker_index: int):
+               worker_index: int, asynchronous: bool = False):
     self.model_dir = model_dir
     self.checkpoint = tf.train.Checkpoint(**objects)
+    # Created now so that every snapshot holds it (CheckpointManager's
+    # saves counted in it; checkpoints written before keep the key).
+    self.checkpoint.save_counter  # noqa: B018 - creates the variable
     self._keep = keep
     self._is_chief = is_chief
     self._worker_index = worker_index
-    self._manager = None
-    if is_chief:
-      self._manager = tf.train.CheckpointManager(
-          self.checkpoint, model_dir, max_to_keep=keep, checkpoint_name=PREFIX)
+    self.asynchronous = asynchronous
+    self._writer = None          # the background write in flight
+    self._error = None           # what it raised, for wait() to raise
+    self._background = 0.0
 
   def save(self, step: int) -> str | None:
-    """Every worker calls this at the same step. Out of space: the partial
-    files of this save are removed and DiskFull names the newest intact
-    checkpoint."""
-    if self._is_chief:
-      before = set(os.listdir(self.model_dir)) if os.path.isdir(
-          self.model_dir) else set()
-      try:
-        return self._manager.save(checkpoint_number=step)
-      except (OSError, tf.errors.OpError) as e:
-        if not is_disk_full(e):
-          raise
-        failed = os.path.join(self.model_dir, f"{PREFIX}-{step}")
-        _remove_partial(self.model_dir, f"{PREFIX}-{step}", before)
-        intact = [p for p in self.paths() if p != failed]
-        raise DiskFull(
-            f"no space left in --model_dir={self.model_dir} while saving "
-            f"{failed} (removed its partial files); the newest intact "
-            f"checkpoint is {intact[0] if intact else 'none'}. Free space "
-            "(or raise the quota), then run the same command to resume "
-            "from it.") from None
-    write_scratch(self.checkpoint, self._worker_index, step)
-    return None
+    """Every worker calls this at the same step; returns the checkpoint's
+    path (chief), which is committed on return unless `asynchronous`.
+    Waits for the previous save first. Out of space: the partial files of
+    this save are removed and DiskFull names the newest intact checkpoint
+    (from a background write: raised by the next save() or wait())."""
+    self.wait()
+    self.checkpoint.save_counter.assign_add(1)
+    try:
+      # The reads (collective ones under multi-worker) happen here, on
+      # every worker: the values of this step boundary, to the host.
+      snapshot = compat.CheckpointSnapshot(self.checkpoint)
+    except NotImplementedError as e:
+      if self.asynchronous:
+        raise UserError(f"--async_checkpoint cannot copy this model's state "
+                        f"({e}): run without --async_checkpoint.") from None
+      snapshot = _Live(self.checkpoint)   # read while it is written
+    if not self._is_chief:
+      if isinstance(snapshot, _Live):     # the reads happen in the write
+        write_scratch(self.checkpoint, self._worker_index, step)
+      return None   # the chief writes; nothing of a worker's is kept
+    path = os.path.join(self.model_dir, f"{PREFIX}-{step}")
+    if not self.asynchronous:
+      self._commit(snapshot, step)
+      return path
+    self._writer = threading.Thread(target=self._write_in_background,
+                                    args=(snapshot, step), daemon=True,
+                                    name=f"checkpoint-{step}")
+    self._writer.start()
+    logging.info("saving checkpoint %s in the background", path)
+    return path
+
+  def wait(self) -> None:
+    """Blocks until the save in flight (if any) has committed; raises what
+    its write raised (DiskFull, ...)."""
+    if self._writer is not None:
+      self._writer.join()
+      self._writer = None
+    if self._error is not None:
+      error, self._error = self._error, None
+      raise error
 
   def background_seconds(self) -> float:
     """Cumulative seconds of background checkpoint writing in this process
     (0.0: every save here is synchronous, all of it blocked)."""
-    return 0.0
+    return self._background
+
+  def _write_in_background(self, snapshot, step: int) -> None:
+    began = time.perf_counter()
+    try:
+      self._commit(snapshot, step)
+    except BaseException as e:  # noqa: BLE001 - raised by wait()
+      self._error = e
+    finally:
+      self._background += time.perf_counter() - began
+
+  def _commit(self, snapshot, step: int) -> None:
+    """Writes `snapshot` as ckpt-`step`: hidden directory, fsync, rename
+    (the .index last), then the index file and the keep policy."""
+    name = f"{PREFIX}-{step}"
+    final = os.path.join(self.model_dir, name)
+    _remove_unfinished(self.model_dir)
+    staging = os.path.join(self.model_dir, f"{_STAGING}{name}.{os.getpid()}")
+    try:
+      snapshot.write(os.path.join(staging, name))
+      files = sorted(os.listdir(staging), key=lambda f: f.endswith(".index"))
+      for f in files:
+        _fsync(os.path.join(staging, f))
+      _delete(final)   # an earlier save of this step, if any: gone first
+      for f in files:  # data files first, the .index (which lists it) last
+        os.replace(os.path.join(staging, f), os.path.join(self.model_dir, f))
+      _fsync(self.model_dir)
+    except (OSError, tf.errors.OpError) as e:
+      if not is_disk_full(e):
+        raise
+      shutil.rmtree(staging, ignore_errors=True)
+      _delete(final)
+      intact = [p for p in self.paths() if p != final]
+      raise DiskFull(
+          f"no space left in --model_dir={self.model_dir} while saving "
+          f"{final} (removed its partial files); the newest intact "
+          f"checkpoint is {intact[0] if intact else 'none'}. Free space "
+          "(or raise the quota), then run the same command to resume "
+          "from it.") from None
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+    others = [p for p in self.paths() if p != final]
+    kept = others[:max(self._keep - 1, 0)]
+    _write_index(self.model_dir, final, [final, *kept])
+    for old in others[len(kept):]:
+      _delete(old)
+    logging.info("saved checkpoint %s", final)
 
   def paths(self) -> list[str]:
     """Checkpoints in --model_dir, newest first: those the `checkpoint`
@@ -108,6 +188,7 @@ class Checkpointer:
     list again. ckpt-N files none of which is readable are a UserError: a
     fresh start would overwrite them.
     """
+    self.wait()
     if path:
       return self._restore_one(config, path, [], explicit=True)
     for _ in range(_VANISHED_RETRIES):
@@ -178,20 +259,27 @@ class Checkpointer:
     return _VANISHED
 
   def _repair_index(self, restored: str) -> None:
-    """Rewrites the `checkpoint` index from the files (chief only), and
-    re-creates the manager so that its keep policy sees every ckpt-N."""
+    """Rewrites the `checkpoint` index from the files (chief only)."""
     if not self._is_chief:
       return
     _write_index(self.model_dir, restored, self.paths())
-    self._manager = tf.train.CheckpointManager(
-        self.checkpoint, self.model_dir, max_to_keep=self._keep,
-        checkpoint_name=PREFIX)
     logging.warning("rewrote the `checkpoint` index file in %s from the "
                     "ckpt-N files (newest readable: %s).", self.model_dir,
                     restored)
 
 
 _VANISHED = object()
+
+
+class _Live:
+  """What a synchronous save writes when the state cannot be snapshotted
+  (objects with their own registered savers): the live objects."""
+
+  def __init__(self, checkpoint):
+    self._checkpoint = checkpoint
+
+  def write(self, prefix: str) -> None:
+    self._checkpoint.write(prefix)
 _CKPT_FILE = re.compile(re.escape(PREFIX) + r"-(\d+)\.index$")
 
 
@@ -241,7 +329,40 @@ def _write_index(model_dir: str, latest: str, paths: list[str]) -> None:
   tmp = os.path.join(model_dir, f".checkpoint.tmp{os.getpid()}")
   with open(tmp, "w") as f:
     f.write("\n".join(lines) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, os.path.join(model_dir, "checkpoint"))
+  _fsync(model_dir)
+
+
+# Where a save is written before it is moved in (never a ckpt-N.index).
+_STAGING = ".saving-"
+
+
+def _fsync(path: str) -> None:
+  """Flushes a file, or a directory's entries, to the disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _delete(prefix: str) -> None:
+  """Removes checkpoint `prefix`: its .index first (from then on it is no
+  checkpoint), then its data files."""
+  for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
+    try:
+      os.remove(path)
+    except FileNotFoundError:
+      pass
+
+
+def _remove_unfinished(model_dir: str) -> None:
+  """Removes saves a killed process left half-written (one trainer per
+  --model_dir, and its own previous save has committed)."""
+  for entry in glob.glob(os.path.join(glob.escape(model_dir), _STAGING + "*")):
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 def is_disk_full(error: Exception) -> bool:
@@ -251,18 +372,6 @@ def is_disk_full(error: Exception) -> bool:
     return True
   text = str(error).lower()
   return "no space left" in text or "disk quota exceeded" in text
-
-
-def _remove_partial(model_dir: str, name: str, before: set) -> None:
-  """Removes what a failed save of checkpoint `name` left: its temp dir
-  (`ckpt-N_temp/`) and ckpt-N.* files that were not there before."""
-  shutil.rmtree(os.path.join(model_dir, f"{name}_temp"), ignore_errors=True)
-  for entry in os.listdir(model_dir):
-    if entry.startswith(f"{name}.") and entry not in before:
-      try:
-        os.remove(os.path.join(model_dir, entry))
-      except OSError:
-        pass
 
 
 # trainer-worker<index>-<host>-<pid>-<random>: write_scratch's directories.

@@ -482,3 +482,72 @@ def all_gather_by_sum(context, value, axis: int):
   summed = context.all_reduce(tf.distribute.ReduceOp.SUM,
                               mine * value[None])
   return tf.concat(tf.unstack(summed, num=replicas), axis=axis)
+
+
+class CheckpointSnapshot:
+  """The values of a tf.train.Checkpoint at one moment, writable later
+  from any thread (trainer.checkpoint's background write).
+
+  Built from the saver's own serialization (`TrackableSaver.
+  _gather_serialized_tensors`: the object graph and every key, exactly as
+  `Checkpoint.write` would lay them out), with every value READ NOW into
+  the memory of the host holding it (`SaveSpec.tensor` runs the variable's
+  read closure; an accelerator's value is copied to its task's CPU, a
+  parameter server's stays there); written by `functional_saver.MultiDeviceSaver`. A read tensor
+  is a snapshot: TF's variable updates copy a buffer that a live tensor
+  still refers to (copy-on-write), so the next update cannot change it.
+  """
+
+  def __init__(self, checkpoint):
+    from tensorflow.python.training.saving import saveable_object
+    # This thread's default device (a cluster task's CPU under a
+    # coordinator): a new thread would start from localhost instead.
+    self._device = tf.constant(0).device
+    serialized, _, registered, _ = (
+        checkpoint._saver._gather_serialized_tensors(None))
+    if registered:
+      # A registered saver reads its objects when it writes, not now.
+      raise NotImplementedError(
+          "objects with their own registered checkpoint savers: "
+          + ", ".join(sorted(registered)))
+    self.nbytes = 0
+    for obj, by_key in serialized.items():   # an identity dict: kept
+      serialized[obj] = {
+          key: self._read(value, saveable_object) if not isinstance(
+              value, dict) else {
+                  spec: self._read(v, saveable_object)
+                  for spec, v in value.items()}
+          for key, value in by_key.items()}
+    self._tensors = serialized
+
+  def _read(self, value, saveable_object):
+    if isinstance(value, saveable_object.SaveSpec):
+      tensor = value.tensor
+      if tensor is None:    # an uninitialized variable: not saved
+        return value
+      tensor = self._host(tensor)
+      return saveable_object.SaveSpec(tensor, value.slice_spec, value.name,
+                                      dtype=value.dtype, device=value.device)
+    return self._host(value)
+
+  def _host(self, tensor):
+    """The value in the memory of the host holding it: a device's copied to
+    its own task's CPU (a parameter server's stays on that server)."""
+    if isinstance(tensor, tf.Variable):
+      tensor = tensor.read_value()
+    spec = tf.DeviceSpec.from_string(tensor.device or "")
+    if spec.device_type not in (None, "CPU"):
+      with tf.device(spec.replace(device_type="CPU",
+                                  device_index=0).to_string()):
+        tensor = tf.identity(tensor)
+    self.nbytes += tensor.dtype.size * max(tensor.shape.num_elements() or 0,
+                                           1)
+    return tensor
+
+  def write(self, prefix: str) -> None:
+    """Writes the checkpoint files `prefix`.index and `prefix`.data-*,
+    readable by `tf.train.Checkpoint.restore(prefix)`."""
+    from tensorflow.python.checkpoint import functional_saver
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    with tf.device(self._device):
+      functional_saver.MultiDeviceSaver(self._tensors).save(prefix)

@@ -79,6 +79,7 @@ class Config:
   model_dir: str = "runs/default"
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
+  async_checkpoint: bool = False
   summary_every: int = 100
   eval_every: int = 500
   eval_every_epochs: float = 0.0
@@ -278,6 +279,12 @@ _HELP = {
                  "line per run). Re-running with the same dir resumes.",
     "checkpoint_every": "Save a checkpoint every N updates (and at the end).",
     "keep_checkpoints": "Checkpoints kept in --model_dir.",
+    "async_checkpoint": "Write checkpoints in a background thread: the "
+                        "loop is blocked only while the state is copied to "
+                        "host memory (one more copy of it while a write is "
+                        "in flight); at most one save in flight, and the "
+                        "`checkpoint` index names a checkpoint only once "
+                        "its files are synced. See docs/reliability.md.",
     "summary_every": "Write train summaries and a progress line every N updates.",
     "eval_every": "Evaluate every N updates (and at the end); 0: only at the end.",
     "eval_every_epochs": "Evaluate every F epochs of --train_split (replaces "

@@ -98,12 +98,12 @@ class Controller:
       self._timed[what] += time.perf_counter() - began
 
   def save(self) -> None:
+    """A checkpoint at the current step (the checkpointer logs it once
+    committed; with --async_checkpoint that is after this returns)."""
     if self.hang is not None:
       self.hang.note_pause()
     with self._timing("checkpoint"):
-      path = self.checkpointer.save(self.global_step)
-    if path:
-      logging.info("saved checkpoint %s", path)
+      self.checkpointer.save(self.global_step)
 
   # ---- evaluation -----------------------------------------------------
   def _eval_metrics(self) -> dict:
@@ -167,10 +167,11 @@ class Controller:
       with self._translated_errors():
         result.update(self._train_chunks(stop, evaluate))
     except Preempted:
-      self._account_ends(goodput.PREEMPTED)
+      # Exit 75 only once the checkpoint of the signal's step is on disk.
+      self._ends(goodput.PREEMPTED)
       raise
     except BaseException:
-      self._account_ends(goodput.FAILED)
+      self._ends(goodput.FAILED)
       raise
     finally:
       if self.hang is not None:
@@ -180,17 +181,11 @@ class Controller:
       stop.uninstall()
       self._profiler.stop()
       self.progress.close()
-    if evaluate:
-      metrics = self.stopped_eval
-      if metrics is None:
-        metrics = self.evaluate()
-        if self.best is not None:
-          with self._timing("evaluation"):
-            self.best.update(self.global_step, metrics,
-                             self.checkpointer.checkpoint)
-      result.update(_prefixed("eval", metrics))
-      self.writers.final(self.global_step, _prefixed(
-          "eval", {k: v for k, v in metrics.items() if k != "examples"}))
+    try:
+      if evaluate:   # overlaps the final checkpoint's background write
+        self._final_evaluation(result)
+    finally:
+      self._wait_for_save()
     result["global_step"] = self.global_step
     result["nonfinite_steps"] = int(self.state.nonfinite_steps.numpy())
     if self.best is not None:
@@ -199,6 +194,37 @@ class Controller:
       result["early_stopped"] = self.stopped_eval is not None
     result.update(self._account_ends(goodput.FINISHED))
     return result
+
+  def _final_evaluation(self, result: dict) -> None:
+    metrics = self.stopped_eval
+    if metrics is None:
+      metrics = self.evaluate()
+      if self.best is not None:
+        with self._timing("evaluation"):
+          self.best.update(self.global_step, metrics,
+                           self.checkpointer.checkpoint)
+    result.update(_prefixed("eval", metrics))
+    self.writers.final(self.global_step, _prefixed(
+        "eval", {k: v for k, v in metrics.items() if k != "examples"}))
+
+  def _wait_for_save(self) -> None:
+    """Until the background save in flight (if any) has committed; its
+    failure (disk full) is raised, replacing whatever else was on the way
+    out. Blocked checkpoint time in the goodput account."""
+    if self.hang is not None:
+      self.hang.note_pause()
+    with self._timing("checkpoint"), self._translated_errors():
+      self.checkpointer.wait()
+
+  def _ends(self, ended: str) -> None:
+    """Training ended by an exception: the save in flight commits first,
+    then the goodput account closes (FAILED if the save failed)."""
+    try:
+      self._wait_for_save()
+    except BaseException:
+      self._account_ends(goodput.FAILED)
+      raise
+    self._account_ends(ended)
 
   def _account_ends(self, ended: str) -> dict:
     """The goodput account's last record of this process; the JSON line's
