@@ -74,6 +74,9 @@ from trainer.step import metric_sums
 from trainer.step.metric_sums import WEIGHTS_SUFFIX, MetricSums
 
 _SUM = tf.distribute.ReduceOp.SUM
+# --deterministic=topology: the handed-over entry (not an optimizer's) that
+# carries the values a shard's step left in the models' moving statistics.
+MOVED = "#moved"
 
 # Bookkeeping called while the step is traced, with no control flow on
 # tensors: AutoGraph's conversion of it cost ~0.8 s of every start.
@@ -137,6 +140,13 @@ class Steps:
     self.fetch_ahead = _one_local_replica(strategy)
     self.micro_batch = config.micro_batch_size
     self.shards = config.virtual_shards
+    # Float non-trainable weights (batch norm's moving statistics): under
+    # --deterministic=topology each shard's step starts from the update's
+    # value and the update ends at the exact mean of the shards' results.
+    self.moving = ([v for m in models.values()
+                    for v in m.non_trainable_variables
+                    if v.dtype.startswith("float")]
+                   if self.shards and optimizers else [])
     self.fp16 = config.mixed_precision == "mixed_float16"
     self.clip_norm = config.clip_norm
     jit_compile = config.jit_compile
@@ -152,6 +162,8 @@ class Steps:
       self._buffers = self._make_buffers()
       if self.shards:
         self._stats_buffer = self._slots([metric_sums.CAPACITY], "stats")
+        self._moved_buffers = [self._slots(v.shape, f"moved_{i}")
+                               for i, v in enumerate(self.moving)]
     micro = self._micro_step
     if jit_compile:
       micro = tf.function(micro, jit_compile=True)
@@ -307,11 +319,19 @@ class Steps:
       # the topology grouped shards into micro-batches.
       meta = dict(meta, start=tf.fill(tf.shape(meta["pos"]), meta["pos"][0]))
     ctx = StepContext(self, meta, training=True)
+    before = [tf.identity(v.value) for v in self.moving]
     with seeds_scope(self, meta):
       metrics = self.task.train_step((features, labels), ctx)
     if not ctx.handed:
       raise UserError("Task.train_step handed no gradients to the context: "
                       "call ctx.minimize(tape, loss) or ctx.apply_gradients.")
+    if self.moving:
+      # What this shard's step made of them; then back to the update's
+      # start for the next shard (the reduction writes the mean).
+      moved = [tf.identity(v.value) for v in self.moving]
+      for v, value in zip(self.moving, before):
+        v.assign(value)
+      ctx.handed[MOVED] = (moved, None)
     if ctx.terms and not any(terms for _, terms in ctx.layouts.values()):
       raise UserError(
           "scale_loss(mean_over='weights') returns the micro-batch's "
@@ -359,6 +379,9 @@ class Steps:
       raise _NewLayout("the step's gradients need new accumulation buffers")
     if self.shards:
       _write_slot(self._stats_buffer, k, self.train_sums.pack(stats))
+      for buffer, value in zip(self._moved_buffers,
+                               handed.get(MOVED, ((), None))[0]):
+        _write_slot(buffer, k, value)
     else:
       self.train_sums.add(stats)
     for name in names:
@@ -449,13 +472,16 @@ class Steps:
       grads, loss = handed[name]
       self._no_slices(grads)
       flat += list(grads) + [loss]
-    summed = exact.exact_sum(flat + [stats], self.shards,
+    moved = list(handed[MOVED][0]) if MOVED in handed else []
+    summed = exact.exact_sum(flat + moved + [stats], self.shards,
                              self.all_gather_kind)
     out, i = {}, 0
     for name in names:
       n = len(handed[name][0])
       out[name] = (summed[i:i + n], summed[i + n])
       i += n + 1
+    for v, total in zip(self.moving, summed[i:i + len(moved)]):
+      v.assign(total / self.shards)
     context = tf.distribute.get_replica_context()
     first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), tf.float32)
     return out, summed[-1] * first
@@ -488,7 +514,8 @@ class Steps:
     if self.shards:
       # This replica's one shard: a first axis of 1.
       stats = self.train_sums.pack(stats)[tf.newaxis]
-      handed = tf.nest.map_structure(lambda t: t[tf.newaxis], handed)
+      handed = {name: tf.nest.map_structure(lambda t: t[tf.newaxis], value)
+                for name, value in handed.items()}
     return self._reduce(handed, stats)
 
   def _reduce_buffers(self, names):
@@ -509,6 +536,8 @@ class Steps:
                                        expand_composites=True)
       handed[name] = (values[:-1], values[-1])
     if self.shards:
+      if self.moving:
+        handed[MOVED] = ([b.read_value() for b in self._moved_buffers], None)
       return self._reduce(handed, self._stats_buffer.read_value())
     return self._reduce(handed)
 
