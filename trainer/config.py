@@ -8,6 +8,8 @@ import json
 import math
 
 from absl import flags
+from absl.flags import BooleanParser as _BooleanParser
+from absl.flags import Flag as _AbslFlag
 
 from trainer.errors import UserError
 
@@ -378,9 +380,10 @@ def define_flags() -> None:
     # Enums are checked in validate() so that the message can name the rule
     # in our format; absl's enum flags would exit with a multi-line usage.
     if name == "deterministic":
-      flags.DEFINE_flag(flags.Flag(
-          _DeterministicParser(), flags.BooleanFlag(name, False, "").serializer,
-          name, default, help_text, boolean=True))
+      # A boolean flag (bare and --no forms) whose parser also takes
+      # "topology".
+      flags.DEFINE_flag(_AbslFlag(_DeterministicParser(), None, name,
+                                  default, help_text, boolean=True))
     elif isinstance(default, bool):
       flags.DEFINE_bool(name, default, help_text)
     elif isinstance(default, int):
@@ -394,7 +397,7 @@ def define_flags() -> None:
       flags.DEFINE_string(name, default, help_text)
 
 
-class _DeterministicParser(flags.BooleanParser):
+class _DeterministicParser(_BooleanParser):
   """--deterministic, --nodeterministic, --deterministic=true/false (as a
   boolean flag) and --deterministic=topology."""
 
