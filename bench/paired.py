@@ -72,6 +72,14 @@ The GAN row (`--gan`; --model is then ignored), examples/dcgan.py at --batch:
                  (its two optimizers, one reduction each, per-example noise
                  from the stream position), on the framework's input pipeline
 
+The topology row (`--topology=V`): the cost of --deterministic=topology
+  raw                 bench.workers' hand-written loop (x raw = 1)
+  framework           Steps.unguarded_chunk, as above
+  framework_topology  the same with --deterministic=topology
+                      --virtual_shards=V: V shards of batch/V examples,
+                      each its own forward and backward, summed exactly
+TF op determinism is process-wide: all three run under it.
+
 The sequence row (`--lm`; --model is then ignored), examples/lm.py at
 --batch packed rows of 128 bytes (bench.lm.TASK_ARGS):
   lm_raw         bench.lm's hand-written loop: tf.function, GradientTape,
@@ -166,14 +174,14 @@ def _raw_distributed(args, strategy):
   return train_loop
 
 
-def _runner(args, model_dir: str, precision: str = "float32"):
+def _runner(args, model_dir: str, precision: str = "float32", **flags):
   from trainer import controller
   from trainer.config import Config
   shape = ",".join(str(d) for d in common.SHAPES[args.model])
   return controller.create(Config(
       model=args.model, dataset="synthetic", synthetic_shape=shape,
       global_batch_size=args.batch, optimizer="adam", model_dir=model_dir,
-      strategy=args.strategy, mixed_precision=precision))
+      strategy=args.strategy, mixed_precision=precision, **flags))
 
 
 def _on_disk(args, tmp: str) -> dict:
@@ -227,8 +235,17 @@ def main(argv=None) -> int:
                  choices=("", "mixed_bfloat16", "mixed_float16"),
                  help="race the fp32 raw loop and chunk against both under "
                       "this Keras policy (module doc)")
+  p.add_argument("--topology", type=int, default=0, metavar="V",
+                 help="race the chunk with and without "
+                      "--deterministic=topology --virtual_shards=V "
+                      "(module doc)")
   end_to_end.add_flags(p)
   args = p.parse_args(argv)
+  if args.topology and (args.gan or args.lm or args.end_to_end
+                        or args.on_disk or args.mixed_precision
+                        or args.strategy != "default"):
+    raise SystemExit("bench.paired: --topology races the built-in chunk "
+                     "under --strategy=default only.")
   if args.interval is None:
     args.interval = 100 if args.end_to_end else 50
   if args.lm and (args.gan or args.end_to_end or args.on_disk
@@ -282,6 +299,17 @@ def _contenders(args, tmp: str) -> dict:
     return {"gan_raw": gan.raw_loop(args.batch),
             "gan_framework": framework.chunk(
                 framework.gan_runner(args.batch, os.path.join(tmp, "gan")))}
+  if args.topology:
+    # --deterministic=topology turns TF op determinism on for the whole
+    # process: every contender runs under it (its own cost is plain
+    # --deterministic's, in both framework rows).
+    return {
+        "raw": _raw(args, fused=False),
+        "framework": framework.chunk(_runner(args, os.path.join(tmp, "fast"))),
+        "framework_topology": framework.chunk(_runner(
+            args, os.path.join(tmp, "topology"), deterministic="topology",
+            virtual_shards=args.topology)),
+    }
   if args.strategy == "default" and args.mixed_precision:
     # The fp32 raw loop first: bench.workers sets Keras' global policy for
     # the bf16 one, and each runner sets it from its config.

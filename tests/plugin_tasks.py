@@ -297,3 +297,13 @@ class RowTable(Task):
 
   def loss(self, labels, outputs):
     return tf.reduce_sum(tf.square(outputs - labels), axis=-1)
+
+
+def cnn_dropout(input_shape, num_classes):
+  """The built-in cnn with dropout before its logits (--model=
+  plugin_tasks:cnn_dropout): the MNIST model of the topology matrix."""
+  base = layers.get("cnn")(input_shape, num_classes)
+  features = base.get_layer("dense").output
+  x = layers.Dropout(0.25, name="dropout")(features)
+  logits = base.layers[-1](x)
+  return keras.Model(base.inputs, logits, name="cnn_dropout")

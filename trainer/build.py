@@ -196,6 +196,7 @@ def parts(config: Config, task: Task | None = None) -> Parts:
   strategy_lib.configure_devices(strategy_settings)
   strategy, role = backend.make_strategy(strategy_settings)
   check_divisible(config, strategy.num_replicas_in_sync)
+  _topology_line(config)
   keras.utils.set_random_seed(config.seed)
   config = _resolved_precision(config)
   keras.mixed_precision.set_global_policy(config.mixed_precision)
@@ -212,10 +213,14 @@ def parts(config: Config, task: Task | None = None) -> Parts:
     optimizers, variables, flag_optimizer = optimizers_of(task, config,
                                                           state, models)
   ema = make_ema(strategy, models, config.ema_decay)
+  replicas = strategy.num_replicas_in_sync
   steps = backend.steps_class(
       strategy, task, models, optimizers, variables, state,
       narrow(StepSettings, config, all_gather=backend.all_gather,
-             synchronous=backend.synchronous), ema)
+             synchronous=backend.synchronous,
+             grad_accum_steps=effective_accum_steps(config, replicas),
+             virtual_shards=config.virtual_shards if config.topology else 0),
+      ema)
   objects = {"model": trackable(models, MAIN),
              "optimizer": trackable(optimizers, "optimizer"),
              "global_step": state.global_step, "state": state,
@@ -232,6 +237,32 @@ def parts(config: Config, task: Task | None = None) -> Parts:
                            for n, o in optimizers.items()))
   return Parts(config, strategy, role, task, models, optimizers, state, steps,
                checkpointer, ema, flag_optimizer, backend, loaded)
+
+
+def effective_accum_steps(config: Config, replicas: int) -> int:
+  """Micro-batches per update: --grad_accum_steps, or under
+  --deterministic=topology one virtual shard per replica per micro-batch
+  (--virtual_shards / replicas: the step sees the same shard, the same
+  kernels, on every topology; --grad_accum_steps then only has to divide
+  it)."""
+  if config.topology:
+    return config.virtual_shards // replicas
+  return config.grad_accum_steps
+
+
+TOPOLOGY_SCOPE = (
+    "--deterministic=topology: checkpoints are bit-identical across replica "
+    "and worker counts, --grad_accum_steps and resumes with the same "
+    "--virtual_shards={v}, on CPUs of the same instruction set "
+    "(oneDNN {onednn}) and TensorFlow {tf}; another CPU family, "
+    "TensorFlow version or oneDNN setting may differ (docs/reliability.md).")
+
+
+def _topology_line(config: Config) -> None:
+  if config.topology:
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
+    logging.warning(TOPOLOGY_SCOPE.format(v=config.virtual_shards,
+                                          onednn=onednn, tf=tf.__version__))
 
 
 def _restores(config: Config) -> bool:
@@ -263,17 +294,22 @@ def assemble(config: Config, task: Task | None = None) -> dict:
     # Evaluation only: no optimizer, one micro-batch.
     return Steps(strategy, built.task, models, {}, {}, built.state,
                  narrow(StepSettings, config, grad_accum_steps=1,
-                        all_gather="collective", synchronous=True))
+                        virtual_shards=0, all_gather="collective",
+                        synchronous=True))
 
+  accum = effective_accum_steps(config,
+                                built.strategy.num_replicas_in_sync)
+  micro_batch = config.global_batch_size // accum
   executor = backend.executor_class(
       built, narrow(executors.Settings, config,
-                    eval_batch_size=config.effective_eval_batch_size),
+                    eval_batch_size=config.effective_eval_batch_size,
+                    micro_batch_size=micro_batch),
       make_eval_steps)
   histograms = None
   if config.histograms_every > 0:
     histograms = watch.Histograms(
-        built, config.train_split, config.micro_batch_size, config.seed,
-        config.grad_accum_steps, gradients=backend.gradient_histograms)
+        built, config.train_split, micro_batch, config.seed,
+        accum, gradients=backend.gradient_histograms)
   settings = narrow(actions.LoopSettings, config,
                     profile_range=config.profile_range,
                     tracks_best=config.tracks_best)

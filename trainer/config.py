@@ -8,6 +8,8 @@ import json
 import math
 
 from absl import flags
+from absl.flags import BooleanParser as _BooleanParser
+from absl.flags import Flag as _AbslFlag
 
 from trainer.errors import UserError
 
@@ -26,6 +28,7 @@ NONFINITE = ("skip", "rollback", "fail")
 PROGRESS = ("auto", "line", "log")
 PERF_FLOPS = ("auto", "trace", "off")
 BEST_MODES = ("auto", "min", "max")
+TOPOLOGY = "topology"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,10 @@ class Config:
   ema_decay: float = 0.0
   # Reproducibility.
   seed: int = 0
-  deterministic: bool = False
+  # False, True (TF op determinism) or "topology" (also the same weights on
+  # every topology: trainer/step/exact.py); the flag parses all three.
+  deterministic: bool | str = False
+  virtual_shards: int = 8
   # Outputs.
   model_dir: str = "runs/default"
   checkpoint_every: int = 500
@@ -110,6 +116,11 @@ class Config:
   def micro_batch_size(self) -> int:
     """Examples in one micro-batch, all replicas together."""
     return self.global_batch_size // self.grad_accum_steps
+
+  @property
+  def topology(self) -> bool:
+    """--deterministic=topology."""
+    return self.deterministic == TOPOLOGY
 
   @property
   def image_hw(self) -> tuple[int, int] | None:
@@ -273,7 +284,18 @@ _HELP = {
                  "shows the raw weights (0: off).",
     "seed": "Seed of initialization, data order, dropout and augmentation.",
     "deterministic": "TF op determinism: two fresh runs give bit-identical "
-                     "checkpoints (slower).",
+                     "checkpoints (slower). =topology: also the same "
+                     "checkpoints, bit for bit, on any number of replicas "
+                     "or workers, any --grad_accum_steps and across resumes "
+                     "onto another topology (--virtual_shards; same CPU "
+                     "instruction set and TensorFlow version; "
+                     "docs/reliability.md).",
+    "virtual_shards": "--deterministic=topology: the global batch is cut "
+                      "into this many fixed shards, each computed alike on "
+                      "any topology and summed exactly; replicas x "
+                      "--grad_accum_steps must divide it (and it must "
+                      "divide --global_batch_size). More shards: more "
+                      "topologies, smaller kernels (slower).",
     "model_dir": "Checkpoints, train/ and eval/ TensorBoard events, "
                  "config.json (written by training), history.jsonl (one "
                  "line per run). Re-running with the same dir resumes.",
@@ -364,7 +386,12 @@ def define_flags() -> None:
     help_text = _HELP[name]
     # Enums are checked in validate() so that the message can name the rule
     # in our format; absl's enum flags would exit with a multi-line usage.
-    if isinstance(default, bool):
+    if name == "deterministic":
+      # A boolean flag (bare and --no forms) whose parser also takes
+      # "topology".
+      flags.DEFINE_flag(_AbslFlag(_DeterministicParser(), None, name,
+                                  default, help_text, boolean=True))
+    elif isinstance(default, bool):
       flags.DEFINE_bool(name, default, help_text)
     elif isinstance(default, int):
       flags.DEFINE_integer(name, default, help_text)
@@ -375,6 +402,24 @@ def define_flags() -> None:
       if choices:
         help_text += f" One of: {', '.join(choices)}."
       flags.DEFINE_string(name, default, help_text)
+
+
+class _DeterministicParser(_BooleanParser):
+  """--deterministic, --nodeterministic, --deterministic=true/false (as a
+  boolean flag) and --deterministic=topology."""
+
+  def parse(self, argument):
+    if isinstance(argument, str) and argument.strip().lower() == TOPOLOGY:
+      return TOPOLOGY
+    try:
+      return super().parse(argument)
+    except ValueError:
+      raise ValueError(f"{argument!r}: use --deterministic, "
+                       "--deterministic=topology or --nodeterministic"
+                       ) from None
+
+  def flag_type(self):
+    return "bool or 'topology'"
 
 
 def from_flags(flag_values) -> Config:
@@ -390,6 +435,10 @@ def from_flags(flag_values) -> Config:
       raise UserError(f"--{name} and --{name}_epochs both given; give one.")
   # Several evaluation points per run by default: the fixed --eval_every=500
   # gives a 5-epoch MNIST run only two.
+  if given("virtual_shards") and values["deterministic"] != TOPOLOGY:
+    raise UserError(f"--virtual_shards={values['virtual_shards']} is read "
+                    "only with --deterministic=topology; add that flag or "
+                    "drop this one.")
   if (values["epochs"] > 0 and not given("eval_every")
       and not given("eval_every_epochs")):
     values["eval_every_epochs"] = 1.0
@@ -439,6 +488,7 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
     raise UserError(
         f"--global_batch_size ({config.global_batch_size}) must be divisible "
         f"by --grad_accum_steps ({config.grad_accum_steps}).")
+  _validate_topology(config)
   if num_replicas is not None:
     check_divisible(config, num_replicas)
   if not config.model_dir:
@@ -491,6 +541,7 @@ def validate(config: Config, num_replicas: int | None = None) -> None:
 _INT_MAX = {
     "global_batch_size": 1 << 24, "eval_batch_size": 1 << 24,
     "grad_accum_steps": 1 << 16, "cpu_replicas": 256,
+    "virtual_shards": 1 << 16,
     "train_steps": 1 << 40, "steps_per_loop": 1 << 40,
     "checkpoint_every": 1 << 40, "summary_every": 1 << 40,
     "eval_every": 1 << 40, "histograms_every": 1 << 40,
@@ -597,9 +648,48 @@ def _validate_watch(config: Config) -> None:
           "evaluations during training: set --eval_every > 0.")
 
 
+def _validate_topology(config: Config) -> None:
+  """--deterministic=topology: what it can promise (docs/reliability.md)."""
+  if config.deterministic not in (False, True, TOPOLOGY):
+    raise UserError(f"--deterministic={config.deterministic!r}: use "
+                    "--deterministic, --deterministic=topology or "
+                    "--nodeterministic.")
+  if not config.topology:
+    return
+  v = config.virtual_shards
+  if config.strategy == "parameter_server":
+    raise UserError("--deterministic=topology cannot hold under "
+                    "--strategy=parameter_server: its workers apply their "
+                    "updates asynchronously, in an order no flag fixes; use "
+                    "--strategy=mirrored or multiworker, or plain "
+                    "--deterministic.")
+  if v <= 0 or v > 1 << 16:
+    raise UserError(f"--virtual_shards={v} must be in 1..{1 << 16}.")
+  if config.global_batch_size % v:
+    raise UserError(f"--global_batch_size ({config.global_batch_size}) must "
+                    f"be divisible by --virtual_shards ({v}) under "
+                    "--deterministic=topology (each shard the same size).")
+  if v % config.grad_accum_steps:
+    raise UserError(f"--virtual_shards ({v}) must be divisible by "
+                    f"--grad_accum_steps ({config.grad_accum_steps}).")
+  if config.mixed_precision == "mixed_float16":
+    raise UserError("--deterministic=topology does not support "
+                    "--mixed_precision=mixed_float16 (its loss scale moves "
+                    "with the overflows of a topology's sums); use float32 "
+                    "or mixed_bfloat16.")
+
+
 def check_divisible(config: Config, num_replicas: int) -> None:
-  """The global batch must split evenly into replicas x micro-batches."""
+  """The global batch must split evenly into replicas x micro-batches;
+  under --deterministic=topology replicas x micro-batches must divide the
+  virtual shards."""
   k = config.grad_accum_steps
+  if config.topology and config.virtual_shards % (num_replicas * k):
+    raise UserError(
+        f"--virtual_shards ({config.virtual_shards}) must be divisible by "
+        f"replicas x --grad_accum_steps ({num_replicas} x {k} = "
+        f"{num_replicas * k}) under --deterministic=topology: pick a "
+        "multiple of every topology the run may use (e.g. 16).")
   if config.global_batch_size % (num_replicas * k):
     raise UserError(
         f"--global_batch_size ({config.global_batch_size}) must be divisible "

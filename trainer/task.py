@@ -198,14 +198,20 @@ class ClassificationTask(Task):
     if training or config.image_hw:
       # Draws for the whole global batch from (seed, its first position),
       # this batch's rows kept: the same for each example on any topology.
-      seed = tf.stack([tf.constant(config.seed, tf.int64), meta["start"][0]])
-      first_row = meta["pos"][0] - meta["start"][0]
+      start, rows = meta["start"][0], config.micro_batch_size
+      if config.topology:
+        # Keyed by the update (positions advance by whole updates): the
+        # same draws for any grouping of shards into micro-batches.
+        rows = config.global_batch_size
+        start = start - start % rows
+      seed = tf.stack([tf.constant(config.seed, tf.int64), start])
+      first_row = meta["pos"][0] - start
     if config.image_hw:
       source = self.source(config.train_split)
       channels = source.decode_channels or source.feature_spec.shape[-1]
       images, ok = resize.resize_batch(
           features, config.image_hw, channels, training, seed,
-          first_row=first_row, global_batch=config.micro_batch_size,
+          first_row=first_row, global_batch=rows,
           flip=config.augment and config.dataset not in self._NO_FLIP)
       if source.decode_channels:
         self._drop_damaged(meta, ok, training)
@@ -214,7 +220,7 @@ class ClassificationTask(Task):
     if training and config.augment:
       images = augment.crop_and_flip(
           images, seed, flip=config.dataset == "cifar10",
-          first_row=first_row, global_batch=config.micro_batch_size)
+          first_row=first_row, global_batch=rows)
     return images, labels
 
   def _drop_damaged(self, meta, ok, training):

@@ -238,7 +238,8 @@ class Histograms:
       reduced = context.all_reduce(
           tf.distribute.ReduceOp.SUM,
           {name: [sparse.scale(g, accum) for g in grads]
-           for name, (grads, _) in handed.items()})
+           for name, (grads, _) in handed.items()
+           if name in steps.optimizers})
       unscale = 1.0 / steps.state.loss_scale if steps.fp16 else 1.0
       return {name: [sparse.scale(g, unscale)
                      for g in steps.combine(name, values)]

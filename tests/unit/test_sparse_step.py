@@ -151,9 +151,10 @@ def test_child_mirrored_sparse(tmp_path, accum):
 
 @pytest.mark.skipif(_CHILD, reason="the parent of the mirrored child")
 def test_mirrored_two_replicas():
-  # This file's, test_weighted_loss.py's and test_update_every.py's
-  # mirrored(2) checks, in one child process.
+  # This file's, test_weighted_loss.py's, test_update_every.py's and
+  # test_topology.py's mirrored(2) checks, in one child process.
   two_replicas.run_child(
       ["tests/unit/test_sparse_step.py::test_child_mirrored_sparse",
        "tests/unit/test_weighted_loss.py::test_child_mirrored",
-       "tests/unit/test_update_every.py::test_child_mirrored"], passed=5)
+       "tests/unit/test_update_every.py::test_child_mirrored",
+       "tests/unit/test_topology.py::test_child_mirrored"], passed=6)

@@ -198,7 +198,12 @@ class StepContext:
         self.terms.append(_Term(weighted, tf.reduce_sum(weights)))
     if model is not None and model.losses:
       reg = tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
-      loss += tf.nn.scale_regularization_loss(reg) / self._steps.accum_steps
+      if self._steps.shards:
+        # Once per shard, so once per update on any topology.
+        loss += reg / self._steps.shards
+      else:
+        loss += (tf.nn.scale_regularization_loss(reg) /
+                 self._steps.accum_steps)
     return loss
 
   def _example_weighted(self, weights, values):
@@ -320,6 +325,12 @@ class StepContext:
     """Concatenation of `value` from every replica along `axis`, in replica
     order, which is global batch order: the same on every topology."""
     kind = self._steps.all_gather_kind
+    if self._steps.shards:
+      raise UserError(
+          "ctx.all_gather is not available under --deterministic=topology "
+          "(each replica's step sees one virtual shard, and what it would "
+          "gather depends on the topology); drop the flag, or use "
+          "--deterministic.")
     if not kind:
       raise UserError(
           "ctx.all_gather is not available under --strategy=parameter_server "
@@ -384,7 +395,10 @@ def seeds_scope(steps, meta):
       seed=tf.stack([tf.constant(steps.seed, tf.int64), meta["start"][0]]),
       offset=meta["pos"][0] - meta["start"][0],
       # From the config: under multi-worker the local batch dimension is
-      # not static. Random draws happen only in training (micro-batches).
-      global_batch=steps.micro_batch)
+      # not static. Random draws happen only in training (micro-batches);
+      # --deterministic=topology: over the step's one shard (its meta
+      # "start" is the shard's first position).
+      global_batch=(steps.update_batch // steps.shards if steps.shards
+                    else steps.micro_batch))
   return layer_seeds.scope(seeds)
 

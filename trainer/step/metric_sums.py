@@ -47,14 +47,23 @@ class MetricSums:
           raise ValueError(f"more than {CAPACITY} metrics: {self.names}")
         self.names.append(name)
 
-  def add(self, values: dict):
-    """Adds `values[name]` (scalars) to each sum; missing names add 0.
-    Call in replica context."""
+  def pack(self, values: dict) -> tf.Tensor:
+    """float32 [CAPACITY]: `values[name]` (scalars) at each name's index,
+    0 elsewhere (names not seen before are registered)."""
     self.register(values)
     zero = tf.zeros([], tf.float32)
     packed = tf.stack([tf.cast(values[n], tf.float32) if n in values
                        else zero for n in self.names])
-    self._var.assign_add(tf.pad(packed, [[0, CAPACITY - len(self.names)]]))
+    return tf.pad(packed, [[0, CAPACITY - len(self.names)]])
+
+  def add(self, values: dict):
+    """Adds `values[name]` (scalars) to each sum; missing names add 0.
+    Call in replica context."""
+    self.add_packed(self.pack(values))
+
+  def add_packed(self, packed):
+    """Adds a pack() (replica context)."""
+    self._var.assign_add(packed)
 
   def _local_read_and_reset(self):
     value = self._var.read_value()

@@ -69,10 +69,14 @@ from trainer import compat, ema as ema_lib, guard
 from trainer.errors import UserError
 from trainer.reduce import reduce_per_replica
 from trainer.step.context import StepContext, seeds_scope
-from trainer.step import sparse
+from trainer.step import exact, sparse
+from trainer.step import metric_sums
 from trainer.step.metric_sums import WEIGHTS_SUFFIX, MetricSums
 
 _SUM = tf.distribute.ReduceOp.SUM
+# --deterministic=topology: the handed-over entry (not an optimizer's) that
+# carries the values a shard's step left in the models' moving statistics.
+MOVED = "#moved"
 
 # Bookkeeping called while the step is traced, with no control flow on
 # tensors: AutoGraph's conversion of it cost ~0.8 s of every start.
@@ -93,6 +97,10 @@ class StepSettings:
   # steps together on one shared update count (not under parameter servers).
   all_gather: str = "collective"
   synchronous: bool = True
+  # --deterministic=topology's --virtual_shards (0: off). Then
+  # grad_accum_steps is virtual_shards / replicas: each replica's
+  # micro-batch is one shard (trainer.build.effective_accum_steps).
+  virtual_shards: int = 0
 
   @property
   def micro_batch_size(self) -> int:
@@ -131,6 +139,14 @@ class Steps:
     self.update_batch = config.global_batch_size
     self.fetch_ahead = _one_local_replica(strategy)
     self.micro_batch = config.micro_batch_size
+    self.shards = config.virtual_shards
+    # Float non-trainable weights (batch norm's moving statistics): under
+    # --deterministic=topology each shard's step starts from the update's
+    # value and the update ends at the exact mean of the shards' results.
+    self.moving = ([v for m in models.values()
+                    for v in m.non_trainable_variables
+                    if v.dtype.startswith("float")]
+                   if self.shards and optimizers else [])
     self.fp16 = config.mixed_precision == "mixed_float16"
     self.clip_norm = config.clip_norm
     jit_compile = config.jit_compile
@@ -141,8 +157,13 @@ class Steps:
     self.eval_sums = self.sums_class(strategy, ["weight"])
     self._buffers = None
     self._wanted_buffers = {}
+    self._stats_buffer = None
     if self.accum_steps > 1 and optimizers:
       self._buffers = self._make_buffers()
+      if self.shards:
+        self._stats_buffer = self._slots([metric_sums.CAPACITY], "stats")
+        self._moved_buffers = [self._slots(v.shape, f"moved_{i}")
+                               for i, v in enumerate(self.moving)]
     micro = self._micro_step
     if jit_compile:
       micro = tf.function(micro, jit_compile=True)
@@ -216,21 +237,26 @@ class Steps:
     return {name: self._buffers_of(name, specs)
             for name, specs in self._buffer_specs.items()}
 
+  def _slots(self, shape, label):
+    """--deterministic=topology: a replica-local [K, *shape] buffer, slot k
+    holding micro-batch k's (one shard's) value, summed only by exact."""
+    with self.strategy.scope():
+      return _replica_local([self.accum_steps, *shape], tf.float32, label)
+
   def _buffers_of(self, name, specs) -> list:
-    """Dense specs: a variable summing the micro-batches. ("rows", n,
-    shape): slices of n rows per micro-batch, written side by side into
-    K x n rows (values and indices): the update's slices concatenated,
-    O(K x rows) memory, never the table's."""
-    def variable(shape, dtype, label):
-      return tf.Variable(
-          tf.zeros(shape, dtype), trainable=False, name=label,
-          synchronization=tf.VariableSynchronization.ON_READ,
-          aggregation=tf.VariableAggregation.SUM)
+    """Dense specs: a variable summing the micro-batches (topology: one
+    slot per micro-batch). ("rows", n, shape): slices of n rows per
+    micro-batch, written side by side into K x n rows (values and
+    indices): the update's slices concatenated, O(K x rows) memory, never
+    the table's."""
+    variable = _replica_local
     buffers = []
     with self.strategy.scope():
       for i, spec in enumerate(specs):
         label = f"accum_{name}_{i}"
-        if spec[0] == "dense":
+        if spec[0] == "dense" and self.shards:
+          buffers.append(self._slots(spec[1], label))
+        elif spec[0] == "dense":
           buffers.append(variable(spec[1], tf.float32, label))
         else:
           rows = self.accum_steps * spec[1]
@@ -251,6 +277,7 @@ class Steps:
     loss): entry i < groups x n is a gradient of variable i mod n."""
     variables = self.optimizer_variables[name]
     specs = []
+    self._no_slices(values)
     for i, value in enumerate(values):
       rows = value.values.shape[0] if sparse.is_sparse(value) else None
       if rows is not None:
@@ -276,15 +303,35 @@ class Steps:
     return shared, list(self.train_sums.variables)
 
   # ---- replica context ------------------------------------------------
+  @_plain_python
+  def _no_slices(self, values):
+    if self.shards and any(sparse.is_sparse(v) for v in values):
+      raise UserError(
+          "--deterministic=topology does not support sparse (embedding) "
+          "gradients yet: drop the flag, or use --deterministic.")
+
   def _micro_step(self, features, labels, meta):
     """The task's step on the local micro-batch: (handed gradients by
     optimizer, metric sums)."""
+    if self.shards:
+      # One shard: its own first position is its "micro-batch start", so
+      # dropout, ctx.seed and ctx.uniform key on the shard, not on how
+      # the topology grouped shards into micro-batches.
+      meta = dict(meta, start=tf.fill(tf.shape(meta["pos"]), meta["pos"][0]))
     ctx = StepContext(self, meta, training=True)
+    before = [tf.identity(v.value) for v in self.moving]
     with seeds_scope(self, meta):
       metrics = self.task.train_step((features, labels), ctx)
     if not ctx.handed:
       raise UserError("Task.train_step handed no gradients to the context: "
                       "call ctx.minimize(tape, loss) or ctx.apply_gradients.")
+    if self.moving:
+      # What this shard's step made of them; then back to the update's
+      # start for the next shard (the reduction writes the mean).
+      moved = [tf.identity(v.value) for v in self.moving]
+      for v, value in zip(self.moving, before):
+        v.assign(value)
+      ctx.handed[MOVED] = (moved, None)
     if ctx.terms and not any(terms for _, terms in ctx.layouts.values()):
       raise UserError(
           "scale_loss(mean_over='weights') returns the micro-batch's "
@@ -330,11 +377,19 @@ class Steps:
     if wanted:
       self._wanted_buffers = wanted
       raise _NewLayout("the step's gradients need new accumulation buffers")
-    self.train_sums.add(stats)
+    if self.shards:
+      _write_slot(self._stats_buffer, k, self.train_sums.pack(stats))
+      for buffer, value in zip(self._moved_buffers,
+                               handed.get(MOVED, ((), None))[0]):
+        _write_slot(buffer, k, value)
+    else:
+      self.train_sums.add(stats)
     for name in names:
       grads, loss = handed[name]
       for buffer, value in zip(self._buffers[name], list(grads) + [loss]):
-        if isinstance(buffer, _Rows):
+        if self.shards:
+          _write_slot(buffer, k, value)
+        elif isinstance(buffer, _Rows):
           buffer.write(k, value)
         elif sparse.is_sparse(value):
           tf.raw_ops.ResourceScatterAdd(
@@ -348,15 +403,23 @@ class Steps:
   def _reduce(self, handed, stats=None):
     """The one cross-replica reduction per optimizer, then the finite
     check over all of them. `stats`: the micro-batch's metric sums
-    (K = 1), added with the update's own in one op."""
+    (K = 1), added with the update's own in one op.
+    --deterministic=topology: every value comes with a first axis of
+    shards (this replica's, one per micro-batch) and `stats` is their
+    packed metric sums; one exact sum (trainer.step.exact) serves all."""
     context = tf.distribute.get_replica_context()
     reduced, norms = {}, []
     grads_finite = loss_finite = tf.constant(True)
+    if self.shards:
+      handed, stats = self._exact_sums(handed, stats)
     for name in self._order(handed):
       grads, loss = handed[name]
       # Slices are all-gathered (only the touched rows travel); the
       # mean_over="weights" totals travel in the same reduction.
-      values = context.all_reduce(_SUM, list(grads) + [loss])
+      if self.shards:
+        values = list(grads) + [loss]
+      else:
+        values = context.all_reduce(_SUM, list(grads) + [loss])
       grads, loss = self.combine(name, values[:-1]), values[-1]
       if self.fp16:
         grads = [sparse.scale(g, 1.0 / self.state.loss_scale)
@@ -390,10 +453,38 @@ class Steps:
     ok = tf.cast(tf.logical_and(grads_finite, loss_finite), tf.float32)
     # Same value on every replica: each adds 1/R so the reduced sum is 1x.
     share = ok / self.strategy.num_replicas_in_sync
-    self.train_sums.add({**(stats or {}),
-                         "grad_norm": tf.where(ok > 0, norm, 0.0) * share,
-                         "updates": share})
+    own = {"grad_norm": tf.where(ok > 0, norm, 0.0) * share,
+           "updates": share}
+    if self.shards:
+      self.train_sums.add_packed(stats + self.train_sums.pack(own))
+    else:
+      self.train_sums.add({**(stats or {}), **own})
     return reduced, grads_finite, loss_finite
+
+  @_plain_python
+  def _exact_sums(self, handed, stats):
+    """--deterministic=topology: (handed with every value summed over the
+    update's shards, exactly; the packed metric sums, counted on the first
+    replica only, so that their sum over replicas is that one value)."""
+    names = self._order(handed)
+    flat = []
+    for name in names:
+      grads, loss = handed[name]
+      self._no_slices(grads)
+      flat += list(grads) + [loss]
+    moved = list(handed[MOVED][0]) if MOVED in handed else []
+    summed = exact.exact_sum(flat + moved + [stats], self.shards,
+                             self.all_gather_kind)
+    out, i = {}, 0
+    for name in names:
+      n = len(handed[name][0])
+      out[name] = (summed[i:i + n], summed[i + n])
+      i += n + 1
+    for v, total in zip(self.moving, summed[i:i + len(moved)]):
+      v.assign(total / self.shards)
+    context = tf.distribute.get_replica_context()
+    first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), tf.float32)
+    return out, summed[-1] * first
 
   @_plain_python
   def combine(self, name, values) -> list:
@@ -420,6 +511,11 @@ class Steps:
 
   def _micro_and_reduce(self, batch):
     handed, stats = self._micro_fn(*batch)
+    if self.shards:
+      # This replica's one shard: a first axis of 1.
+      stats = self.train_sums.pack(stats)[tf.newaxis]
+      handed = {name: tf.nest.map_structure(lambda t: t[tf.newaxis], value)
+                for name, value in handed.items()}
     return self._reduce(handed, stats)
 
   def _reduce_buffers(self, names):
@@ -429,14 +525,20 @@ class Steps:
       dense = [b for b in buffers if not isinstance(b, _Rows)]
       values = [b.read() if isinstance(b, _Rows) else b.read_value()
                 for b in buffers]
-      # Row buffers need no reset: every micro-batch overwrites its rows.
-      with tf.control_dependencies(tf.nest.flatten(values,
-                                                   expand_composites=True)):
-        for b in dense:
-          b.assign(tf.zeros_like(b))
-      values = tf.nest.map_structure(tf.identity, values,
-                                     expand_composites=True)
+      # Row buffers need no reset: every micro-batch overwrites its rows
+      # (so do the slots of --deterministic=topology).
+      if not self.shards:
+        with tf.control_dependencies(tf.nest.flatten(
+            values, expand_composites=True)):
+          for b in dense:
+            b.assign(tf.zeros_like(b))
+        values = tf.nest.map_structure(tf.identity, values,
+                                       expand_composites=True)
       handed[name] = (values[:-1], values[-1])
+    if self.shards:
+      if self.moving:
+        handed[MOVED] = ([b.read_value() for b in self._moved_buffers], None)
+      return self._reduce(handed, self._stats_buffer.read_value())
     return self._reduce(handed)
 
   def _apply(self, reduced):
@@ -639,6 +741,23 @@ class _Rows:
     return tf.IndexedSlices(self.values.read_value(),
                             self.indices.read_value(),
                             tf.constant(self.shape, tf.int64))
+
+
+def _replica_local(shape, dtype, label):
+  """A zero buffer, one copy per replica (sync on read): micro-batch
+  values stay local until the update's one reduction."""
+  return tf.Variable(
+      tf.zeros(shape, dtype), trainable=False, name=label,
+      synchronization=tf.VariableSynchronization.ON_READ,
+      aggregation=tf.VariableAggregation.SUM)
+
+
+def _write_slot(buffer, k, value):
+  """buffer[k] = value, on this replica's copy (sync on read variables
+  have no scatter_*)."""
+  tf.raw_ops.ResourceScatterUpdate(
+      resource=buffer.handle, indices=tf.reshape(tf.cast(k, tf.int32), [1]),
+      updates=tf.cast(value, buffer.dtype)[tf.newaxis])
 
 
 def _weighted_sums(name, pair, weight) -> dict:
