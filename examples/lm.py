@@ -22,8 +22,9 @@ What it shows:
 - metrics as (values, weights) pairs: `loss` is the mean per token, and
   `bits_per_byte` (loss / ln 2) the held-out figure of merit (8.02 for a
   model that knows nothing: log2(259));
-- `tokens_per_row` (train): real tokens per packed row, so tokens/s =
-  examples_per_sec x tokens_per_row.
+- `tokens_per_row` (train): real tokens per packed row; the framework
+  then writes the train scalar `tokens_per_sec` (examples_per_sec x
+  tokens_per_row) and shows tokens/sec in the progress line.
 
 --task_args (all optional): max_len=128, width=128, heads=4, blocks=2,
 corpus=DIR (default: the standard library), pattern=*.py,

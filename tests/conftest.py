@@ -149,6 +149,31 @@ def wait_for_file(path, proc, timeout=120):
     time.sleep(0.02)
 
 
+def kill_and_resume(flags, model_dir, first_step: int, last_step: int,
+                    jitter_s: float = 0.3, extra_env=None):
+  """Starts the trainer with `flags` into `model_dir`, SIGKILLs it a random
+  moment (up to jitter_s) after ckpt-<first_step> appears, then runs it
+  again to the end; checks the second run restored a step in
+  [first_step, last_step). Returns the second run's CompletedProcess."""
+  import random
+  import re
+  proc = start_trainer(*flags, f"--model_dir={model_dir}",
+                       extra_env=extra_env)
+  try:
+    wait_for_file(Path(model_dir) / f"ckpt-{first_step}.index", proc,
+                  timeout=240)
+    time.sleep(random.uniform(0.0, jitter_s))
+    assert stop(proc, signal.SIGKILL) == -signal.SIGKILL
+  finally:
+    stop(proc)
+  resumed = run_trainer(*flags, f"--model_dir={model_dir}",
+                        extra_env=extra_env)
+  match = re.search(r"restored \S+ at step (\d+)", resumed.stderr)
+  assert match and first_step <= int(match.group(1)) < last_step, (
+      resumed.stderr[-2000:])
+  return resumed
+
+
 def stop_all(procs, timeout=30):
   """SIGKILLs every process group of `procs` still running and reaps them."""
   for proc in procs:

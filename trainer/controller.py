@@ -23,6 +23,10 @@ from trainer.errors import UserError
 from trainer.preemption import StopSignal as _StopSignal
 from trainer.guard import NonFiniteError  # noqa: F401  (re-exported)
 
+# A train metric a sequence step may return: the real (weighted) tokens of
+# each row. With it the train scalars get tokens_per_sec, examples_per_sec
+# times its interval mean.
+TOKENS_PER_ROW = "tokens_per_row"
 
 class Controller:
   """The outer loop of one run, over its parts and executor."""
@@ -381,11 +385,16 @@ class Controller:
     metrics = {name: value / weight for name, value in sums.items()}
     done = step - interval_start
     rate = done / interval_time if interval_time > 0 else 0.0
+    rates = {"steps_per_sec": rate,
+             "examples_per_sec": rate * settings.global_batch_size}
+    if TOKENS_PER_ROW in metrics:
+      # A sequence step's real tokens per row: its own rate of tokens.
+      rates["tokens_per_sec"] = (rates["examples_per_sec"] *
+                                 metrics[TOKENS_PER_ROW])
     scalars = {
         **metrics,
         **actions_lib.learning_rates(self.parts, settings, step),
-        "steps_per_sec": rate,
-        "examples_per_sec": rate * settings.global_batch_size,
+        **rates,
         "grad_norm": grad_norm,
         "nonfinite_steps": float(self.state.nonfinite_steps.numpy()),
         "skipped_examples": skipped,
@@ -393,11 +402,8 @@ class Controller:
     }
     self.writers.scalars(self.writers.train, step, scalars)
     eta = (settings.train_steps - step) / rate if rate > 0 else None
-    shown = {k: scalars[k] for k in (*metrics, "steps_per_sec",
-                                      "examples_per_sec")}
-    self.progress.summary(step, shown, eta)
-    return {**_prefixed("train", metrics), "steps_per_sec": rate,
-            "examples_per_sec": rate * settings.global_batch_size}
+    self.progress.summary(step, {**metrics, **rates}, eta)
+    return {**_prefixed("train", metrics), **rates}
 
   # ---- evaluation-only modes ------------------------------------------
   def evaluate_checkpoint(self, path: str | None = None) -> dict:

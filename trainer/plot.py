@@ -104,8 +104,8 @@ def _pyplot():
 # What the framework writes to train/ beside the task's metrics
 # (trainer/controller.py), by name or by prefix: not plotted by default.
 _FRAMEWORK_SCALARS = frozenset({
-    "steps_per_sec", "examples_per_sec", "grad_norm", "nonfinite_steps",
-    "skipped_examples", "input_wait_share"})
+    "steps_per_sec", "examples_per_sec", "tokens_per_sec", "grad_norm",
+    "nonfinite_steps", "skipped_examples", "input_wait_share"})
 _FRAMEWORK_PREFIXES = ("learning_rate", "goodput/", "perf/", "raw/")
 
 

@@ -140,7 +140,7 @@ def progress_line(kind: str, step: int, total: int, values: dict,
   for name, value in values.items():
     if value is None:
       continue
-    if name in ("steps_per_sec", "examples_per_sec"):
+    if name in ("steps_per_sec", "examples_per_sec", "tokens_per_sec"):
       parts.append(f"{name.replace('_per_', '/')}: {value:.1f}")
     else:
       parts.append(f"{name}: {value:.4f}")

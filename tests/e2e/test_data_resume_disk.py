@@ -2,18 +2,14 @@
 photos read lazily with --image_size and --augment (random-resized crops
 and flips drawn from the example positions)."""
 
-import random
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import (REPO, assert_weights_close, checkpoint_weights, env,
-                      last_json, max_rel_diff, run_trainer, start_trainer, stop)
-from conftest import wait_for_file, write_photo_folder
+                      kill_and_resume, last_json, max_rel_diff, run_trainer)
+from conftest import write_photo_folder
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,16 +34,8 @@ def test_sigkill_then_resume_equals_uninterrupted(photos, tmp_path):
   flags = _flags(photos)
   run_trainer(*flags, f"--model_dir={tmp_path / 'a'}")
   model_dir = tmp_path / "b"
-  proc = start_trainer(*flags, f"--model_dir={model_dir}")
-  try:
-    wait_for_file(model_dir / "ckpt-5.index", proc)
-    time.sleep(random.uniform(0.0, 0.5))
-    assert stop(proc, signal.SIGKILL) == -signal.SIGKILL
-  finally:
-    stop(proc)
-  resumed = run_trainer(*flags, f"--model_dir={model_dir}")
-  match = re.search(r"restored \S+ at step (\d+)", resumed.stderr)
-  assert match and 5 <= int(match.group(1)) < 40, resumed.stderr[-2000:]
+  resumed = kill_and_resume(flags, model_dir, first_step=5, last_step=40,
+                            jitter_s=0.5)
   assert last_json(resumed)["global_step"] == 40
   a = checkpoint_weights(tmp_path / "a" / "ckpt-40")
   assert max_rel_diff(checkpoint_weights(model_dir / "ckpt-40"), a) <= 1e-6

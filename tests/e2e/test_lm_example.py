@@ -6,18 +6,14 @@ finished run matches a hand-written loop. `trainer.convert
 --text_corpus` writes token files that read back as the text source."""
 
 import math
-import random
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import (REPO, checkpoint_weights, env, last_json, run_trainer,
-                      start_trainer, stop, wait_for_file)
+from conftest import (REPO, checkpoint_weights, env, kill_and_resume,
+                      last_json, run_trainer)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -114,16 +110,7 @@ def test_sample_matches_a_hand_written_loop(straight, temperature):
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, straight):
   killed = tmp_path / "killed"
-  proc = start_trainer(*LM, f"--model_dir={killed}")
-  try:
-    wait_for_file(killed / "ckpt-10.index", proc)
-    time.sleep(random.uniform(0.0, 0.3))
-    assert stop(proc, signal.SIGKILL) == -signal.SIGKILL
-  finally:
-    stop(proc)
-  resumed = run_trainer(*LM, f"--model_dir={killed}")
-  match = re.search(r"restored \S+ at step (\d+)", resumed.stderr)
-  assert match and 10 <= int(match.group(1)) < 40, resumed.stderr[-2000:]
+  kill_and_resume(LM, killed, first_step=10, last_step=40)
   a = checkpoint_weights(straight[0] / "ckpt-40")
   b = checkpoint_weights(killed / "ckpt-40")
   assert any(k.startswith("state/position") for k in a), sorted(a)[:10]

@@ -10,20 +10,19 @@ import pytest
 
 import two_replicas  # noqa: E402
 from two_replicas import IN_CHILD as _CHILD
+from tiny_lm import BATCH, LR, hand_written, tiny_config  # noqa: E402
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from trainer import Task, array_source  # noqa: E402
 from trainer import controller as controller_lib  # noqa: E402
-from trainer.config import Config  # noqa: E402
-from trainer.data import pipeline  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.optim import prepare  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
-ROWS, DIM, IDS, BATCH, UPDATES, LR = 100_000, 8, 3, 16, 6, 0.5
+ROWS, DIM, IDS, UPDATES = 100_000, 8, 3, 6   # BATCH, LR: tiny_lm's
 # The few rows the data touches, spread over the table (repeats included).
 TOUCHED = np.array([5, 17, 40_000, 40_001, 99_999, 12_345], np.int32)
 
@@ -70,34 +69,19 @@ def _model():
   return keras.Model(ids, keras.layers.Dense(1)(pooled))
 
 
-def _dense_loop(config, task, initial):
-  """Plain TF on each update's full batch: the table's gradient made
-  dense (tf.convert_to_tensor), then SGD."""
-  model = _model()
-  model.set_weights(initial)
-  data = iter(pipeline.train_dataset(task, config.train_split, BATCH,
-                                     config.seed, 0))
-
-  @tf.function
-  def step(ids, target, weight):
-    with tf.GradientTape() as tape:
-      per_example = task.loss(target, model(ids, training=True))
-      loss = tf.reduce_sum(per_example * weight) / BATCH
-    grads = tape.gradient(loss, model.trainable_variables)
-    for v, g in zip(model.trainable_variables, grads):
-      v.assign_sub(LR * tf.convert_to_tensor(g))
-
-  for _ in range(UPDATES):
-    ids, target, meta = next(data)
-    step(ids, target, meta["weight"])
-  return model.get_weights()
+def _dense_mean(task):
+  """The full batch's mean loss (hand_written makes every gradient dense
+  with tf.convert_to_tensor before SGD)."""
+  def loss_of(model, ids, target, weight):
+    per_example = task.loss(target, model(ids, training=True))
+    return tf.reduce_sum(per_example * weight) / BATCH
+  return loss_of
 
 
 def _check(tmp_path, **kw):
-  config = Config(global_batch_size=BATCH, train_steps=UPDATES,
-                  steps_per_loop=UPDATES, summary_every=UPDATES,
-                  checkpoint_every=UPDATES, eval_every=0, mode="train",
-                  seed=3, model_dir=str(tmp_path / "run"), **kw)
+  config = tiny_config(tmp_path / "run", train_steps=UPDATES,
+                       steps_per_loop=UPDATES, summary_every=UPDATES,
+                       checkpoint_every=UPDATES, seed=3, **kw)
   task = Lookups(config)
   run = controller_lib.create(config, task)
   initial = run.model.get_weights()
@@ -112,7 +96,8 @@ def _check(tmp_path, **kw):
     # it at run time), never the table.
     assert shape[0] is None and shape[1:] == (DIM,), grads
   weights = run.model.get_weights()
-  for a, b in zip(weights, _dense_loop(config, task, initial)):
+  reference = hand_written(config, task, initial, _dense_mean(task))
+  for a, b in zip(weights, reference):
     rel = np.linalg.norm(a - b) / np.linalg.norm(b)
     assert rel < 1e-6, (kw, rel)
   moved = np.linalg.norm(weights[0] - initial[0])
@@ -150,11 +135,14 @@ def test_child_mirrored_sparse(tmp_path, accum):
 
 
 @pytest.mark.skipif(_CHILD, reason="the parent of the mirrored child")
+@pytest.mark.timeout(600)
 def test_mirrored_two_replicas():
   # This file's, test_weighted_loss.py's, test_update_every.py's and
   # test_topology.py's mirrored(2) checks, in one child process.
   two_replicas.run_child(
       ["tests/unit/test_sparse_step.py::test_child_mirrored_sparse",
        "tests/unit/test_weighted_loss.py::test_child_mirrored",
+       "tests/unit/test_weighted_loss.py::test_child_mirrored_packed",
        "tests/unit/test_update_every.py::test_child_mirrored",
-       "tests/unit/test_topology.py::test_child_mirrored"], passed=6)
+       "tests/unit/test_topology.py::test_child_mirrored"], passed=7,
+      timeout_s=550)

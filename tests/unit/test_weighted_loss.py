@@ -5,134 +5,29 @@ NumPy. Mirrored(2) runs in the child process that
 test_sparse_step.py::test_mirrored_two_replicas starts (logical CPU devices
 must be configured before TensorFlow starts)."""
 
+import os
+
 import numpy as np
 import pytest
 
+from conftest import event_values
 from two_replicas import IN_CHILD as _CHILD
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from trainer import Task, array_source  # noqa: E402
+from tiny_lm import (BATCH, LENGTH, ExampleMeanLM,  # noqa: E402
+                     PackedExampleMeanLM, PackedLM, TinyLM, hand_written,
+                     rel, tiny_config)
 from trainer import controller as controller_lib  # noqa: E402
-from trainer.config import Config  # noqa: E402
 from trainer.data import pipeline  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
-VOCAB, LENGTH, EXAMPLES, BATCH, UPDATES, LR = 40, 12, 512, 16, 12, 0.5
-
-
-def _sequences(seed: int = 3):
-  """Token rows of random lengths 2..LENGTH padded with 0; the target is
-  the next token; mask 1 on real targets."""
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(2, LENGTH + 1, EXAMPLES)
-  tokens = rng.integers(1, VOCAB, (EXAMPLES, LENGTH + 1)).astype(np.int32)
-  mask = (np.arange(LENGTH)[None, :] < lengths[:, None] - 1).astype(
-      np.float32)
-  inputs = tokens[:, :-1] * (np.arange(LENGTH)[None] < lengths[:, None])
-  return {"tokens": inputs.astype(np.int32), "mask": mask}, tokens[:, 1:]
-
-
-def _model():
-  return keras.Sequential([keras.Input((LENGTH,), dtype="int32"),
-                           keras.layers.Embedding(VOCAB, 8),
-                           keras.layers.Dense(VOCAB)])
-
-
-def _per_token(model, features, targets):
-  logits = model(features["tokens"], training=True)
-  return keras.losses.sparse_categorical_crossentropy(targets, logits,
-                                                      from_logits=True)
-
-
-def _positions(mask):
-  """Each token's position in its row: a metric whose weighted mean is
-  far from its plain one."""
-  return tf.zeros_like(mask) + tf.range(LENGTH, dtype=tf.float32)
-
-
-class TinyLM(Task):
-  """Next-token loss, the mean over real tokens of the whole update."""
-
-  MEAN_OVER = "weights"
-
-  def source(self, split):
-    features, targets = _sequences(3 if split == "train" else 4)
-    return array_source(f"tiny_lm:{split}", features, targets)
-
-  def build_model(self, input_spec):
-    del input_spec
-    return _model()
-
-  def train_step(self, batch, ctx):
-    features, targets = batch
-    mask = features["mask"]
-    with tf.GradientTape() as tape:
-      per_token = _per_token(ctx.model, features, targets)
-      if self.MEAN_OVER == "weights":
-        loss = ctx.scale_loss(per_token, mask, mean_over="weights")
-      else:
-        # Per-example normalisation: each row's token mean, averaged
-        # over the update's examples.
-        per_example = (tf.reduce_sum(per_token * mask, 1) /
-                       tf.maximum(tf.reduce_sum(mask, 1), 1.0))
-        loss = ctx.scale_loss(per_example)
-    ctx.minimize(tape, loss)
-    return {"loss": (per_token, mask), "pos": (_positions(mask), mask)}
-
-  def eval_step(self, batch, ctx):
-    features, targets = batch
-    return {"loss": (_per_token(ctx.model, features, targets),
-                     features["mask"])}
-
-
-class ExampleMeanLM(TinyLM):
-  MEAN_OVER = "examples"
-
 
 def _config(tmp_path, **kw):
-  base = dict(global_batch_size=BATCH, train_steps=UPDATES,
-              steps_per_loop=UPDATES, summary_every=UPDATES,
-              checkpoint_every=UPDATES, eval_every=0, mode="train",
-              optimizer="sgd", learning_rate=LR, seed=1,
-              model_dir=str(tmp_path / "run"))
-  base.update(kw)
-  return Config(**base)
-
-
-def _hand_written(config, task, initial):
-  """Plain TF: each update's full batch, loss = sum(token losses * mask) /
-  the update's real tokens, SGD."""
-  model = _model()
-  model.set_weights(initial)
-  data = iter(pipeline.train_dataset(task, config.train_split, BATCH,
-                                     config.seed, 0))
-
-  @tf.function
-  def step(features, targets, weight):
-    mask = features["mask"] * weight[:, None]
-    with tf.GradientTape() as tape:
-      loss = (tf.reduce_sum(_per_token(model, features, targets) * mask) /
-              tf.reduce_sum(mask))
-    grads = tape.gradient(loss, model.trainable_variables)
-    for v, g in zip(model.trainable_variables, grads):
-      v.assign_sub(LR * tf.convert_to_tensor(g))
-
-  for _ in range(UPDATES):
-    features, targets, meta = next(data)
-    step(features, targets, meta["weight"])
-  return model.get_weights()
-
-
-def _rel(a, b) -> float:
-  """Worst over variables of |a - b| / |b| (norms of whole variables)."""
-  worst = max(float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12))
-              for x, y in zip(a, b))
-  assert np.isfinite(worst)
-  return worst
+  return tiny_config(tmp_path / "run", **kw)
 
 
 def _run(tmp_path, task_class, **kw):
@@ -144,11 +39,11 @@ def _run(tmp_path, task_class, **kw):
   return config, task, initial, run.model.get_weights(), result
 
 
-def _check_split(tmp_path, **kw):
-  config, task, initial, weights, _ = _run(tmp_path, TinyLM, **kw)
-  reference = _hand_written(config, task, initial)
-  assert _rel(weights, reference) < 2e-5, kw
-  assert _rel(reference, initial) > 1e-2   # the weights moved
+def _check_split(tmp_path, task_class=TinyLM, **kw):
+  config, task, initial, weights, _ = _run(tmp_path, task_class, **kw)
+  reference = hand_written(config, task, initial)
+  assert rel(weights, reference) < 2e-5, kw
+  assert rel(reference, initial) > 1e-2   # the weights moved
 
 
 @pytest.mark.parametrize("accum", [1, 2, 4])
@@ -156,30 +51,65 @@ def test_per_token_mean_equals_full_batch_loop(tmp_path, accum):
   _check_split(tmp_path, grad_accum_steps=accum)
 
 
-def test_per_example_normalisation_differs(tmp_path):
+_SLOW = pytest.mark.skipif(not os.environ.get("TRAINER_SLOW"),
+                           reason="suite budget; set TRAINER_SLOW=1")
+
+
+@pytest.mark.parametrize("accum", [pytest.param(1, marks=_SLOW), 2, 4])
+def test_packed_rows_per_token_mean_equals_full_batch_loop(tmp_path, accum):
+  # Several documents a row, attention masked by segment: the weights are
+  # the rows' real tokens, fewer in some rows than in others. (K = 1: the
+  # step without accumulation, checked by the padded rows above.)
+  _check_split(tmp_path, PackedLM, grad_accum_steps=accum)
+
+
+@pytest.mark.parametrize("task_class", [
+    ExampleMeanLM, pytest.param(PackedExampleMeanLM, marks=_SLOW)])
+def test_per_example_normalisation_differs(tmp_path, task_class):
   # The test can see the bug it guards against: a per-example mean of
   # token means is not the per-token mean of the update.
-  config, task, initial, weights, _ = _run(tmp_path, ExampleMeanLM,
+  config, task, initial, weights, _ = _run(tmp_path, task_class,
                                            grad_accum_steps=2)
-  assert _rel(weights, _hand_written(config, task, initial)) > 1e-3
+  assert rel(weights, hand_written(config, task, initial)) > 1e-3
+
+
+def _first_batch(config, task):
+  return next(iter(pipeline.train_dataset(task, config.train_split, BATCH,
+                                          config.seed, 0)))
 
 
 def test_weighted_metric_is_sum_vw_over_sum_w(tmp_path):
   config, task, initial, weights, result = _run(
       tmp_path, TinyLM, train_steps=1, summary_every=1, checkpoint_every=1)
   # The one update's loss, at the initial weights, by NumPy.
-  model = _model()
+  model = task.build_model(None)
   model.set_weights(initial)
-  features, targets, meta = next(iter(pipeline.train_dataset(
-      task, config.train_split, BATCH, config.seed, 0)))
-  per_token = _per_token(model, features, targets).numpy()
-  w = features["mask"].numpy() * meta["weight"].numpy()[:, None]
+  features, targets, meta = _first_batch(config, task)
+  per_token, mask = TinyLM.per_token(model, features, targets)
+  w = mask.numpy() * meta["weight"].numpy()[:, None]
   np.testing.assert_allclose(result["train_loss"],
-                             np.sum(per_token * w) / np.sum(w), rtol=1e-5)
+                             np.sum(per_token.numpy() * w) / np.sum(w),
+                             rtol=1e-5)
   positions = np.broadcast_to(np.arange(LENGTH, dtype=np.float32), w.shape)
   expected = float(np.sum(positions * w) / np.sum(w))
   np.testing.assert_allclose(result["train_pos"], expected, rtol=1e-6)
   assert abs(expected - float(np.mean(positions))) > 0.5   # not the mean
+  # tokens/s: examples/s times the real tokens per row, in the JSON line
+  # and as a TensorBoard train scalar of its own.
+  tokens_per_row = float(np.sum(w) / BATCH)
+  np.testing.assert_allclose(result["train_tokens_per_row"], tokens_per_row,
+                             rtol=1e-6)
+  assert tokens_per_row < LENGTH - 1   # padding is not counted
+  np.testing.assert_allclose(
+      result["tokens_per_sec"], result["examples_per_sec"] * tokens_per_row,
+      rtol=1e-5)
+  train_dir = f"{config.model_dir}/train"
+  logged = {tag: event_values(train_dir, tag)[1]
+            for tag in ("tokens_per_sec", "examples_per_sec")}
+  np.testing.assert_allclose(logged["tokens_per_sec"],
+                             logged["examples_per_sec"] * tokens_per_row,
+                             rtol=1e-5)
+  assert logged["tokens_per_sec"] > 0
 
 
 def test_weighted_metric_reaches_eval(tmp_path):
@@ -191,16 +121,21 @@ def test_weighted_metric_reaches_eval(tmp_path):
   source = task.source(config.eval_split)
   features, targets = source.gather(tf.range(source.num_examples,
                                              dtype=tf.int64))
-  per_token = _per_token(run.model, features, targets).numpy()
-  mask = features["mask"].numpy()
+  per_token, mask = TinyLM.per_token(run.model, features, targets)
+  per_token, mask = per_token.numpy(), mask.numpy()
   np.testing.assert_allclose(metrics["loss"],
                              np.sum(per_token * mask) / np.sum(mask),
                              rtol=1e-5)
 
 
+def _aux(logits):
+  """A per-example term: an L2 on the logits of the first position."""
+  return 0.1 * tf.reduce_sum(tf.square(logits[:, 0]), -1)
+
+
 class MixedLM(TinyLM):
-  """A per-token term plus a per-example auxiliary term (an L2 on the
-  logits of the first position): each normalised by its own total."""
+  """A per-token term plus a per-example auxiliary term: each normalised
+  by its own total."""
 
   PERSISTENT = True
 
@@ -211,43 +146,26 @@ class MixedLM(TinyLM):
       logits = ctx.model(features["tokens"], training=True)
       per_token = keras.losses.sparse_categorical_crossentropy(
           targets, logits, from_logits=True)
-      aux = 0.1 * tf.reduce_sum(tf.square(logits[:, 0]), -1)
       loss = (ctx.scale_loss(per_token, mask, mean_over="weights") +
-              ctx.scale_loss(aux))
+              ctx.scale_loss(_aux(logits)))
     ctx.minimize(tape, loss)
     return {"loss": (per_token, mask)}
 
 
-def _hand_written_mixed(config, task, initial):
-  model = _model()
-  model.set_weights(initial)
-  data = iter(pipeline.train_dataset(task, config.train_split, BATCH,
-                                     config.seed, 0))
-
-  @tf.function
-  def step(features, targets, weight):
-    mask = features["mask"] * weight[:, None]
-    with tf.GradientTape() as tape:
-      logits = model(features["tokens"], training=True)
-      per_token = keras.losses.sparse_categorical_crossentropy(
-          targets, logits, from_logits=True)
-      aux = 0.1 * tf.reduce_sum(tf.square(logits[:, 0]), -1)
-      loss = (tf.reduce_sum(per_token * mask) / tf.reduce_sum(mask) +
-              tf.reduce_sum(aux * weight) / BATCH)
-    grads = tape.gradient(loss, model.trainable_variables)
-    for v, g in zip(model.trainable_variables, grads):
-      v.assign_sub(LR * tf.convert_to_tensor(g))
-
-  for _ in range(UPDATES):
-    features, targets, meta = next(data)
-    step(features, targets, meta["weight"])
-  return model.get_weights()
+def _mixed_loss(model, features, targets, weight):
+  mask = features["mask"] * weight[:, None]
+  logits = model(features["tokens"], training=True)
+  per_token = keras.losses.sparse_categorical_crossentropy(
+      targets, logits, from_logits=True)
+  return (tf.reduce_sum(per_token * mask) / tf.reduce_sum(mask) +
+          tf.reduce_sum(_aux(logits) * weight) / BATCH)
 
 
 def test_mixed_terms_each_by_its_own_total(tmp_path):
   config, task, initial, weights, _ = _run(tmp_path, MixedLM,
                                            grad_accum_steps=2)
-  assert _rel(weights, _hand_written_mixed(config, task, initial)) < 2e-5
+  reference = hand_written(config, task, initial, _mixed_loss)
+  assert rel(weights, reference) < 2e-5
 
 
 class MixedNotPersistent(MixedLM):
@@ -267,16 +185,22 @@ def test_child_mirrored(tmp_path):
                grad_accum_steps=2)
 
 
+@pytest.mark.skipif(not _CHILD, reason="runs in the mirrored child process")
+def test_child_mirrored_packed(tmp_path):
+  _check_split(tmp_path, PackedLM, strategy="mirrored", cpu_replicas=2,
+               grad_accum_steps=2)
+
+
 class RawTape(TinyLM):
   """Differentiates the unnormalised sum itself: refused, not K x wrong."""
 
   def train_step(self, batch, ctx):
     features, targets = batch
     with tf.GradientTape() as tape:
-      per_token = _per_token(ctx.model, features, targets)
-      loss = ctx.scale_loss(per_token, features["mask"], mean_over="weights")
+      per_token, mask = self.per_token(ctx.model, features, targets)
+      loss = ctx.scale_loss(per_token, mask, mean_over="weights")
     ctx.apply_gradients(tape.gradient(loss, ctx.variables()), loss=loss)
-    return {"loss": (per_token, features["mask"])}
+    return {"loss": (per_token, mask)}
 
 
 def test_weighted_term_outside_ctx_gradients_is_one_line(tmp_path):

@@ -287,6 +287,11 @@ class Steps:
         # Rows not static (e.g. an unknown local batch): summed into a
         # dense buffer by scatter-add (O(rows) per micro-batch).
         specs.append(("dense", tuple(variables[i % len(variables)].shape)))
+      elif not value.shape.is_fully_defined():
+        # A dense gradient whose static shape was lost (e.g. a Dense
+        # layer's kernel on [batch, time, width] inputs of unknown batch):
+        # its variable's. Totals and losses are scalars.
+        specs.append(("dense", tuple(variables[i % len(variables)].shape)))
       else:
         specs.append(("dense", tuple(value.shape)))
     return specs
