@@ -551,3 +551,15 @@ class CheckpointSnapshot:
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     with tf.device(self._device):
       functional_saver.MultiDeviceSaver(self._tensors).save(prefix)
+
+
+def set_op_determinism(on: bool) -> None:
+  """TF op determinism exactly as this run asks: on, or off again when an
+  earlier run in this process turned it on (it is process-wide, and with it
+  on the input-wait probe's Timestamp op fails). TF has no public switch
+  off: tensorflow.python.framework.config.disable_op_determinism."""
+  from tensorflow.python.framework import config as tf_config
+  if on:
+    tf.config.experimental.enable_op_determinism()
+  elif tf_config.is_op_determinism_enabled():
+    tf_config.disable_op_determinism()

@@ -34,8 +34,7 @@ def configure_devices(config: Settings) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_replicas)
-  if config.deterministic:
-    tf.config.experimental.enable_op_determinism()
+  compat.set_op_determinism(bool(config.deterministic))
 
 
 def _local_devices(config: Settings) -> list[str] | None:
