@@ -150,6 +150,10 @@ class Checkpointer:
       for f in files:  # data files first, the .index (which lists it) last
         os.replace(os.path.join(staging, f), os.path.join(self.model_dir, f))
       _fsync(self.model_dir)
+      others = [p for p in self.paths() if p != final]
+      kept = others[:max(self._keep - 1, 0)]
+      # Out of space here too is a failed save: its files go with it.
+      _write_index(self.model_dir, final, [final, *kept])
     except (OSError, tf.errors.OpError) as e:
       if not is_disk_full(e):
         raise
@@ -164,9 +168,6 @@ class Checkpointer:
           "from it.") from None
     finally:
       shutil.rmtree(staging, ignore_errors=True)
-    others = [p for p in self.paths() if p != final]
-    kept = others[:max(self._keep - 1, 0)]
-    _write_index(self.model_dir, final, [final, *kept])
     for old in others[len(kept):]:
       _delete(old)
     logging.info("saved checkpoint %s", final)
@@ -327,11 +328,16 @@ def _write_index(model_dir: str, latest: str, paths: list[str]) -> None:
   lines += [f"all_model_checkpoint_timestamps: {t:.6f}" for t in stamps]
   lines.append(f"last_preserved_timestamp: {min(stamps + [time.time()]) - 1:.6f}")
   tmp = os.path.join(model_dir, f".checkpoint.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(model_dir, "checkpoint"))
+  try:
+    with open(tmp, "w") as f:
+      f.write("\n".join(lines) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(model_dir, "checkpoint"))
+  except OSError:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   _fsync(model_dir)
 
 
