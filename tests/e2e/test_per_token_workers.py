@@ -1,5 +1,5 @@
 """Per-token losses under 2 workers (launch.local, --strategy=multiworker):
-packed rows with ctx.scale_loss(mean_over="weights") and 2 micro-batches
+padded and packed rows with ctx.scale_loss(mean_over="weights") and 2 micro-batches
 equal the hand-written full-batch loop that divides by the update's
 real-token count; Keras' own Adam(gradient_accumulation_steps=5) is refused
 on every worker with one line, exit 2. tests/tiny_lm.py holds the tasks
@@ -45,15 +45,18 @@ def _launch(tmp_path, task: str, timeout=500):
   return proc.returncode, proc.stdout
 
 
-def test_two_workers_packed_per_token_mean_equals_full_batch_loop(tmp_path):
+@pytest.mark.parametrize("task_name", ["TinyLM", "PackedLM"])
+def test_two_workers_per_token_mean_equals_full_batch_loop(tmp_path,
+                                                           task_name):
+  # TinyLM: one padded document a row; PackedLM: several a row.
   import trainer
   from trainer import controller as controller_lib
-  code, output = _launch(tmp_path, "PackedLM")
+  code, output = _launch(tmp_path, task_name)
   assert code == 0, output[-5000:]
   # The initial weights are the seed's (the same in one process) and the
   # loop sees the same global batches.
   config = tiny_lm.tiny_config(tmp_path / "single", grad_accum_steps=2)
-  task = tiny_lm.PackedLM(config)
+  task = getattr(tiny_lm, task_name)(config)
   initial = controller_lib.create(config, task).model.get_weights()
   reference = tiny_lm.hand_written(config, task, initial)
   _, model = trainer.load(str(tmp_path / "run"))

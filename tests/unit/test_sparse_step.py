@@ -143,6 +143,8 @@ def test_mirrored_two_replicas():
       ["tests/unit/test_sparse_step.py::test_child_mirrored_sparse",
        "tests/unit/test_weighted_loss.py::test_child_mirrored",
        "tests/unit/test_weighted_loss.py::test_child_mirrored_packed",
+       "tests/unit/test_weighted_loss.py::"
+       "test_child_mirrored_refuses_keras_gradient_accumulation",
        "tests/unit/test_update_every.py::test_child_mirrored",
-       "tests/unit/test_topology.py::test_child_mirrored"], passed=7,
+       "tests/unit/test_topology.py::test_child_mirrored"], passed=8,
       timeout_s=550)

@@ -17,7 +17,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tiny_lm import (BATCH, LENGTH, ExampleMeanLM,  # noqa: E402
-                     PackedExampleMeanLM, PackedLM, TinyLM, hand_written,
+                     PackedExampleMeanLM, PackedLM, RefusedAccumulation,
+                     TinyLM, hand_written,
                      rel, tiny_config)
 from trainer import controller as controller_lib  # noqa: E402
 from trainer.data import pipeline  # noqa: E402
@@ -189,6 +190,17 @@ def test_child_mirrored(tmp_path):
 def test_child_mirrored_packed(tmp_path):
   _check_split(tmp_path, PackedLM, strategy="mirrored", cpu_replicas=2,
                grad_accum_steps=2)
+
+
+@pytest.mark.skipif(not _CHILD, reason="runs in the mirrored child process")
+def test_child_mirrored_refuses_keras_gradient_accumulation(tmp_path):
+  # Keras' own accumulation crashes inside a replica context under
+  # mirrored(2); the framework refuses it before building, with one line.
+  config = _config(tmp_path, strategy="mirrored", cpu_replicas=2)
+  with pytest.raises(UserError, match="--grad_accum_steps") as info:
+    controller_lib.create(config, RefusedAccumulation(config))
+  assert "gradient_accumulation_steps=5" in str(info.value)
+  assert "\n" not in str(info.value)
 
 
 class RawTape(TinyLM):
