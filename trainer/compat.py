@@ -14,6 +14,8 @@ The framework needs a few things Keras' public API does not give:
     (`DelegatingTrackableMixin`);
   * layer names that do not depend on what the process built before
     (trainer.load): Keras' naming counters, `object_name_uids`;
+  * AutoGraph's mark for code it must call as written
+    (`autograph_artifact`): see `plain`;
   * TensorFlow ops and names used around a wrapper that misbehaves:
     `RandomIndexShuffle` (batched seeds), `ResourceScatterAdd` on a
     parameter-server variable, the coordinator's `PSUnavailableError`,
@@ -52,9 +54,48 @@ def check_versions() -> None:
 
 check_versions()
 
+# ---- AutoGraph ----------------------------------------------------------
+# AutoGraph rewrites every function a traced function calls, from its
+# source, once per process: ~3.5 s of CPU at each start of a small run,
+# most of it on framework code whose control flow is plain Python (loops
+# over models and optimizers, checks of flags). `plain` marks such code so
+# AutoGraph calls it as written; a rewrite would not change it. A tensor
+# used as a Python bool in plain code fails loudly at the trace, never
+# silently. Unlike tf.autograph.experimental.do_not_convert, `plain` leaves
+# AutoGraph's on/off state as it was, so the user's own functions that
+# plain code calls through `user_code` are still rewritten (their `if` on a
+# tensor keeps working). Private: autograph.impl.api.autograph_artifact,
+# the mark tf_convert and converted_call already honour.
+from tensorflow.python.autograph.impl import api as _autograph_api  # noqa: E402
+
+
+def plain(fn):
+  """Decorator: AutoGraph calls `fn` (and what it calls directly) as
+  written, without rewriting it."""
+  _autograph_api.autograph_artifact(fn)
+  return fn
+
+
+def plain_methods(cls):
+  """Class decorator: `plain` on every function defined in the class."""
+  for value in vars(cls).values():
+    if callable(value) and hasattr(value, "__code__"):
+      plain(value)
+  return cls
+
+
+def user_code(fn):
+  """`fn` (a user's hook, called from plain code) as AutoGraph would have
+  called it from rewritten code: rewritten while AutoGraph is on, as
+  written under tf.function(autograph=False)."""
+  return tf.__internal__.autograph.tf_convert(
+      fn, tf.__internal__.autograph.control_status_ctx())
+
+
 _SHARDED = tf.__internal__.distribute.ShardedVariable
 
 
+@plain
 def is_sharded(variable) -> bool:
   """A tf ShardedVariable, or a Keras variable whose value is one."""
   return isinstance(variable, _SHARDED) or isinstance(
@@ -62,6 +103,7 @@ def is_sharded(variable) -> bool:
 
 
 # ---- gradients ----------------------------------------------------------
+@plain
 def gradients(tape, target, variables, output_gradients=None):
   """tape.gradient; a Keras variable held as a ShardedVariable is
   differentiated shard by shard and its gradient concatenated: Keras 3
@@ -114,6 +156,7 @@ class _PreReduced:
     return list(grads_and_vars)
 
 
+@plain
 def _handle(variable):
   """The resource handle of a Keras or tf variable (in an update() call:
   the current device's copy of a mirrored one)."""
@@ -139,6 +182,7 @@ class _Fused:
                                                   learning_rate)
     shared = self._shared_scalars()
 
+    @plain
     def apply(variable, gradient, lr):
       cast = lambda x: tf.cast(x, variable.dtype)  # noqa: E731
       scalars = {k: cast(v) for k, v in shared.items()}
@@ -155,6 +199,7 @@ class _Fused:
   def _fusable(self) -> bool:
     return True
 
+  @plain
   def _slot(self, slots, variable):
     return _handle(slots[self._get_variable_index(variable)])
 
@@ -172,6 +217,7 @@ class _FusedAdam(_Fused):
             "beta1": self.beta_1, "beta2": self.beta_2,
             "epsilon": self.epsilon}
 
+  @plain
   def _fused_update(self, variable, gradient, s):
     return tf.raw_ops.ResourceApplyAdam(
         var=variable.handle, m=self._slot(self._momentums, variable),
@@ -186,6 +232,7 @@ class _FusedSGD(_Fused):
   def _shared_scalars(self):
     return {"momentum": self.momentum}
 
+  @plain
   def _fused_update(self, variable, gradient, s):
     if self.momentum == 0:
       return tf.raw_ops.ResourceApplyGradientDescent(
@@ -424,6 +471,7 @@ def fresh_layer_names():
     global_state.set_global_attribute(key, before)
 
 
+@plain
 def index_shuffle(index, seeds, max_index):
   """tf.random.experimental.index_shuffle for a batch: one [3] seed per
   index. The raw op, because the Python wrapper mis-pads batched [n, 2]

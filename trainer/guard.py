@@ -18,7 +18,7 @@ per-update guard instead: no shadow, the same results, a tf.cond per update.
 from absl import logging
 import tensorflow as tf
 
-from trainer import exitcodes
+from trainer import compat, exitcodes
 from trainer.sparse_optim import Adagrad, LazyAdam, LazyMomentum
 
 # Optimizers whose sparse updates touch only the gradient's rows.
@@ -32,6 +32,7 @@ class NonFiniteError(Exception):
   exit_code = exitcodes.NONFINITE
 
 
+@compat.plain
 def count(state, ok, grads_finite, loss_finite, update_batch: int,
           fp16: bool) -> None:
   """Advances the counters after a guarded update (cross-replica context):
@@ -66,6 +67,7 @@ def shadow_pays(optimizers) -> bool:
   return not any(isinstance(o, _ROW_WISE) for o in optimizers)
 
 
+@compat.plain_methods   # plain Python control flow: see compat.plain
 class ChunkShadow:
   """A copy of every variable a chunk changes, taken when it starts.
 

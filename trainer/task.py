@@ -22,6 +22,11 @@ from trainer.errors import UserError
 MetricFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
+# The built-in task's traced methods are plain TF with Python control flow
+# only: AutoGraph need not rewrite them (trainer.compat.plain says why).
+_plain = tf.autograph.experimental.do_not_convert
+
+
 class Task:
   """Base class. Required: `source`, `build_model`, `loss`."""
 
@@ -192,6 +197,7 @@ class ClassificationTask(Task):
   # Text-like sets whose meaning a mirror image changes: never flipped.
   _NO_FLIP = ("digits", "mnist")
 
+  @_plain
   def preprocess(self, features, labels, meta, training):
     from trainer.data import augment, resize
     config = self.config
@@ -261,10 +267,12 @@ class ClassificationTask(Task):
     num_classes = self.source(self.config.train_split).num_classes
     return self._model_fn(tuple(input_spec.shape), num_classes)
 
+  @_plain
   def loss(self, labels, outputs):
     return keras.losses.sparse_categorical_crossentropy(
         labels, outputs, from_logits=True)
 
+  @_plain
   def metrics(self):
     return {"accuracy": accuracy}
 
@@ -275,6 +283,7 @@ class ClassificationTask(Task):
     return serving.classification_signature(model, input_spec)
 
 
+@_plain
 def accuracy(labels, logits):
   """Per-example 0/1: is the arg-max class the label."""
   predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)

@@ -22,6 +22,7 @@ from trainer import compat
 _SHUFFLE_SALT = 0x5EED
 
 
+@compat.plain
 def example_indices(positions, num_examples: int, seed: int):
   """Stream positions (int64 [B]) -> example indices of the split."""
   n = tf.constant(num_examples, tf.int64)
@@ -138,6 +139,7 @@ def batches_per_call(source, batch_size: int, element_spec) -> int:
   return max(1, min(_MAX_BATCHES_PER_CALL, _ROWS_PER_CALL // batch_size))
 
 
+@compat.plain
 def _meta(positions, start, weight=None) -> dict:
   """The pipeline's meta of a batch's rows: stream positions int64 [b],
   its global micro-batch's first position, weights (default 1), skipped 0."""
@@ -148,11 +150,13 @@ def _meta(positions, start, weight=None) -> dict:
           "skipped": tf.zeros([rows], tf.float32)}
 
 
+@compat.plain
 def _preprocessed(task, features, labels, positions, start):
   """(features, labels, meta) of one global micro-batch's rows (or a
   worker's share of them), `start` its first stream position."""
   meta = _meta(positions, start)
-  features, labels = task.preprocess(features, labels, meta, True)
+  features, labels = compat.user_code(task.preprocess)(features, labels,
+                                                       meta, True)
   return features, labels, meta
 
 

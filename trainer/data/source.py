@@ -77,6 +77,7 @@ def array_source(name: str, features, labels, num_classes: int | None = None,
   feats = tf.nest.map_structure(tf.constant, features)
   labs = tf.nest.map_structure(tf.constant, labels)
 
+  @tf.autograph.experimental.do_not_convert   # pure TF: nothing to rewrite
   def gather(indices):
     take = lambda t: tf.gather(t, indices)
     return tf.nest.map_structure(take, feats), tf.nest.map_structure(take, labs)
@@ -120,6 +121,7 @@ def host_source(name: str, items: np.ndarray, labels: np.ndarray,
       rows = fetch(rows)
     return np.asarray(rows, dtype=object), labels[indices]
 
+  @tf.autograph.experimental.do_not_convert   # pure TF: nothing to rewrite
   def gather(indices):
     features, labs = tf.numpy_function(pick, [indices], (tf.string, tf.int32),
                                        stateful=False)

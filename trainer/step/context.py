@@ -61,6 +61,7 @@ from trainer.errors import UserError
 from trainer.step import sparse
 
 
+@compat.plain_methods   # plain Python control flow: see compat.plain
 class StepContext:
   """Handed to Task.train_step / Task.eval_step. Built per replica call."""
 
@@ -348,6 +349,7 @@ class StepContext:
 _Term = collections.namedtuple("_Term", ["weighted", "total"])
 
 
+@compat.plain
 def _filled(gradients, variables) -> list:
   """float32 gradients, zeros where there is no path; slices stay slices."""
   return [tf.zeros(v.shape, tf.float32) if g is None else sparse.as_float32(g)

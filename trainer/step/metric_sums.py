@@ -7,6 +7,7 @@ metrics therefore accumulate per replica and cost one reduction per summary.
 
 import tensorflow as tf
 
+from trainer import compat
 from trainer.reduce import reduce_per_replica
 
 # A (values, weights) metric `m` keeps sum(values * weights) under `m` and
@@ -18,6 +19,7 @@ WEIGHTS_SUFFIX = "#weights"
 CAPACITY = 64
 
 
+@compat.plain_methods   # plain Python control flow: see compat.plain
 class MetricSums:
   """Named float32 sums, one copy per replica (sync on read, SUM).
 

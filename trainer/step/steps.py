@@ -80,7 +80,7 @@ MOVED = "#moved"
 
 # Bookkeeping called while the step is traced, with no control flow on
 # tensors: AutoGraph's conversion of it cost ~0.8 s of every start.
-_plain_python = tf.autograph.experimental.do_not_convert
+_plain_python = compat.plain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +209,7 @@ class Steps:
                       f"gave {list(self.optimizers)}.")
     return name
 
+  @compat.plain
   def updates(self, name: str) -> tf.Tensor:
     """bool scalar: optimizer `name` applies this update (its 1-based
     number, global step + 1, is a multiple of Task.update_every(name)).
@@ -223,6 +224,7 @@ class Steps:
   def loss_scale(self):
     return self.state.loss_scale if self.fp16 else None
 
+  @compat.plain
   def differentiate(self, tape, loss, variables, scale=None):
     return compat.gradients(tape, loss, variables, output_gradients=scale)
 
@@ -315,6 +317,7 @@ class Steps:
           "--deterministic=topology does not support sparse (embedding) "
           "gradients yet: drop the flag, or use --deterministic.")
 
+  @compat.plain
   def _micro_step(self, features, labels, meta):
     """The task's step on the local micro-batch: (handed gradients by
     optimizer, metric sums)."""
@@ -326,7 +329,8 @@ class Steps:
     ctx = StepContext(self, meta, training=True)
     before = [tf.identity(v.value) for v in self.moving]
     with seeds_scope(self, meta):
-      metrics = self.task.train_step((features, labels), ctx)
+      metrics = compat.user_code(self.task.train_step)((features, labels),
+                                                        ctx)
     if not ctx.handed:
       raise UserError("Task.train_step handed no gradients to the context: "
                       "call ctx.minimize(tape, loss) or ctx.apply_gradients.")
@@ -366,9 +370,11 @@ class Steps:
                      else tf.reduce_sum(value * weight))
     return stats
 
+  @compat.plain
   def _order(self, handed) -> list:
     return [name for name in self.optimizers if name in handed]
 
+  @compat.plain
   def _accumulate(self, batch, k):
     """Micro-batch `k` (0-based) of the update, into the buffers."""
     handed, stats = self._micro_fn(*batch)
@@ -405,6 +411,7 @@ class Steps:
     # Set while tracing: which optimizers this step hands gradients to.
     self._handed_names = tuple(names)
 
+  @compat.plain
   def _reduce(self, handed, stats=None):
     """The one cross-replica reduction per optimizer, then the finite
     check over all of them. `stats`: the micro-batch's metric sums
@@ -449,7 +456,8 @@ class Steps:
       grads_finite = tf.logical_and(grads_finite, finite)
       loss_finite = tf.logical_and(loss_finite, finite_loss)
       variables = self.optimizer_variables[name]
-      grads = self.task.transform_gradients(grads, variables)
+      grads = compat.user_code(self.task.transform_gradients)(grads,
+                                                              variables)
       if self.clip_norm > 0:
         # Its own norm: the user's transform may have changed the gradient.
         grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
@@ -514,6 +522,7 @@ class Steps:
         grads[i] = g if grads[i] is None else sparse.add(grads[i], g)
     return grads
 
+  @compat.plain
   def _micro_and_reduce(self, batch):
     handed, stats = self._micro_fn(*batch)
     if self.shards:
@@ -523,6 +532,7 @@ class Steps:
                 for name, value in handed.items()}
     return self._reduce(handed, stats)
 
+  @compat.plain
   def _reduce_buffers(self, names):
     handed = {}
     for name in names:
@@ -546,6 +556,7 @@ class Steps:
       return self._reduce(handed, self._stats_buffer.read_value())
     return self._reduce(handed)
 
+  @compat.plain
   def _apply(self, reduced):
     for name in self._order(reduced):
       self.optimizers[name].apply(reduced[name],
@@ -562,6 +573,7 @@ class Steps:
       strategy.run(self._accumulate, args=(next(iterator), k))
     return strategy.run(self._reduce_buffers, args=(self._handed_names,))
 
+  @compat.plain
   def _reduced_gradients_ahead(self, iterator, batch, last):
     """_reduced_gradients of the update whose first micro-batch is
     `batch` (fetched ahead); each micro-step fetches the next micro-batch
@@ -589,6 +601,7 @@ class Steps:
     return (strategy.run(self._reduce_buffers, args=(self._handed_names,)),
             nxt)
 
+  @compat.plain
   def _apply_everywhere(self, reduced):
     held = self._hold_off_turn()
     self.strategy.run(self._apply, args=(reduced,))
@@ -598,6 +611,7 @@ class Steps:
       for variable, value in zip(variables, before):
         variable.assign(tf.where(on, tf.convert_to_tensor(variable), value))
 
+  @compat.plain
   def _hold_off_turn(self) -> list:
     """(on its turn, variables, their values now) of each optimizer that
     applies every N-th update only: everything its update moves, put back
@@ -619,6 +633,7 @@ class Steps:
   def _one_update(self, iterator):
     self._guarded_apply(self._reduced_gradients(iterator))
 
+  @compat.plain
   def _guarded_apply(self, result):
     """Applies the update only if it is finite; counts it either way."""
     reduced, grads_finite, loss_finite = result
@@ -682,15 +697,17 @@ class Steps:
     self.noting_trace(False)
     return ok
 
+  @compat.plain
   def _first(self, value):
     """A reduced value (identical on every replica): the first copy."""
     return reduce_per_replica(value, self.strategy, "first")
 
   # ---- evaluation -------------------------------------------------------
+  @compat.plain
   def _eval_step(self, batch):
     features, labels, meta = batch
     ctx = StepContext(self, meta, training=False)
-    metrics = self.task.eval_step((features, labels), ctx)
+    metrics = compat.user_code(self.task.eval_step)((features, labels), ctx)
     self.eval_sums.add(self._sums_of(metrics, meta["weight"]))
 
   def _eval_loop(self, iterator, num_batches):
