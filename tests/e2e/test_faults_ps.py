@@ -1,7 +1,8 @@
 """Parameter servers with workers lost or frozen: every wait of the
 coordinator is bounded by --peer_timeout_s and says so; a frozen worker is
-dropped and the run goes on without it; with every worker lost it exits 4.
-A lost ps costs one restart of the group."""
+dropped and the run goes on without it (to the end, if it never wakes);
+with every worker lost it exits 4. A lost or frozen ps costs one restart
+of the group."""
 
 import json
 import os
