@@ -196,8 +196,9 @@ _HELP = {
                       "the cluster, resolving peers' host names, and "
                       "(parameter_server) a coordinator without any worker, "
                       "or calls to a stopped or hung worker (dropped, its "
-                      "work re-run elsewhere) or ps; a dead peer makes the "
-                      "others exit non-zero within it.",
+                      "work re-run elsewhere), or a stopped or hung ps "
+                      "(exit 4); a dead peer makes the others exit non-zero "
+                      "within it.",
     "hang_timeout_s": "A training update (its input fetch, step and "
                       "collectives) that makes no progress for max(this, 10 "
                       "x the median update time) is a hang: the process "

@@ -91,3 +91,45 @@ def test_watch_names_a_silent_worker_once_and_its_return(monkeypatch):
   assert watch._probe()
   assert lines[-1] == ("parameter_server: worker 1 (w1) answers again; the "
                        "coordinator takes it back."), lines
+
+
+def test_watch_ends_the_run_when_a_ps_stays_silent(monkeypatch):
+  """A ps silent for 2/3 of --peer_timeout_s: a line naming it after two
+  missed probes, then exit 4 with one line; a ps that answers again before
+  that resets its clock."""
+  answering = {"w0": True, "p0": True, "p1": True}
+  monkeypatch.setattr(worker_watch, "_answers",
+                      lambda address, timeout_s: answering[address])
+  now = [100.0]
+  monkeypatch.setattr(worker_watch.time, "monotonic", lambda: now[0])
+  lines, stops = [], []
+  monkeypatch.setattr(logging, "warning", lambda f, *a: lines.append(f % a))
+  monkeypatch.setattr(logging, "info", lambda f, *a: lines.append(f % a))
+  monkeypatch.setattr(worker_watch.errors, "request_stop",
+                      lambda program, message, code: stops.append(
+                          (program, message, code)))
+  watch = worker_watch.WorkerWatch(["w0"], timeout_s=30, ps=["p0", "p1"])
+  watch._probe_ps()
+  answering["p1"] = False
+  for t in (101, 102):   # silent since 100 (a probe waits 1 s)
+    now[0] = t
+    watch._probe_ps()
+  assert lines == ["parameter_server: ps 1 (p1) does not answer (exited, "
+                   "stopped or hung); the run ends (exit 4) if it is still "
+                   "silent 20 s after the first missed probe (2/3 of "
+                   "--peer_timeout_s=30)."], lines
+  answering["p1"] = True   # back in time: the clock starts again
+  now[0] = 103
+  watch._probe_ps()
+  assert lines[-1] == "parameter_server: ps 1 (p1) answers again.", lines
+  answering["p1"] = False
+  for t in range(104, 123):   # silent since 103
+    now[0] = t
+    watch._probe_ps()
+  assert stops == [], stops
+  now[0] = 123
+  watch._probe_ps()
+  assert len(stops) == 1 and stops[0][2] == 4, stops
+  assert stops[0][1].startswith("parameter_server: ps 1 (p1) has not "
+                                "answered for 20 s (2/3 of "
+                                "--peer_timeout_s=30)"), stops

@@ -48,7 +48,10 @@ function). What follows from that:
 * A lost worker is tolerated (the coordinator re-schedules its functions and
   re-creates its dataset when it is back); a lost parameter server is fatal:
   the coordinator raises ParameterServerLost (an UnavailableError: exit 4
-  with one line) and a relaunch resumes from the last checkpoint. Servers
+  with one line) and a relaunch resumes from the last checkpoint. A ps
+  that is stopped or hung ends the run the same way, through worker_watch
+  (silent for 2/3 of --peer_timeout_s; the workers' functions would wait
+  on it without a deadline). Servers
   that do not answer at startup end the wait after --peer_timeout_s (exit
   4). If every worker is lost, the coordinator waits for one to return,
   at most --peer_timeout_s (trainer/distribute/worker_watch.py: then exit 4).
