@@ -28,30 +28,11 @@ KEYS = [f"optimizer/{name}/.ATTRIBUTES/VARIABLE_VALUE"
                      "_variables/2")]
 
 
-def numpy_lazy_adam(updates, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-  """The table after `updates` updates of Adam applied row by row: a row's
-  gradient is the sum over the batch's examples that look it up of
-  2 (row - target) / BATCH; rows (and their moments) not looked up in an
-  update stay as they are; the bias correction counts every update."""
-  from plugin_tasks import TABLE_IDS, TABLE_TARGETS, table_start
-  # The float32 hyper-parameters the optimizer holds (1 - float32(0.999)
-  # is 1.3e-5 away from 0.001, which v shows at rel 1e-5).
-  beta_1, beta_2, epsilon = (float(np.float32(x))
-                             for x in (beta_1, beta_2, epsilon))
-  table = table_start().astype(np.float64)
-  m, v = np.zeros_like(table), np.zeros_like(table)
-  n = len(TABLE_IDS)
-  for t in range(1, updates + 1):
-    grads = {}
-    for p in range((t - 1) * BATCH, t * BATCH):
-      row, target = TABLE_IDS[p % n], TABLE_TARGETS[p % n]
-      grads[row] = grads.get(row, 0.0) + 2.0 * (table[row] - target) / BATCH
-    alpha = LR * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
-    for row, g in grads.items():
-      m[row] = beta_1 * m[row] + (1 - beta_1) * g
-      v[row] = beta_2 * v[row] + (1 - beta_2) * g * g
-      table[row] -= alpha * m[row] / (np.sqrt(v[row]) + epsilon)
-  return table, m, v
+def numpy_lazy_adam(updates):
+  """The table (and moments) after `updates` updates from the start."""
+  from plugin_tasks import numpy_lazy_adam as adam, table_start
+  zeros = np.zeros_like(table_start())
+  return adam(table_start(), zeros, zeros, 1, updates, LR, BATCH)
 
 
 def _train_default(model_dir):

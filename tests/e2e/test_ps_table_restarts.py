@@ -40,21 +40,11 @@ ITERATIONS = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def numpy_adam(table, m, v, first, last):
-  """Updates first..last (1-based counts) of lazy Adam on the full batch,
-  from (table, m, v), in float64 with the optimizer's float32 constants."""
-  from plugin_tasks import TABLE_IDS, TABLE_TARGETS
-  beta_1, beta_2, epsilon = (float(np.float32(x)) for x in (0.9, 0.999, 1e-7))
-  table, m, v = (np.array(x, np.float64) for x in (table, m, v))
-  for t in range(first, last + 1):
-    grads = {}
-    for row, target in zip(TABLE_IDS, TABLE_TARGETS):
-      grads[row] = grads.get(row, 0.0) + 2.0 * (table[row] - target) / BATCH
-    alpha = LR * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
-    for row, g in grads.items():
-      m[row] = beta_1 * m[row] + (1 - beta_1) * g
-      v[row] = beta_2 * v[row] + (1 - beta_2) * g * g
-      table[row] -= alpha * m[row] / (np.sqrt(v[row]) + epsilon)
-  return table, m, v
+  """Updates first..last of lazy Adam (the full table stream each update:
+  BATCH is its length)."""
+  from plugin_tasks import TABLE_IDS, numpy_lazy_adam
+  assert BATCH == len(TABLE_IDS)
+  return numpy_lazy_adam(table, m, v, first, last, LR, BATCH)
 
 
 def _state(path):

@@ -25,8 +25,7 @@ class SyncExecutor:
     self.parts = parts
     self.settings = settings
     self._eval_data = None
-    self._vote = None
-    self._gather = None
+    self._sum = None   # the summing collective of agree and gather
     # Set by the Controller: the input-wait probe and the profiler window.
     self.probe = self.profiler = None
 
@@ -94,18 +93,10 @@ class SyncExecutor:
 
   def agree(self, flag: bool) -> bool:
     """True if any worker says so (a collective under multiworker)."""
-    parts = self.parts
-    if parts.role.num_workers <= 1:
+    if self.parts.role.num_workers <= 1:
       return flag
-    if self._vote is None:
-      strategy = parts.strategy
-
-      def vote(flag):
-        value = strategy.run(lambda: tf.identity(flag))
-        # ReduceOp has no MAX: a SUM of 0/1 flags is > 0 iff any is set.
-        return reduce_per_replica(value, strategy, "sum")
-      self._vote = tf.function(vote)
-    return float(self._vote(tf.constant(1.0 if flag else 0.0))) > 0
+    # ReduceOp has no MAX: a SUM of 0/1 flags is > 0 iff any is set.
+    return float(self._summed(tf.constant(1.0 if flag else 0.0))) > 0
 
   def gather(self, values: list) -> list[list]:
     """Each worker's `values` (floats), by worker index: a collective under
@@ -114,19 +105,24 @@ class SyncExecutor:
     workers = parts.role.num_workers
     if workers <= 1:
       return [list(values)]
-    if self._gather is None:
-      strategy = parts.strategy
-
-      def gather(table):
-        value = strategy.run(lambda: tf.identity(table))
-        return reduce_per_replica(value, strategy, "sum")
-      self._gather = tf.function(gather)
     # Each worker fills its own row (divided by its replicas, all of which
     # add it); the sum is then every worker's row.
     local = parts.strategy.num_replicas_in_sync // workers
     table = [[0.0] * len(values) for _ in range(workers)]
     table[parts.role.worker_index] = [v / local for v in values]
-    return self._gather(tf.constant(table, tf.float64)).numpy().tolist()
+    return self._summed(tf.constant(table, tf.float64)).numpy().tolist()
+
+  def _summed(self, value: tf.Tensor) -> tf.Tensor:
+    """`value` summed over every replica of every worker (one collective;
+    every worker must call it alike)."""
+    if self._sum is None:
+      strategy = self.parts.strategy
+
+      def summed(value):
+        per_replica = strategy.run(lambda: tf.identity(value))
+        return reduce_per_replica(per_replica, strategy, "sum")
+      self._sum = tf.function(summed)
+    return self._sum(value)
 
   # ---- evaluation -----------------------------------------------------
   def eval_sums(self) -> dict:
