@@ -162,6 +162,15 @@ def _chief_result(log: str):
   return json.loads(lines[-1]) if lines else None
 
 
+def _thaw(pid):
+  """SIGCONT to a process this test stopped (None: none was), if alive."""
+  if pid is not None:
+    try:
+      os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+      pass
+
+
 @pytest.mark.skipif(not os.environ.get("TRAINER_SLOW"),
                     reason="a 2-worker, 2-ps cluster for a minute; set "
                     "TRAINER_SLOW=1")
@@ -201,11 +210,7 @@ def test_worker_frozen_until_the_end_run_finishes(tmp_path):
     took = time.monotonic() - stopped
     rc = cluster.wait(timeout=60)
   finally:
-    if frozen is not None:
-      try:
-        os.kill(frozen, signal.SIGCONT)
-      except ProcessLookupError:
-        pass
+    _thaw(frozen)
     cluster.stop()
   log = cluster.log()
   assert rc == 0, log[-4000:]
@@ -261,11 +266,7 @@ def test_ps_frozen_mid_round_costs_one_restart(tmp_path):
     took = time.monotonic() - stopped
     rc = cluster.wait(timeout=240)
   finally:
-    if frozen is not None:
-      try:
-        os.kill(frozen, signal.SIGCONT)
-      except ProcessLookupError:
-        pass
+    _thaw(frozen)
     cluster.stop()
   log = cluster.log()
   print(f"ps 0 frozen after ckpt-500; the group restarted {took:.1f} s later "
