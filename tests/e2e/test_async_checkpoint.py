@@ -34,6 +34,10 @@ SLOW = pytest.mark.skipif(not os.environ.get("TRAINER_SLOW"),
                           reason="30 SIGKILLs (minutes); set TRAINER_SLOW=1")
 # The slow tests' number of kills (fewer on a machine too busy for 30).
 KILLS = int(os.environ.get("TRAINER_ASYNC_KILLS", "30"))
+# Their run length: long enough that every kill lands before the end (a
+# run saves every 2 updates and is killed after 1-3 saves of its own, but
+# on a busy machine the kill comes a few saves late).
+LONG = max(200, 24 * KILLS)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +89,9 @@ def _kill_runs(model_dir, tmp_path, kills, rng, start, restored_pattern,
   """`kills` runs SIGKILLed at a random moment after 1 to 3 saves of their
   own committed (so that each restart makes progress however slow the
   disk); each restart must resume from the newest complete checkpoint.
-  Returns how many kills found a write in flight, and the newest step."""
-  in_flight = 0
+  Returns (kills made, how many found a write in flight, the newest
+  step): fewer kills than asked if the run finished first."""
+  in_flight = made = 0
   newest = 0
   for i in range(kills):
     log = tmp_path / f"kill{i}.txt"
@@ -105,13 +110,15 @@ def _kill_runs(model_dir, tmp_path, kills, rng, start, restored_pattern,
           text[-3000:]
     if not started:   # finished before the kill: nothing more to check
       break
+    made += 1
     in_flight += any(p.name.startswith(".saving-") for p in model_dir.iterdir())
     newest = _checkpoints_complete(model_dir)
-  return in_flight, newest
+  return made, in_flight, newest
 
 
-def _sigterm_while_writing(model_dir, log):
-  proc = start_trainer(*ASYNC, f"--model_dir={model_dir}", log_path=log)
+def _sigterm_while_writing(model_dir, log, *extra):
+  proc = start_trainer(*ASYNC, f"--model_dir={model_dir}", *extra,
+                       log_path=log)
   try:
     _wait_for_line(log, r"saving checkpoint \S+ in the background", [proc])
     proc.send_signal(signal.SIGTERM)
@@ -151,19 +158,21 @@ def test_30_kills(tmp_path):
 
   def start(log):
     return [start_trainer(*ASYNC, f"--model_dir={model_dir}",
-                          "--train_steps=200", log_path=log)]
-  in_flight, _ = _kill_runs(model_dir, tmp_path, KILLS, rng, start,
-                            r"restored \S+/ckpt-{step} at step {step}")
-  print(f"{KILLS} kills: {in_flight} with a background write in flight")
-  step = _sigterm_while_writing(model_dir, tmp_path / "term.txt")
+                          f"--train_steps={LONG}", log_path=log)]
+  made, in_flight, _ = _kill_runs(model_dir, tmp_path, KILLS, rng, start,
+                                  r"restored \S+/ckpt-{step} at step {step}")
+  print(f"{made} kills: {in_flight} with a background write in flight")
+  assert made == KILLS
+  step = _sigterm_while_writing(model_dir, tmp_path / "term.txt",
+                                f"--train_steps={LONG}")
   resumed = run_trainer(*ASYNC, f"--model_dir={model_dir}",
-                        "--train_steps=200", timeout=1800)
+                        f"--train_steps={LONG}", timeout=1800)
   assert f"restored {model_dir}/ckpt-{step} at step {step}" in resumed.stderr
-  reference_200 = tmp_path / "ref"
-  run_trainer(*MLP, f"--model_dir={reference_200}", "--train_steps=200",
+  reference = tmp_path / "ref"
+  run_trainer(*MLP, f"--model_dir={reference}", f"--train_steps={LONG}",
               timeout=1800)
-  _assert_equal_bits(checkpoint_weights(model_dir / "ckpt-200"),
-                     checkpoint_weights(reference_200 / "ckpt-200"))
+  _assert_equal_bits(checkpoint_weights(model_dir / f"ckpt-{LONG}"),
+                     checkpoint_weights(reference / f"ckpt-{LONG}"))
   assert in_flight >= KILLS // 3
 
 
@@ -212,7 +221,7 @@ def _alive(pid) -> bool:
 def test_30_kills_two_workers(tmp_path):
   worker_flags = [a for a in MLP if not a.startswith("--global_batch_size")]
   worker_flags += ["--global_batch_size=64", "--strategy=multiworker",
-                   "--train_steps=200"]
+                   f"--train_steps={LONG}"]
   reference_dir = tmp_path / "ref"
   with open(tmp_path / "ref.txt", "w"):
     pass
@@ -225,13 +234,15 @@ def test_30_kills_two_workers(tmp_path):
   def start(log):
     return [_two_workers([*worker_flags, "--async_checkpoint",
                           f"--model_dir={model_dir}"], log)]
-  in_flight, _ = _kill_runs(model_dir, tmp_path, KILLS, rng, start,
-                            r"restored \S+/ckpt-{step} at step {step}",
-                            kill=_kill_with_workers)
-  print(f"2 workers, {KILLS} kills: {in_flight} with a background write in flight")
+  made, in_flight, _ = _kill_runs(model_dir, tmp_path, KILLS, rng, start,
+                                  r"restored \S+/ckpt-{step} at step {step}",
+                                  kill=_kill_with_workers)
+  print(f"2 workers, {made} kills: {in_flight} with a background write in "
+        "flight")
+  assert made == KILLS
   final = _two_workers([*worker_flags, "--async_checkpoint",
                         f"--model_dir={model_dir}"], tmp_path / "final.txt")
   assert final.wait(timeout=900) == 0, \
       (tmp_path / "final.txt").read_text()[-3000:]
-  _assert_equal_bits(checkpoint_weights(model_dir / "ckpt-200"),
-                     checkpoint_weights(reference_dir / "ckpt-200"))
+  _assert_equal_bits(checkpoint_weights(model_dir / f"ckpt-{LONG}"),
+                     checkpoint_weights(reference_dir / f"ckpt-{LONG}"))
