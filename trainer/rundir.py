@@ -141,19 +141,19 @@ class RunRecord:
     return self.mode in TRAINING_MODES
 
 
-def append_history(config: RunRecord) -> None:
+def append_history(record: RunRecord) -> None:
   """Appends this run's entry to MODEL_DIR/history.jsonl (chief only: the
   caller decides). Best effort: an evaluation of a run on read-only storage
   goes on without its entry, with a warning."""
   entry = {
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
-      "mode": config.mode,
+      "mode": record.mode,
       "cwd": os.getcwd(),
       "argv": list(sys.argv),
-      "command": config.command,
+      "command": record.command,
   }
-  path = os.path.join(config.model_dir, HISTORY_FILE)
+  path = os.path.join(record.model_dir, HISTORY_FILE)
   try:
     with open(path, "a") as f:
       f.write(json.dumps(entry) + "\n")
@@ -162,19 +162,19 @@ def append_history(config: RunRecord) -> None:
                     "run's history entry.", path, e.strerror or e)
 
 
-def record(config: RunRecord, is_chief: bool) -> None:
+def record(run: RunRecord, is_chief: bool) -> None:
   """What a run writes about itself when its outputs open: config.json for a
   training run (the effective configuration), and a history entry for every
   run. Evaluation never rewrites config.json."""
   if not is_chief:
     return
-  if config.training:
-    os.makedirs(config.model_dir, exist_ok=True)
+  if run.training:
+    os.makedirs(run.model_dir, exist_ok=True)
     # Atomically: an evaluator waiting for the file never reads half of it.
-    path = os.path.join(config.model_dir, CONFIG_FILE)
+    path = os.path.join(run.model_dir, CONFIG_FILE)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-      f.write(config.to_json() + "\n")
+      f.write(run.to_json() + "\n")
     os.replace(tmp, path)
-    bases_lib.write(config.model_dir, config.bases)
-  append_history(config)
+    bases_lib.write(run.model_dir, run.bases)
+  append_history(run)

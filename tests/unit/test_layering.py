@@ -231,6 +231,9 @@ def config_takers(root: str = ROOT) -> list[str]:
     with open(path, encoding="utf-8") as f:
       tree = ast.parse(f.read(), path)
     allowed = CONFIG_CONTRACT.get(name, set())
+    # Below build a parameter is not even named `config` (an unannotated
+    # one would hide the whole Config): it is named for what it is.
+    below = ORDER.index(layer_of(name)) < ORDER.index("build")
     # module aliases of trainer.config (`from trainer import config as c`)
     aliases = set()
     for node in ast.walk(tree):
@@ -259,9 +262,13 @@ def config_takers(root: str = ROOT) -> list[str]:
           args = child.args
           for arg in (args.posonlyargs + args.args + args.kwonlyargs +
                       [a for a in (args.vararg, args.kwarg) if a]):
+            if qualified in allowed:
+              continue
             if (arg.annotation is not None and
-                _names_config(arg.annotation) and qualified not in allowed):
+                _names_config(arg.annotation)):
               found.append(f"{name}: {qualified}({arg.arg}: Config)")
+            elif below and arg.arg == "config":
+              found.append(f"{name}: {qualified}(config)")
           visit(child, f"{qualified}.")
         else:
           visit(child, prefix)
@@ -312,10 +319,15 @@ def test_the_config_check_sees_an_import_and_a_parameter(tree_with):
                    "class _Late:\n"
                    "  def run(self, config: Config | None = None):\n"
                    "    del config\n")
+  for rel, extra in (
+      ("trainer/data/__init__.py", "def _late(split, config):\n  pass\n"),
+      # The user contract's constructors only.
+      ("trainer/task.py", "def _late(config: 'Config'):\n  pass\n")):
+    with open(os.path.join(root, rel), "a", encoding="utf-8") as f:
+      f.write("\n\n" + extra)
   found = config_takers(root)
+  assert [f for f in found if not f.startswith("trainer.guard: imports")] \
+      == ["trainer.data.__init__: _late(config)",
+          "trainer.guard: _Late.run(config: Config)",
+          "trainer.task: _late(config: Config)"]
   assert any(f.startswith("trainer.guard: imports Config") for f in found)
-  assert "trainer.guard: _Late.run(config: Config)" in found
-  # The user contract's constructors only.
-  root = tree_with("trainer/task.py",
-                   "\n\ndef _late(config: 'Config'):\n  del config\n")
-  assert config_takers(root) == ["trainer.task: _late(config: Config)"]
