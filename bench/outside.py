@@ -218,10 +218,10 @@ def _examples(args):
   """The examples the cli reads, in memory as its preprocessing gives
   them: float32 in [0, 1], int32 labels (read by the trainer's reader, at
   start-up: it cancels)."""
-  from trainer import task as task_lib
+  from trainer import build
   from trainer.config import Config
   fields = data_fields(args.data_dir)
-  task = task_lib.from_config(Config(model=args.model, **fields))
+  task = build.task_of(Config(model=args.model, **fields))
   source = task.source(fields["train_split"])
   return (*end_to_end.in_memory(source), source.num_classes)
 

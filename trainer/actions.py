@@ -48,6 +48,8 @@ class LoopSettings:
   early_stopping_min_delta: float = 0.0
   nonfinite: str = "rollback"
   max_rollbacks: int = 3
+  mode: str = "train_and_eval"   # what Controller.run does
+  checkpoint: str = ""           # --mode=eval's checkpoint ("": the latest)
   skip_corrupt: bool = False
   eval_timeout_s: float = 3600.0
   hang_timeout_s: float = 120.0      # trainer.hang's floor; 0: no watch

@@ -16,20 +16,23 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+import layers
 from trainer import actions, bases
 from trainer import checkpoint as ckpt_lib
-from trainer import epochs, executors, optim, precision, rundir, watch
+from trainer import epochs, executors, optim, plugins, precision, rundir
+from trainer import watch
 from trainer.distribute import ps_strategy, tpu
 from trainer.distribute import strategy as strategy_lib
 from trainer.distribute.role import Role
 from trainer.config import Config, check_batch_fits, check_divisible
+from trainer.config import narrow  # noqa: F401  (build.narrow, as ever)
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.executors import ps as ps_executor
 from trainer.executors import sync as sync_executor
 from trainer.state import TrainState
 from trainer.step.steps import StepSettings, Steps, make_ema
-from trainer.task import MAIN, Task, from_config, models_of  # noqa: F401
+from trainer.task import MAIN, ClassificationTask, Task, models_of  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,18 +70,25 @@ BACKENDS = {
 }
 
 
-def narrow(cls, config: Config, **overrides):
-  """The settings dataclass `cls` filled from the Config's fields (and
-  properties) of the same names, or from `overrides`: how every part below
-  gets only what it reads. A field that neither gives is an error, never a
-  silent default.
-
-  >>> narrow(strategy_lib.Settings, Config(cpu_replicas=2)).cpu_replicas
-  2
-  """
-  names = {f.name for f in dataclasses.fields(cls)}
-  values = {n: getattr(config, n) for n in names if n not in overrides}
-  return cls(**values, **overrides)
+def task_of(config: Config) -> Task:
+  """Config -> Task: a plug-in task (--task), made by its factory from the
+  run's Config (the Task contract), or the built-in classification task on
+  --model and --dataset."""
+  if config.task:
+    factory = plugins.load(config.task, "task")
+    if not callable(factory):
+      raise UserError(f"--task={config.task!r} is a {type(factory).__name__}, "
+                      "not a Task class or a function config -> Task.")
+    task = factory(config)
+    if not isinstance(task, Task):
+      raise UserError(f"--task={config.task!r} made a {type(task).__name__}, "
+                      "not a trainer.Task; subclass trainer.Task.")
+    return task
+  if ":" in config.model:
+    model_fn = plugins.load(config.model, "model")
+  else:
+    model_fn = layers.get(config.model)
+  return ClassificationTask(config, model_fn)
 
 
 def backend_of(config: Config) -> Backend:
@@ -200,9 +210,10 @@ def parts(config: Config, task: Task | None = None) -> Parts:
   keras.utils.set_random_seed(config.seed)
   config = _resolved_precision(config)
   keras.mixed_precision.set_global_policy(config.mixed_precision)
-  task = task if task is not None else from_config(config)
+  task = task if task is not None else task_of(config)
   # Epoch flags become steps once the split sizes are known.
-  config = epochs.resolve(config, task)
+  config = config.replace(**epochs.resolve(narrow(epochs.Settings, config),
+                                           task))
   check_batch_fits(config, task)
   # Data first: a missing file is reported before model_dir is touched.
   spec = pipeline.input_spec(task, config.train_split)
@@ -244,7 +255,14 @@ def effective_accum_steps(config: Config, replicas: int) -> int:
   --deterministic=topology one virtual shard per replica per micro-batch
   (--virtual_shards / replicas: the step sees the same shard, the same
   kernels, on every topology; --grad_accum_steps then only has to divide
-  it)."""
+  it).
+
+  >>> effective_accum_steps(Config(grad_accum_steps=2), replicas=4)
+  2
+  >>> effective_accum_steps(Config(deterministic="topology",
+  ...                              virtual_shards=8), replicas=2)
+  4
+  """
   if config.topology:
     return config.virtual_shards // replicas
   return config.grad_accum_steps

@@ -180,7 +180,7 @@ class Checkpointer:
     return sorted(set(listed) | set(_on_disk(self.model_dir)), key=number,
                   reverse=True)
 
-  def restore(self, config, path: str | None = None) -> str | None:
+  def restore(self, record, path: str | None = None) -> str | None:
     """Restores `path`, or the newest readable checkpoint; None if none.
 
     A different model or optimizer in --model_dir is a UserError (nothing is
@@ -191,7 +191,7 @@ class Checkpointer:
     """
     self.wait()
     if path:
-      return self._restore_one(config, path, [], explicit=True)
+      return self._restore_one(record, path, [], explicit=True)
     for _ in range(_VANISHED_RETRIES):
       candidates = self.paths()
       index_ok = _index_readable(self.model_dir)
@@ -202,11 +202,11 @@ class Checkpointer:
             self.model_dir, "unreadable" if os.path.exists(
                 os.path.join(self.model_dir, "checkpoint")) else "missing")
       for i, candidate in enumerate(candidates):
-        restored = self._restore_one(config, candidate, candidates[i + 1:])
+        restored = self._restore_one(record, candidate, candidates[i + 1:])
         if restored is _VANISHED:
           break   # list again: newer ones may have appeared meanwhile
         if restored:
-          if not index_ok and config.mode in ("train", "train_and_eval"):
+          if not index_ok and record.mode in ("train", "train_and_eval"):
             self._repair_index(restored)   # readers (eval) never write
           return restored
       else:
@@ -222,7 +222,7 @@ class Checkpointer:
                     "vanishing while being restored (is a run with a small "
                     "--keep_checkpoints writing there?); try again.")
 
-  def _restore_one(self, config, candidate: str, rest: list[str],
+  def _restore_one(self, record, candidate: str, rest: list[str],
                    explicit: bool = False):
     """The path restored; None if damaged (warned); _VANISHED if deleted.
     explicit: the user named it (--checkpoint, or continuous_eval's pick)."""
@@ -236,7 +236,7 @@ class Checkpointer:
                         f"({first_line(e)}).") from None
       _warn_damaged(candidate, e, rest)
       return None
-    check_compatible(saved, config, candidate)
+    check_compatible(saved, record, candidate)
     try:
       status = self.checkpoint.restore(candidate)
       status.assert_existing_objects_matched()
@@ -490,14 +490,14 @@ def _fix(path: str, model_dir: str) -> str:
   return "pass a checkpoint of this model, or"
 
 
-def check_compatible(saved: dict, config, path: str) -> None:
-  current = json.loads(config.to_json())
+def check_compatible(saved: dict, record, path: str) -> None:
+  current = json.loads(record.to_json())
   for name in _IDENTITY:
     if name in saved and saved[name] != current[name]:
       raise UserError(
-          f"{_holder(path, config.model_dir)} was written with "
+          f"{_holder(path, record.model_dir)} was written with "
           f"--{name}={saved[name]!r}, not {current[name]!r}; "
-          f"{_fix(path, config.model_dir)} --{name}={saved[name]}.")
+          f"{_fix(path, record.model_dir)} --{name}={saved[name]}.")
   if "global_batch_size" in saved and \
       saved["global_batch_size"] != current["global_batch_size"]:
     logging.warning(

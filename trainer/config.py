@@ -1,6 +1,8 @@
 """The run configuration: flag definitions, the frozen Config, and its checks.
 
-Everything below `trainer.main` takes a Config; nothing else reads FLAGS.
+Only the command-line tools read FLAGS; only they and trainer.build (the
+composition root) take the whole Config. Every part below build gets a
+narrow frozen settings dataclass cut from it by `narrow`.
 """
 
 import dataclasses
@@ -378,6 +380,25 @@ _ENUMS = {
     "perf_flops": PERF_FLOPS,
     "early_stopping_mode": BEST_MODES,
 }
+
+
+def narrow(cls, config: Config, **overrides):
+  """The settings dataclass `cls` filled from the Config's fields (and
+  properties) of the same names, or from `overrides`: how every part below
+  trainer.build gets only what it reads. A field that neither gives is an
+  error, never a silent default.
+
+  >>> @dataclasses.dataclass(frozen=True)
+  ... class Reads:
+  ...   cpu_replicas: int
+  ...   micro_batch_size: int
+  >>> narrow(Reads, Config(cpu_replicas=2, global_batch_size=8,
+  ...                      grad_accum_steps=2))
+  Reads(cpu_replicas=2, micro_batch_size=4)
+  """
+  names = {f.name for f in dataclasses.fields(cls)}
+  values = {n: getattr(config, n) for n in names if n not in overrides}
+  return cls(**values, **overrides)
 
 
 def define_flags() -> None:

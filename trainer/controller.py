@@ -18,7 +18,6 @@ from trainer import actions as actions_lib
 from trainer import best as best_lib
 from trainer import build, goodput, hang, rundir, summary, watch
 from trainer.actions import LoopSettings, Preempted, Tick  # noqa: F401
-from trainer.config import Config
 from trainer.errors import UserError
 from trainer.preemption import StopSignal as _StopSignal
 from trainer.guard import NonFiniteError  # noqa: F401  (re-exported)
@@ -405,6 +404,17 @@ class Controller:
     self.progress.summary(step, {**metrics, **rates}, eta)
     return {**_prefixed("train", metrics), **rates}
 
+  # ---- what --mode asks for --------------------------------------------
+  def run(self) -> dict:
+    """Trains (evaluating with --mode=train_and_eval), evaluates one
+    checkpoint (--mode=eval) or each new one (--mode=continuous_eval)."""
+    settings = self.settings
+    if settings.mode == "eval":
+      return self.evaluate_checkpoint(settings.checkpoint or None)
+    if settings.mode == "continuous_eval":
+      return self.continuous_eval()
+    return self.train(evaluate=settings.mode == "train_and_eval")
+
   # ---- evaluation-only modes ------------------------------------------
   def evaluate_checkpoint(self, path: str | None = None) -> dict:
     if path and os.path.isdir(path):   # e.g. --checkpoint=MODEL_DIR/best
@@ -461,37 +471,36 @@ def _prefixed(prefix: str, values: dict) -> dict:
   return {f"{prefix}_{k}": v for k, v in values.items()}
 
 
-def create(config: Config, task=None, actions=None,
+# The entry points: each hands the run's Config, untouched, to
+# trainer.build.assemble (which walks it) and drives the Controller it gets;
+# none reads a field of it.
+def create(config, task=None, actions=None,
            started: tuple[float, str] | None = None) -> Controller:
-  """The Controller of a run, as trainer.build assembles it; `actions` run
-  after the built-in ones after every chunk. `started`: (time.time() value,
-  what it is) where the goodput account's start-up begins; default: now,
-  before the build."""
+  """The Controller of a run (`config`: a trainer.config.Config), as
+  trainer.build assembles it; `actions` run after the built-in ones after
+  every chunk. `started`: (time.time() value, what it is) where the goodput
+  account's start-up begins; default: now, before the build."""
   started = started or (time.time(), "trainer.controller.create")
   return Controller(**build.assemble(config, task), actions=actions,
                     started=started)
 
 
-def train(config: Config, task=None) -> dict:
+def train(config, task=None) -> dict:
   """Trains `task` (default: the one --task/--model/--dataset name) under
   `config`, resuming from --model_dir; returns the JSON summary dict."""
-  return create(config, task).train(evaluate=config.mode == "train_and_eval")
+  controller = create(config, task)
+  return controller.train(
+      evaluate=controller.settings.mode == "train_and_eval")
 
 
-def evaluate(config: Config, task=None, checkpoint: str | None = None) -> dict:
+def evaluate(config, task=None, checkpoint: str | None = None) -> dict:
   """Evaluates the latest (or given) checkpoint in --model_dir."""
   return create(config, task).evaluate_checkpoint(checkpoint)
 
 
-def run(config: Config, task=None,
-        started: tuple[float, str] | None = None) -> dict:
-  """Dispatches on --mode; `started` as in create."""
-  controller = create(config, task, started=started)
-  if config.mode == "eval":
-    return controller.evaluate_checkpoint(config.checkpoint or None)
-  if config.mode == "continuous_eval":
-    return controller.continuous_eval()
-  return controller.train(evaluate=config.mode == "train_and_eval")
+def run(config, task=None, started: tuple[float, str] | None = None) -> dict:
+  """Does what --mode asks (Controller.run); `started` as in create."""
+  return create(config, task, started=started).run()
 
 
 def summary_line(result: dict) -> str:

@@ -108,33 +108,33 @@ class ChunkShadow:
     self._strategy.run(copy_local)
 
 
-def on_nonfinite(config, state, checkpointer, record, bad: int,
+def on_nonfinite(settings, state, checkpointer, record, bad: int,
                  bad_seen: int, rollbacks: int) -> int:
   """Acts on new non-finite updates by --nonfinite; returns 1 if it rolled
   back to the last checkpoint (and moved the stream past the bad batch).
-  `config`: the policy (nonfinite, max_rollbacks, global_batch_size);
+  `settings`: the policy (nonfinite, max_rollbacks, global_batch_size);
   `record`: the run's identity, which the restore checks."""
   where = int(state.last_bad_position.numpy())
   step = int(state.global_step.numpy())
   logging.warning("%d non-finite update(s) dropped (latest at example "
                   "position %d); --nonfinite=%s.", bad - bad_seen, where,
-                  config.nonfinite)
-  if config.nonfinite == "fail":
+                  settings.nonfinite)
+  if settings.nonfinite == "fail":
     raise NonFiniteError(
         f"non-finite loss or gradient at example position {where} (step "
         f"{step}); the weights are unchanged. Use "
         "--nonfinite=skip or rollback to continue past it.")
-  if config.nonfinite == "skip":
+  if settings.nonfinite == "skip":
     return 0
-  if rollbacks >= config.max_rollbacks:
+  if rollbacks >= settings.max_rollbacks:
     raise NonFiniteError(
         f"non-finite loss or gradient again after {rollbacks} rollback(s) "
-        f"(--max_rollbacks={config.max_rollbacks}); latest at example "
+        f"(--max_rollbacks={settings.max_rollbacks}); latest at example "
         f"position {where}. Lower --learning_rate or check the data.")
   restored = checkpointer.restore(record)
   # Move past the bad batch: the restored position would replay it.
   resume_at = max(int(state.position.numpy()),
-                  where + config.global_batch_size)
+                  where + settings.global_batch_size)
   state.position.assign(resume_at)
   state.nonfinite_steps.assign(bad)
   state.last_bad_position.assign(where)

@@ -18,7 +18,7 @@ import os
 import sys
 import types
 
-from trainer import bases, rundir
+from trainer import bases, rundir, saved_config
 from trainer.errors import UserError, first_line
 
 
@@ -65,7 +65,7 @@ def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
   outer = bases.current()
   if outer is not None:
     return _restore_loaded(outer, model_dir, checkpoint, ema, overrides)
-  config = rundir.load_config(model_dir, **overrides)
+  config = saved_config.load_config(model_dir, **overrides)
   path = find_checkpoint(model_dir, checkpoint or "")
   cwd = rundir.training_cwd(model_dir) or os.getcwd()
   with bases.building(model_dir, restores=True, cwd=cwd):
@@ -76,7 +76,7 @@ def restore(model_dir: str, checkpoint: str | None = None, ema: bool = True,
 def _build(config):
   """(task, input spec, {name: model}) of a run's Config, in float32."""
   import keras
-  from trainer import build, compat, task as task_lib
+  from trainer import build, compat
   from trainer.data import pipeline
   previous = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy("float32")
@@ -84,7 +84,7 @@ def _build(config):
     # Layers named as a new process names them: the same weight names
     # however many runs this process loaded before.
     with compat.fresh_layer_names():
-      task = task_lib.from_config(config)
+      task = build.task_of(config)
       spec = pipeline.input_spec(task, config.train_split)
       models = build.models_of(task, spec)
   finally:
@@ -123,9 +123,9 @@ def _restore_loaded(outer, given: str, checkpoint, ema, overrides) -> Restored:
   original = os.path.join(outer.cwd, given)   # `given` if absolute
   why = (f"the task of the run in {outer.run_dir} loads {given} when it "
          "builds its models")
-  if outer.restores and rundir.saved_fields(record) is not None:
+  if outer.restores and saved_config.saved_fields(record) is not None:
     source = record
-  elif rundir.saved_fields(original) is not None:
+  elif saved_config.saved_fields(original) is not None:
     source = original
   elif outer.restores:
     where = (f"{original}, relative to {outer.cwd} where that run trained"
@@ -136,10 +136,10 @@ def _restore_loaded(outer, given: str, checkpoint, ema, overrides) -> Restored:
   else:
     raise UserError(f"{why}: {original} has no {rundir.CONFIG_FILE}; train "
                     "that run first, or give its --model_dir.")
-  config = rundir.load_config(source, **overrides)
+  config = saved_config.load_config(source, **overrides)
   key = bases.key(given)
-  outer.found[f"{outer.prefix}{bases.DIR}/{key}"] = rundir.saved_fields(
-      source)
+  outer.found[f"{outer.prefix}{bases.DIR}/{key}"] = (
+      saved_config.saved_fields(source))
   cwd = rundir.training_cwd(source) or outer.cwd
   if outer.restores:
     # Its weights come with outer's checkpoint: build, read nothing.

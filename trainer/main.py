@@ -24,6 +24,7 @@ from trainer import dirlock  # noqa: E402
 from trainer import exitcodes  # noqa: E402
 from trainer import goodput  # noqa: E402
 from trainer import rundir  # noqa: E402
+from trainer import saved_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -48,7 +49,7 @@ def checked_config(flag_values) -> config_lib.Config:
     if config.mode == "continuous_eval":
       rundir.wait_for_config(config.model_dir, config.eval_timeout_s)
     present = {name for name in flag_values if flag_values[name].present}
-    config = rundir.config_for(config.model_dir, config, present)
+    config = saved_config.config_for(config.model_dir, config, present)
   config_lib.validate(config)
   if config.mode not in EVAL_MODES:
     rundir.check_resumable(config.model_dir)

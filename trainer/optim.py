@@ -34,21 +34,21 @@ class Settings:
   weight_decay: float = 1e-4
 
 
-def learning_rate_at(step, config):
+def learning_rate_at(step, schedule):
   """Learning rate for the update at 0-based `step` (a Python number or a
   tensor): linear warm-up to --learning_rate, then constant or cosine decay
-  to 0 at --train_steps. `config`: anything with the schedule's fields
+  to 0 at --train_steps. `schedule`: anything with the schedule's fields
   (learning_rate, warmup_steps, lr_schedule, train_steps).
 
   >>> float(learning_rate_at(4, Settings(learning_rate=0.1, warmup_steps=10)))
   0.05...
   """
   step = tf.cast(step, tf.float32)
-  peak = tf.constant(config.learning_rate, tf.float32)
-  warmup = float(config.warmup_steps)
+  peak = tf.constant(schedule.learning_rate, tf.float32)
+  warmup = float(schedule.warmup_steps)
   warm = tf.minimum(1.0, (step + 1.0) / warmup) if warmup else 1.0
-  if config.lr_schedule == "cosine":
-    span = max(1.0, float(config.train_steps) - warmup)
+  if schedule.lr_schedule == "cosine":
+    span = max(1.0, float(schedule.train_steps) - warmup)
     progress = tf.clip_by_value((step - warmup) / span, 0.0, 1.0)
     decay = 0.5 * (1.0 + tf.cos(math.pi * progress))
   else:
@@ -67,19 +67,19 @@ _CLASSES = {
 }
 
 
-def from_flags(config: Settings, global_step: tf.Variable):
+def from_flags(settings: Settings, global_step: tf.Variable):
   """The optimizer --optimizer names, on the --lr_schedule of the global
   step (not built yet: see build)."""
-  lr = lambda: learning_rate_at(global_step, config)  # noqa: E731
+  lr = lambda: learning_rate_at(global_step, settings)  # noqa: E731
   kwargs = {}
-  if config.optimizer in ("momentum", "lazy_momentum"):
-    kwargs["momentum"] = config.momentum
-  if config.optimizer == "lazy_momentum" and not config.momentum > 0:
+  if settings.optimizer in ("momentum", "lazy_momentum"):
+    kwargs["momentum"] = settings.momentum
+  if settings.optimizer == "lazy_momentum" and not settings.momentum > 0:
     raise UserError(f"--optimizer=lazy_momentum needs --momentum > 0 (got "
-                    f"{config.momentum}); for plain SGD use --optimizer=sgd.")
-  if config.optimizer == "adamw":
-    kwargs["weight_decay"] = config.weight_decay
-  return _CLASSES[config.optimizer](learning_rate=lr, **kwargs)
+                    f"{settings.momentum}); for plain SGD use --optimizer=sgd.")
+  if settings.optimizer == "adamw":
+    kwargs["weight_decay"] = settings.weight_decay
+  return _CLASSES[settings.optimizer](learning_rate=lr, **kwargs)
 
 
 def prepare(optimizer, variables):
@@ -128,6 +128,6 @@ def _refuse_own_averaging(optimizer) -> None:
           f"the option and use {instead}.")
 
 
-def build(config: Settings, global_step: tf.Variable, variables):
+def build(settings: Settings, global_step: tf.Variable, variables):
   """The --optimizer, adapted and built. Call inside strategy.scope()."""
-  return prepare(from_flags(config, global_step), variables)
+  return prepare(from_flags(settings, global_step), variables)

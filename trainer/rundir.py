@@ -1,6 +1,6 @@
 """A run's --model_dir as the record of the run: config.json (written by
-training only), the run history, and the Config that evaluation, export and
-trainer.load rebuild from them.
+training only) and the run history. (The Config that evaluation, export and
+trainer.load rebuild from them: trainer.saved_config.)
 
 `config.json` is the effective configuration of the latest TRAINING run; an
 evaluation or an export reads it and never rewrites it. Every run (training
@@ -25,26 +25,15 @@ import time
 from absl import logging
 
 from trainer import bases as bases_lib
-from trainer.config import Config
 from trainer.errors import UserError
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
 
-# Fields that say how THIS process runs (its devices, cluster, display, what
-# to do), not what the run is: an evaluation or an export takes them from its
-# own command line (or their defaults), never from config.json.
-PROCESS_FIELDS = frozenset({
-    "strategy", "cpu_replicas", "cluster_resolver", "collective",
-    "peer_timeout_s", "hang_timeout_s", "tpu", "ps_shard_min_bytes",
-    "model_dir", "mode",
-    "checkpoint", "eval_timeout_s", "progress", "profile_steps",
-    "histograms_every", "keep_best", "early_stopping_patience"})
-
 TRAINING_MODES = ("train", "train_and_eval")
 
 
-def _saved_json(path: str) -> dict | None:
+def saved_json(path: str) -> dict | None:
   """The JSON object in `path`; None if there is no such file; ValueError
   (the reason) if it cannot be read, is empty, garbled or not an object."""
   try:
@@ -63,65 +52,6 @@ def _saved_json(path: str) -> dict | None:
   if not isinstance(saved, dict):
     raise ValueError("it does not hold a JSON object")
   return saved
-
-
-def saved_fields(model_dir: str) -> dict | None:
-  """config.json of `model_dir` as a dict of known Config fields; None if the
-  directory has none. A relative --data_dir is made absolute against the
-  working directory the training run had (see history.jsonl), so a run's
-  data is found from any directory."""
-  path = os.path.join(model_dir, CONFIG_FILE)
-  try:
-    saved = _saved_json(path)
-  except ValueError as e:
-    raise UserError(f"{path} cannot be read ({e}); give the --model_dir of a "
-                    "training run.") from None
-  if saved is None:
-    return None
-  known = {f.name for f in dataclasses.fields(Config)}
-  unknown = sorted(set(saved) - known)
-  if unknown:
-    logging.warning("%s: fields unknown to this version, ignored: %s", path,
-                    ", ".join(unknown))
-  fields = {k: v for k, v in saved.items() if k in known}
-  data_dir = fields.get("data_dir")
-  if data_dir and not os.path.isabs(data_dir):
-    cwd = training_cwd(model_dir)
-    if cwd:
-      fields["data_dir"] = os.path.normpath(os.path.join(cwd, data_dir))
-  return fields
-
-
-def config_for(model_dir: str, given: Config, present: set[str]) -> Config:
-  """The Config an evaluation/export of `model_dir` runs with: config.json's
-  values, overridden by the flags named in `present` (those given on the
-  command line) and by the PROCESS_FIELDS of `given`. Without config.json a
-  UserError: the run's flags are unknown, and guessing them (this command
-  line's defaults) would evaluate another model or skip every checkpoint."""
-  saved = saved_fields(model_dir)
-  if saved is None:
-    raise UserError(f"--model_dir={model_dir} has no {CONFIG_FILE} (written "
-                    "when a training run starts): give the --model_dir of a "
-                    "training run, or start --mode=continuous_eval, which "
-                    "waits for it.")
-  fields = {f.name for f in dataclasses.fields(Config)}
-  mine = (PROCESS_FIELDS | set(present)) & fields
-  values = {**saved, **{name: getattr(given, name) for name in mine}}
-  return Config(**values)
-
-
-def load_config(model_dir: str, **overrides) -> Config:
-  """The Config saved in model_dir/config.json (process fields at their
-  defaults, model_dir = `model_dir`), with `overrides` applied."""
-  saved = saved_fields(model_dir)
-  if saved is None:
-    raise UserError(f"--model_dir={model_dir} has no {CONFIG_FILE}: give the "
-                    "--model_dir of a training run.")
-  base = Config(**{k: v for k, v in saved.items() if k not in PROCESS_FIELDS})
-  try:
-    return base.replace(model_dir=model_dir, **overrides)
-  except TypeError as e:
-    raise UserError(f"load: {e}") from None
 
 
 def wait_for_config(model_dir: str, timeout_s: float, poll_s: float = 0.5,
@@ -156,7 +86,7 @@ def check_resumable(model_dir: str) -> None:
                       "directory; give a directory (new or a run's).")
   path = os.path.join(model_dir, CONFIG_FILE)
   try:
-    _saved_json(path)
+    saved_json(path)
   except ValueError as e:
     raise UserError(f"{path} cannot be read ({e}): it records the run in "
                     "--model_dir; restore it, or remove it to let this "
@@ -211,19 +141,19 @@ class RunRecord:
     return self.mode in TRAINING_MODES
 
 
-def append_history(config: RunRecord) -> None:
+def append_history(record: RunRecord) -> None:
   """Appends this run's entry to MODEL_DIR/history.jsonl (chief only: the
   caller decides). Best effort: an evaluation of a run on read-only storage
   goes on without its entry, with a warning."""
   entry = {
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
-      "mode": config.mode,
+      "mode": record.mode,
       "cwd": os.getcwd(),
       "argv": list(sys.argv),
-      "command": config.command,
+      "command": record.command,
   }
-  path = os.path.join(config.model_dir, HISTORY_FILE)
+  path = os.path.join(record.model_dir, HISTORY_FILE)
   try:
     with open(path, "a") as f:
       f.write(json.dumps(entry) + "\n")
@@ -232,19 +162,19 @@ def append_history(config: RunRecord) -> None:
                     "run's history entry.", path, e.strerror or e)
 
 
-def record(config: RunRecord, is_chief: bool) -> None:
+def record(run: RunRecord, is_chief: bool) -> None:
   """What a run writes about itself when its outputs open: config.json for a
   training run (the effective configuration), and a history entry for every
   run. Evaluation never rewrites config.json."""
   if not is_chief:
     return
-  if config.training:
-    os.makedirs(config.model_dir, exist_ok=True)
+  if run.training:
+    os.makedirs(run.model_dir, exist_ok=True)
     # Atomically: an evaluator waiting for the file never reads half of it.
-    path = os.path.join(config.model_dir, CONFIG_FILE)
+    path = os.path.join(run.model_dir, CONFIG_FILE)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-      f.write(config.to_json() + "\n")
+      f.write(run.to_json() + "\n")
     os.replace(tmp, path)
-    bases_lib.write(config.model_dir, config.bases)
-  append_history(config)
+    bases_lib.write(run.model_dir, run.bases)
+  append_history(run)

@@ -27,10 +27,12 @@ def image_bytes_signature(task, signature: Signature, source) -> Signature:
                     f"input, not {sorted(signature.inputs)}.")
   (name,) = signature.inputs
   feature, label = source.feature_spec, source.label_spec
-  config = task.config
-  if isinstance(task, ClassificationTask) and config.image_hw:
+  # The built-in task with --image_size: any image goes to the model input.
+  any_size = (task.settings.image_hw
+              if isinstance(task, ClassificationTask) else None)
+  if any_size:
     channels = source.decode_channels or feature.shape[-1]
-    size = config.image_hw
+    size = any_size
   elif (isinstance(feature, tf.TensorSpec) and feature.dtype == tf.uint8
         and feature.shape.rank == 3):
     height, width, channels = feature.shape.as_list()
@@ -50,7 +52,7 @@ def image_bytes_signature(task, signature: Signature, source) -> Signature:
                                     training=False, seed=None)
     return images[0]
 
-  if isinstance(task, ClassificationTask) and config.image_hw:
+  if any_size:
     def fn(inputs):
       images = tf.map_fn(resized, inputs["image_bytes"],
                          fn_output_signature=tf.TensorSpec(

@@ -76,17 +76,18 @@ class Writers:
         tf.summary.histogram(name, value)
     writer.flush()
 
-  def config(self, step: int, config) -> None:
-    """The run's configuration: a `config` text summary in train/ and an
-    hparams session start at the root (all Config fields as hparams)."""
+  def config(self, step: int, record) -> None:
+    """The run's configuration (`record`: its rundir.RunRecord): a `config`
+    text summary in train/ and an hparams session start at the root (all
+    Config fields as hparams)."""
     if not self._is_chief:
       return
     from tensorboard.plugins.hparams import api as hp
-    text = "\n".join("    " + line for line in config.to_json().splitlines())
+    text = "\n".join("    " + line for line in record.to_json().splitlines())
     with self.train.as_default(step=step):
       tf.summary.text("config", text)
     self.train.flush()
-    values = dict(_config_items(config))
+    values = dict(_config_items(record))
     # TensorBoard's HParams tab keeps the FIRST session start of a run dir:
     # a resumed run with changed flags would show the old values. The root
     # holds only this session (and the final metrics a finished training
@@ -127,8 +128,8 @@ def _file_writer(logdir: str):
     return tf.summary.create_noop_writer()
 
 
-def _config_items(config):
-  for name, value in json.loads(config.to_json()).items():
+def _config_items(record):
+  for name, value in json.loads(record.to_json()).items():
     if isinstance(value, (bool, int, float, str)):
       yield name, value
 

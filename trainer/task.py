@@ -7,15 +7,15 @@ The built-in supervised step is itself `Task.train_step`, written with the
 same public StepContext (trainer.step.context) a user's step gets.
 """
 
+import dataclasses
 from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-import layers
-from trainer import plugins
-from trainer.config import Config
+from trainer import data
+from trainer.config import Config, narrow
 from trainer.data.source import Source
 from trainer.errors import UserError
 
@@ -36,6 +36,9 @@ class Task:
   damage_log = None
 
   def __init__(self, config: Config):
+    # The user contract: a task is made from the run's Config (`--task`'s
+    # factory(config), or trainer.train(config, task)) and may read any of
+    # its fields. The framework's own parts get narrow settings instead.
     self.config = config
 
   # ---- data (host, inside tf.data) -------------------------------------
@@ -180,18 +183,36 @@ class Task:
     return {"serving_default": self.serving_signature(model, input_spec)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassificationSettings(data.Settings):
+  """What the built-in classification task reads beside its data (field
+  names are the Config's)."""
+  train_split: str = "train"
+  eval_split: str = "test"
+  micro_batch_size: int = 64
+  global_batch_size: int = 64
+  topology: bool = False
+  image_hw: tuple[int, int] | None = None
+  augment: bool = False
+
+
 class ClassificationTask(Task):
-  """Image classification with a built-in dataset and model (the CLI path)."""
+  """Image classification with a built-in dataset and model (the CLI path).
+
+  Made like any Task from the run's Config (user subclasses pass it on:
+  `super().__init__(config, model_fn=...)`, and may read `self.config`);
+  what this class itself reads is `self.settings`, its
+  ClassificationSettings cut from that Config."""
 
   def __init__(self, config: Config, model_fn=None):
     super().__init__(config)
+    self.settings = narrow(ClassificationSettings, config)
     self._model_fn = model_fn
     self._sources: dict[str, Source] = {}
 
   def source(self, split: str) -> Source:
     if split not in self._sources:
-      from trainer.data import readers_for
-      self._sources[split] = readers_for(self.config, split)
+      self._sources[split] = data.readers_for(self.settings, split)
     return self._sources[split]
 
   # Text-like sets whose meaning a mirror image changes: never flipped.
@@ -200,32 +221,32 @@ class ClassificationTask(Task):
   @_plain
   def preprocess(self, features, labels, meta, training):
     from trainer.data import augment, resize
-    config = self.config
-    if training or config.image_hw:
+    settings = self.settings
+    if training or settings.image_hw:
       # Draws for the whole global batch from (seed, its first position),
       # this batch's rows kept: the same for each example on any topology.
-      start, rows = meta["start"][0], config.micro_batch_size
-      if config.topology:
+      start, rows = meta["start"][0], settings.micro_batch_size
+      if settings.topology:
         # Keyed by the update (positions advance by whole updates): the
         # same draws for any grouping of shards into micro-batches.
-        rows = config.global_batch_size
+        rows = settings.global_batch_size
         start = start - start % rows
-      seed = tf.stack([tf.constant(config.seed, tf.int64), start])
+      seed = tf.stack([tf.constant(settings.seed, tf.int64), start])
       first_row = meta["pos"][0] - start
-    if config.image_hw:
-      source = self.source(config.train_split)
+    if settings.image_hw:
+      source = self.source(settings.train_split)
       channels = source.decode_channels or source.feature_spec.shape[-1]
       images, ok = resize.resize_batch(
-          features, config.image_hw, channels, training, seed,
+          features, settings.image_hw, channels, training, seed,
           first_row=first_row, global_batch=rows,
-          flip=config.augment and config.dataset not in self._NO_FLIP)
+          flip=settings.augment and settings.dataset not in self._NO_FLIP)
       if source.decode_channels:
         self._drop_damaged(meta, ok, training)
       return images, labels
     images = tf.cast(features, tf.float32) * (1.0 / 255.0)
-    if training and config.augment:
+    if training and settings.augment:
       images = augment.crop_and_flip(
-          images, seed, flip=config.dataset == "cifar10",
+          images, seed, flip=settings.dataset == "cifar10",
           first_row=first_row, global_batch=rows)
     return images, labels
 
@@ -235,16 +256,17 @@ class ClassificationTask(Task):
     pipeline's dict: setting its entries here is how preprocess drops an
     example while shapes stay static."""
     from trainer.data import damage, pipeline
-    config = self.config
+    settings = self.settings
     if self.damage_log is None:
-      self.damage_log = damage.DamageLog(config.dataset, config.skip_corrupt)
+      self.damage_log = damage.DamageLog(settings.dataset,
+                                         settings.skip_corrupt)
     log = self.damage_log
-    split = config.train_split if training else config.eval_split
+    split = settings.train_split if training else settings.eval_split
     source = self.source(split)
     meta["weight"] = meta["weight"] * ok
     meta["skipped"] = 1.0 - ok
     index = (pipeline.example_indices(meta["pos"], source.num_examples,
-                                      config.seed) if training else
+                                      settings.seed) if training else
              tf.minimum(meta["pos"], source.num_examples - 1))
 
     def note(indices, oks):
@@ -264,7 +286,7 @@ class ClassificationTask(Task):
       meta["weight"] = tf.identity(meta["weight"])
 
   def build_model(self, input_spec) -> keras.Model:
-    num_classes = self.source(self.config.train_split).num_classes
+    num_classes = self.source(self.settings.train_split).num_classes
     return self._model_fn(tuple(input_spec.shape), num_classes)
 
   @_plain
@@ -288,26 +310,6 @@ def accuracy(labels, logits):
   """Per-example 0/1: is the arg-max class the label."""
   predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
   return tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
-
-
-def from_config(config: Config) -> Task:
-  """Config -> Task: a plug-in task (--task), or the built-in classification
-  task on --model and --dataset."""
-  if config.task:
-    factory = plugins.load(config.task, "task")
-    if not callable(factory):
-      raise UserError(f"--task={config.task!r} is a {type(factory).__name__}, "
-                      "not a Task class or a function config -> Task.")
-    task = factory(config)
-    if not isinstance(task, Task):
-      raise UserError(f"--task={config.task!r} made a {type(task).__name__}, "
-                      "not a trainer.Task; subclass trainer.Task.")
-    return task
-  if ":" in config.model:
-    model_fn = plugins.load(config.model, "model")
-  else:
-    model_fn = layers.get(config.model)
-  return ClassificationTask(config, model_fn)
 
 
 # A Task's single model (build_model returned one model) has this name.

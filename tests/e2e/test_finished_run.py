@@ -350,7 +350,7 @@ def test_plot_refuses_a_metric_no_run_has(tmp_path):
 def test_eval_config_merges_saved_and_given_flags(tmp_path):
   """config.json's run fields, the command line's process fields and the
   flags it names; an early-stopped run's settings do not block --mode=eval."""
-  from trainer import config as config_lib, rundir
+  from trainer import config as config_lib, saved_config
   from trainer.config import Config
   from trainer.errors import UserError
   saved = Config(model_dir="elsewhere", dataset="mnist", data_dir="d",
@@ -359,7 +359,7 @@ def test_eval_config_merges_saved_and_given_flags(tmp_path):
   (tmp_path / "config.json").write_text(saved.to_json())
   given = Config(model_dir=str(tmp_path), mode="eval", eval_split="test[:9]",
                  learning_rate=0.5)
-  config = rundir.config_for(str(tmp_path), given,
+  config = saved_config.config_for(str(tmp_path), given,
                              {"mode", "model_dir", "eval_split", "verbosity"})
   assert (config.dataset, config.data_dir, config.global_batch_size,
           config.train_steps) == ("mnist", "d", 32, 1250)
@@ -372,7 +372,7 @@ def test_eval_config_merges_saved_and_given_flags(tmp_path):
   # No config.json: refused, never this command line's defaults.
   with pytest.raises(UserError, match=r"has no config\.json .*start "
                      "--mode=continuous_eval, which waits for it"):
-    rundir.config_for(str(tmp_path / "none"), given, {"mode"})
+    saved_config.config_for(str(tmp_path / "none"), given, {"mode"})
 
 
 def test_epochs_resolve_and_refusal():
@@ -380,19 +380,19 @@ def test_epochs_resolve_and_refusal():
   its own data (no size) refuses epoch flags with one line."""
   import types
   from trainer import epochs
-  from trainer.config import Config
   from trainer.errors import UserError
   sized = types.SimpleNamespace(
       source=lambda split: types.SimpleNamespace(num_examples=1500),
       own_train_dataset=lambda: None)
-  config = Config(epochs=2, eval_every_epochs=0.5, summary_every_epochs=0.25,
-                  global_batch_size=64, mode="train")
-  resolved = epochs.resolve(config, sized, log=False)
-  assert (resolved.train_steps, resolved.eval_every,
-          resolved.summary_every) == (47, 12, 6)
-  assert epochs.resolve(Config(), sized, log=False) == Config()
+  settings = epochs.Settings(epochs=2, eval_every_epochs=0.5,
+                             summary_every_epochs=0.25, global_batch_size=64,
+                             mode="train")
+  # ceil(2 x 1500 / 64), ceil(0.5 x 1500 / 64), ceil(0.25 x 1500 / 64)
+  assert epochs.resolve(settings, sized, log=False) == {
+      "train_steps": 47, "eval_every": 12, "summary_every": 6}
+  assert epochs.resolve(epochs.Settings(), sized, log=False) == {}
   streaming = types.SimpleNamespace(
       own_train_dataset=lambda: (lambda **kw: None))
   with pytest.raises(UserError, match="this task streams train_dataset"):
-    epochs.resolve(config, streaming)
-  assert epochs.resolve(Config(), streaming) == Config()
+    epochs.resolve(settings, streaming)
+  assert epochs.resolve(epochs.Settings(), streaming) == {}

@@ -32,8 +32,8 @@ def _raw_gan(config, initial, steps):
   noise ((seed, first position) keyed, as ctx.normal draws it)."""
   from examples import dcgan
   from trainer.data import pipeline
-  from trainer.task import from_config
-  task = from_config(config)
+  from trainer.build import task_of
+  task = task_of(config)
   spec = pipeline.input_spec(task, config.train_split)
   g, d = dcgan.generator(), dcgan.discriminator(tuple(spec.shape))
   g.set_weights(initial["generator"])

@@ -70,8 +70,9 @@ def grpc_options(peer_timeout_s: float, given: str = "") -> str:
   return ",".join(options)
 
 
-def build(config):
-  """ParameterServerStrategy from TF_CONFIG; returns (strategy, Role)."""
+def build(settings):
+  """ParameterServerStrategy from TF_CONFIG; returns (strategy, Role).
+  `settings`: a trainer.distribute.strategy.Settings."""
   tf_config = cluster.env_tf_config(need_ps=True)
   if tf_config is None:
     raise UserError(
@@ -85,20 +86,20 @@ def build(config):
         f"coordinator (TF_CONFIG task type 'chief'), not as "
         f"{task['type']!r}; run worker and ps tasks with python -m "
         "launch.server.")
-  if config.ps_shard_min_bytes <= 0:
-    raise UserError(f"--ps_shard_min_bytes={config.ps_shard_min_bytes} must "
+  if settings.ps_shard_min_bytes <= 0:
+    raise UserError(f"--ps_shard_min_bytes={settings.ps_shard_min_bytes} must "
                     "be positive.")
   # RPCs to a dead task fail at once instead of waiting for it to return:
   # the coordinator's worker-failure handling relies on it (see tf-traps).
   os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
   # Read once, when TF makes its first channel: below.
   os.environ["TF_GRPC_DEFAULT_OPTIONS"] = grpc_options(
-      config.peer_timeout_s, os.environ.get("TF_GRPC_DEFAULT_OPTIONS", ""))
-  wait_for_servers(tf_config, config.peer_timeout_s)
+      settings.peer_timeout_s, os.environ.get("TF_GRPC_DEFAULT_OPTIONS", ""))
+  wait_for_servers(tf_config, settings.peer_timeout_s)
   num_ps = len(tf_config["cluster"]["ps"])
   resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
   partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
-      min_shard_bytes=config.ps_shard_min_bytes, max_shards=num_ps)
+      min_shard_bytes=settings.ps_shard_min_bytes, max_shards=num_ps)
   strategy = tf.distribute.ParameterServerStrategy(
       resolver, variable_partitioner=partitioner)
   # Values made on the ps tasks; optimizer slots sharded like their tables.

@@ -28,38 +28,38 @@ class Settings:
   ps_shard_min_bytes: int = 256 << 10
 
 
-def configure_devices(config: Settings) -> None:
+def configure_devices(settings: Settings) -> None:
   """Splits the CPU into logical devices; must run before TF uses devices."""
-  if config.cpu_replicas > 1 and not tf.config.list_physical_devices("GPU"):
+  if settings.cpu_replicas > 1 and not tf.config.list_physical_devices("GPU"):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_replicas)
-  compat.set_op_determinism(bool(config.deterministic))
+        cpu, [tf.config.LogicalDeviceConfiguration()] * settings.cpu_replicas)
+  compat.set_op_determinism(bool(settings.deterministic))
 
 
-def _local_devices(config: Settings) -> list[str] | None:
+def _local_devices(settings: Settings) -> list[str] | None:
   gpus = tf.config.list_logical_devices("GPU")
   if gpus:
     return [d.name for d in gpus]
-  if config.cpu_replicas > 1:
+  if settings.cpu_replicas > 1:
     return [d.name for d in tf.config.list_logical_devices("CPU")]
   return None
 
 
-def _communication_options(config: Settings):
+def _communication_options(settings: Settings):
   implementation = {
       "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
       "ring": tf.distribute.experimental.CommunicationImplementation.RING,
       "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
-  }[config.collective]
+  }[settings.collective]
   # The timeout bounds every collective, so a dead peer turns into an error
   # on the survivors instead of a hang.
   return tf.distribute.experimental.CommunicationOptions(
-      implementation=implementation, timeout_seconds=config.peer_timeout_s)
+      implementation=implementation, timeout_seconds=settings.peer_timeout_s)
 
 
-def _multiworker(config: Settings):
-  if config.cluster_resolver == "slurm":
+def _multiworker(settings: Settings):
+  if settings.cluster_resolver == "slurm":
     resolver = slurm_resolver()
   else:
     tf_config = cluster.env_tf_config()
@@ -69,10 +69,10 @@ def _multiworker(config: Settings):
     else:
       cluster.check_multiworker(tf_config)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-  with _StartupDeadline(config.peer_timeout_s, _peers(resolver)):
+  with _StartupDeadline(settings.peer_timeout_s, _peers(resolver)):
     return tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver,
-        communication_options=_communication_options(config))
+        communication_options=_communication_options(settings))
 
 
 def _peers(resolver) -> list[tuple[str, str]]:
@@ -194,13 +194,13 @@ def slurm_resolver():
   return resolver
 
 
-def default(config: Settings):
-  del config
+def default(settings: Settings):
+  del settings
   return tf.distribute.get_strategy(), Role(True, 0, 1)
 
 
-def mirrored(config: Settings):
-  devices = _local_devices(config)
+def mirrored(settings: Settings):
+  devices = _local_devices(settings)
   # ReductionToOneDevice for CPU replicas: the NCCL default needs GPUs.
   ops = None if tf.config.list_logical_devices("GPU") else \
       tf.distribute.ReductionToOneDevice()
@@ -208,8 +208,8 @@ def mirrored(config: Settings):
       Role(True, 0, 1)
 
 
-def multiworker(config: Settings):
-  strategy = _multiworker(config)
+def multiworker(settings: Settings):
+  strategy = _multiworker(settings)
   resolver = strategy.cluster_resolver
   spec = resolver.cluster_spec().as_dict()
   num_workers = len(spec.get("worker", [])) + len(spec.get("chief", [])) or 1

@@ -110,9 +110,10 @@ def _with_timeout(fn, timeout_s: float, what: str):
   return box["value"]
 
 
-def build_strategy(config):
-  """TPUClusterResolver -> connect -> initialize -> TPUStrategy."""
-  tpu = config.tpu.strip()
+def build_strategy(settings):
+  """TPUClusterResolver -> connect -> initialize -> TPUStrategy (`settings`:
+  a trainer.distribute.strategy.Settings; --tpu is read)."""
+  tpu = settings.tpu.strip()
   check_reachable(tpu)
   try:
     resolver = _with_timeout(

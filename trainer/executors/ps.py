@@ -225,8 +225,7 @@ class PSExecutor:
 
   def __init__(self, parts, settings, make_eval_steps):
     self.parts = parts
-    config = settings
-    self.config = config
+    self.settings = settings
     # (strategy, models) -> Steps that evaluate `models` on `strategy`.
     self._make_eval_steps = make_eval_steps
     for optimizer in parts.optimizers.values():
@@ -238,14 +237,14 @@ class PSExecutor:
       logging.info("parameter_server: %s (--ps_shard_min_bytes=%d)",
                    shard_line(variable.path, variable.shape,
                               compat.shard_rows(variable)),
-                   config.ps_shard_min_bytes)
+                   settings.ps_shard_min_bytes)
     self.num_workers = len(cluster.env_tf_config(need_ps=True)["cluster"]
                            ["worker"])
     self.coordinator = tf.distribute.coordinator.ClusterCoordinator(
         parts.strategy)
     self._local = None   # (models, Steps, eval data) on the coordinator
     self.probe = self.profiler = None
-    if config.profile_steps:
+    if settings.profile_steps:
       logging.warning("--profile_steps: not supported with "
                       "--strategy=parameter_server (the work runs on the "
                       "workers); ignored.")
@@ -266,9 +265,9 @@ class PSExecutor:
 
   # ---- data -----------------------------------------------------------
   def _per_worker_iterator(self):
-    config, parts = self.config, self.parts
-    task, split, seed = parts.task, config.train_split, config.seed
-    micro = config.micro_batch_size
+    settings, parts = self.settings, self.parts
+    task, split, seed = parts.task, settings.train_split, settings.seed
+    micro = settings.micro_batch_size
     position = int(parts.state.position.numpy())
     # Each worker resumes at the mean per-worker position (micro-batch
     # aligned): in asynchronous training no worker's own count is recorded.
@@ -296,7 +295,7 @@ class PSExecutor:
   def _round(self, iterator, todo: int) -> None:
     """Schedules `todo` updates and joins; re-run functions are idempotent."""
     steps = self.parts.steps
-    sizes = _chunk_sizes(todo, self.config.steps_per_loop, self.num_workers)
+    sizes = _chunk_sizes(todo, self.settings.steps_per_loop, self.num_workers)
     for i, size in enumerate(sizes):
       slot = i % _SLOTS
       if i and slot == 0:
@@ -313,7 +312,7 @@ class PSExecutor:
   def start(self):
     self.parts.steps.reset_progress()
     worker_watch.watch(cluster.env_tf_config(need_ps=True),
-                       self.config.peer_timeout_s)
+                       self.settings.peer_timeout_s)
     return self._per_worker_iterator()
 
   def run(self, iterator, step: int, todo: int):
@@ -331,11 +330,11 @@ class PSExecutor:
     """Eval Steps under the default strategy over the trained models
     themselves, and the eval data."""
     if self._local is None:
-      parts, config = self.parts, self.config
+      parts, settings = self.parts, self.settings
       steps = self._make_eval_steps(tf.distribute.get_strategy(),
                                     parts.models)
       ds, batches, _ = pipeline.eval_dataset(
-          parts.task, config.eval_split, config.eval_batch_size)
+          parts.task, settings.eval_split, settings.eval_batch_size)
       self._local = (steps, ds, batches)
     return self._local
 

@@ -32,11 +32,11 @@ class SyncExecutor:
   # ---- data -------------------------------------------------------------
   def train_iterator(self):
     """The training iterator at the current stream position."""
-    parts, config = self.parts, self.settings
+    parts, settings = self.parts, self.settings
     task, strategy = parts.task, parts.strategy
     position = int(parts.state.position.numpy())
-    args = (task, config.train_split, config.micro_batch_size, config.seed,
-            position)
+    args = (task, settings.train_split, settings.micro_batch_size,
+            settings.seed, position)
     if parts.role.num_workers > 1 and task.own_train_dataset() is None:
       # Each worker builds only its own rows of every global micro-batch.
       def dataset_fn(context):
@@ -127,10 +127,10 @@ class SyncExecutor:
   # ---- evaluation -----------------------------------------------------
   def eval_sums(self) -> dict:
     """Runs the eval split through the main model(s); the summed metrics."""
-    parts, config = self.parts, self.settings
+    parts, settings = self.parts, self.settings
     if self._eval_data is None:
       ds, batches, _ = pipeline.eval_dataset(
-          parts.task, config.eval_split, config.eval_batch_size)
+          parts.task, settings.eval_split, settings.eval_batch_size)
       self._eval_data = (parts.strategy.experimental_distribute_dataset(ds),
                          batches)
     dist, batches = self._eval_data

@@ -122,7 +122,7 @@ class Steps:
   on_trace = None
 
   def __init__(self, strategy, task, models: dict, optimizers: dict,
-               optimizer_variables: dict, state, config: StepSettings,
+               optimizer_variables: dict, state, settings: StepSettings,
                ema=None):
     self.strategy = strategy
     self.task = task
@@ -130,16 +130,16 @@ class Steps:
     self.optimizers = optimizers
     self.optimizer_variables = optimizer_variables
     # name -> N of the optimizers that apply every N-th update only.
-    self.every = _schedules(task, optimizers, not config.synchronous)
-    self.all_gather_kind = config.all_gather
+    self.every = _schedules(task, optimizers, not settings.synchronous)
+    self.all_gather_kind = settings.all_gather
     self.state = state
     self.ema = ema
-    self.seed = config.seed
-    self.accum_steps = config.grad_accum_steps
-    self.update_batch = config.global_batch_size
+    self.seed = settings.seed
+    self.accum_steps = settings.grad_accum_steps
+    self.update_batch = settings.global_batch_size
     self.fetch_ahead = _one_local_replica(strategy)
-    self.micro_batch = config.micro_batch_size
-    self.shards = config.virtual_shards
+    self.micro_batch = settings.micro_batch_size
+    self.shards = settings.virtual_shards
     # Float non-trainable weights (batch norm's moving statistics): under
     # --deterministic=topology each shard's step starts from the update's
     # value and the update ends at the exact mean of the shards' results.
@@ -147,9 +147,9 @@ class Steps:
                     for v in m.non_trainable_variables
                     if v.dtype.startswith("float")]
                    if self.shards and optimizers else [])
-    self.fp16 = config.mixed_precision == "mixed_float16"
-    self.clip_norm = config.clip_norm
-    jit_compile = config.jit_compile
+    self.fp16 = settings.mixed_precision == "mixed_float16"
+    self.clip_norm = settings.clip_norm
+    jit_compile = settings.jit_compile
     # Set while tracing the step: optimizer name -> ctx.layouts' entry.
     self._layouts = {}
     self.train_sums = self.sums_class(
