@@ -14,6 +14,8 @@ The framework needs a few things Keras' public API does not give:
     (`DelegatingTrackableMixin`);
   * layer names that do not depend on what the process built before
     (trainer.load): Keras' naming counters, `object_name_uids`;
+  * the error a failed eager read leaves in its thread's executor
+    (`read_int`);
   * AutoGraph's mark for code it must call as written
     (`autograph_artifact`): see `plain`;
   * TensorFlow ops and names used around a wrapper that misbehaves:
@@ -599,6 +601,20 @@ class CheckpointSnapshot:
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     with tf.device(self._device):
       functional_saver.MultiDeviceSaver(self._tensors).save(prefix)
+
+
+def read_int(variable) -> int:
+  """int(variable) from any thread; on failure (its ps is gone) the error
+  is also cleared from the thread's eager executor, else the executor
+  raises it again when Python deletes its wrapper ("Exception ignored in
+  Executor.__del__", a traceback in the log of a run that stops cleanly).
+  Private: tensorflow.python.eager.context's executor and clear_error."""
+  try:
+    return int(variable.numpy())
+  except tf.errors.OpError:
+    from tensorflow.python.eager import context
+    context.context().executor.clear_error()
+    raise
 
 
 def set_op_determinism(on: bool) -> None:

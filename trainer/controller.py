@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from trainer import actions as actions_lib
 from trainer import best as best_lib
-from trainer import build, goodput, hang, rundir, summary, watch
+from trainer import build, compat, goodput, hang, rundir, summary, watch
 from trainer.actions import LoopSettings, Preempted, Tick  # noqa: F401
 from trainer.errors import UserError
 from trainer.preemption import StopSignal as _StopSignal
@@ -277,7 +277,7 @@ class Controller:
         self.state.position)[0]
     role = self.role
     watch = hang.HangWatch(
-        settings.hang_timeout_s, lambda: int(position.numpy()),
+        settings.hang_timeout_s, lambda: compat.read_int(position),
         {"strategy": type(self.strategy).__name__,
          "worker": f"{role.worker_index} of {role.num_workers}",
          "executor": type(self.executor).__name__})

@@ -15,7 +15,7 @@ import tensorflow as tf
 from trainer import compat
 from trainer import controller as controller_lib
 from trainer.config import Config
-from trainer.task import from_config
+from trainer.build import task_of
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -83,7 +83,7 @@ class Branchy:
 
 
 def _train(config, wrap):
-  task = from_config(config)
+  task = task_of(config)
   if wrap:
     task.__class__ = type("Branchy", (Branchy, type(task)), {})
   run = controller_lib.create(config, task)
