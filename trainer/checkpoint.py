@@ -77,6 +77,7 @@ class Checkpointer:
     self._writer = None          # the background write in flight
     self._error = None           # what it raised, for wait() to raise
     self._background = 0.0
+    self._released = []          # variables emptied for a restore not done
 
   def save(self, step: int) -> str | None:
     """Every worker calls this at the same step; returns the checkpoint's
@@ -210,6 +211,11 @@ class Checkpointer:
             self._repair_index(restored)   # readers (eval) never write
           return restored
       else:
+        if self._released:
+          raise UserError(
+              f"the checkpoints in --model_dir={self.model_dir} vanished "
+              "while being restored, after the old values of the "
+              "variables were released; start the run again.")
         if candidates:
           raise UserError(
               f"--model_dir={self.model_dir} holds checkpoints "
@@ -238,6 +244,10 @@ class Checkpointer:
       return None
     check_compatible(saved, config, candidate)
     try:
+      # Large variables' old values go before the restore reads the new
+      # ones (compat.release_for_restore).
+      self._released += compat.release_for_restore(self.checkpoint,
+                                                   candidate)
       status = self.checkpoint.restore(candidate)
       status.assert_existing_objects_matched()
     except (ValueError, AssertionError, tf.errors.OpError) as e:
@@ -247,6 +257,8 @@ class Checkpointer:
           f"{_holder(candidate, self.model_dir)} does not fit this "
           f"model/optimizer ({first_line(e)}); {_fix(candidate, self.model_dir)} "
           "the flags that wrote it.") from None
+    compat.check_restored(self._released)
+    self._released = []
     return candidate
 
   def _vanished(self, candidate: str, explicit: bool):
