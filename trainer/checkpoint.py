@@ -231,9 +231,17 @@ class Checkpointer:
   def _restore_one(self, config, candidate: str, rest: list[str],
                    explicit: bool = False):
     """The path restored; None if damaged (warned); _VANISHED if deleted.
-    explicit: the user named it (--checkpoint, or continuous_eval's pick)."""
+    explicit: the user named it (--checkpoint, or continuous_eval's pick).
+    Large variables are emptied first (compat.release_for_restore: no
+    process holds a variable's old and restored values at once) and their
+    values read where they live (compat.read_released), the rest whole
+    here: a damaged file fails before the restore whatever its size."""
     try:
-      saved = verified_config(candidate)
+      released = compat.release_for_restore(self.checkpoint, candidate)
+      self._released += released
+      compat.read_released(released, candidate)
+      saved = (verified_config(candidate, skip={r.key for r in released})
+               if released else verified_config(candidate))
     except Exception as e:  # noqa: BLE001 - any read failure is damage
       if _vanished(candidate):
         return self._vanished(candidate, explicit)
@@ -244,10 +252,6 @@ class Checkpointer:
       return None
     check_compatible(saved, config, candidate)
     try:
-      # Large variables' old values go before the restore reads the new
-      # ones (compat.release_for_restore).
-      self._released += compat.release_for_restore(self.checkpoint,
-                                                   candidate)
       status = self.checkpoint.restore(candidate)
       status.assert_existing_objects_matched()
     except (ValueError, AssertionError, tf.errors.OpError) as e:
@@ -475,14 +479,16 @@ def _warn_damaged(path, error, rest):
 _CONFIG_KEY = "config/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-def verified_config(path: str) -> dict:
-  """Reads EVERY tensor of the checkpoint at `path` (so a truncated or
-  corrupted file is caught here, whatever error the reader raises, and a
-  later restore failure can only mean "another model"); returns the Config
+def verified_config(path: str, skip=()) -> dict:
+  """Reads EVERY tensor of the checkpoint at `path` but those in `skip`
+  (read elsewhere: compat.read_released), so a truncated or corrupted
+  file is caught here, whatever error the reader raises, and a later
+  restore failure can only mean "another model"; returns the Config
   saved inside it as a dict ({} if it has none)."""
   reader = tf.train.load_checkpoint(path)
   for key in reader.get_variable_to_shape_map():
-    reader.get_tensor(key)
+    if key not in skip:
+      reader.get_tensor(key)
   if not reader.has_tensor(_CONFIG_KEY):
     return {}
   return json.loads(reader.get_tensor(_CONFIG_KEY).decode())

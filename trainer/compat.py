@@ -552,6 +552,9 @@ def _sharded_like(reference):
   return creator
 
 
+Released = collections.namedtuple("Released", "variable key slice_spec")
+
+
 def release_for_restore(checkpoint, path: str,
                         min_bytes: int = 1 << 20) -> list:
   """Before `checkpoint` restores `path`: empties every variable of at
@@ -560,15 +563,16 @@ def release_for_restore(checkpoint, path: str,
   replaces: TF reads all of a task's tensors before it assigns them, so
   a process would otherwise hold both for all its variables at once.
   Plain variables (the default strategy) and the shards of a sharded one
-  (each on its ps); not a mirrored variable's copies. Returns those
-  emptied, for check_restored. The saver's own serialization
+  (each on its ps); not a mirrored variable's copies. Returns them as
+  Released (variable, its key, its slice of the key), for
+  read_released and check_restored. The saver's own serialization
   (`_gather_serialized_tensors`; legacy saveables, as a ShardedVariable's
   shards, are kept in `SaveableCompatibilityConverter._saveables`) names
   each variable's key."""
   serialized = checkpoint._saver._gather_serialized_tensors(None)[0]
   reader = None
   released = []
-  for key, variable in _restored_variables(serialized):
+  for key, slice_spec, variable in _restored_variables(serialized):
     if (not variable.shape.rank or not variable.shape.is_fully_defined()
         or variable.shape.num_elements() * variable.dtype.size < min_bytes):
       continue
@@ -580,13 +584,13 @@ def release_for_restore(checkpoint, path: str,
       tf.raw_ops.AssignVariableOp(
           resource=variable.handle, validate_shape=False,
           value=tf.zeros([0, *variable.shape[1:]], variable.dtype))
-    released.append(variable)
+    released.append(Released(variable, key, slice_spec))
   return released
 
 
 def _restored_variables(serialized):
-  """(checkpoint key, tf.Variable) of each plain variable and each shard
-  of a sharded one in a checkpoint's serialization."""
+  """(checkpoint key, slice spec, tf.Variable) of each plain variable and
+  each shard of a sharded one in a checkpoint's serialization."""
   from tensorflow.python.ops import resource_variable_ops
   from tensorflow.python.training.saving import saveable_object_util
   plain = resource_variable_ops.ResourceVariable
@@ -594,17 +598,31 @@ def _restored_variables(serialized):
     for saveable in getattr(holder, "_saveables", None) or ():
       if (isinstance(saveable, saveable_object_util.ResourceVariableSaveable)
           and type(saveable.op) is plain):
-        yield saveable.name, saveable.op
+        yield saveable.name, saveable.specs[0].slice_spec, saveable.op
     variable = holder.value if isinstance(holder, keras.Variable) else holder
     if type(variable) is plain and len(tensors) == 1:
       key, = tensors
       if not isinstance(tensors[key], dict):   # one value, not slices
-        yield key, variable
+        yield key, "", variable
+
+
+def read_released(released, path: str) -> None:
+  """Reads what the restore of `path` will read into each released
+  variable, where it lives (its ps, for a shard), and drops it: a
+  damaged file fails here (TF checks each entry's checksum as it reads)
+  and no process holds more than one such value at a time."""
+  for variable, key, slice_spec in released:
+    with tf.device(variable.device):
+      value, = tf.raw_ops.RestoreV2(prefix=path, tensor_names=[key],
+                                    shape_and_slices=[slice_spec],
+                                    dtypes=[variable.dtype])
+      int(tf.size(value))   # waits for the read (remote ops run async)
+      del value
 
 
 def check_restored(released) -> None:
   """Every variable release_for_restore emptied holds its rows again."""
-  for variable in released:
+  for variable, _, _ in released:
     with tf.device(variable.device):
       rows = int(tf.raw_ops.VariableShape(input=variable.handle)[0])
     if rows != variable.shape[0]:

@@ -314,8 +314,9 @@ def test_memory_of_a_sharded_table_at_build_and_restore(monkeypatch,
   before = _hwm_mb()
   released = compat.release_for_restore(checkpoint, path)
   assert len(released) == 3
-  assert [int(tf.raw_ops.VariableShape(input=s.handle)[0])
-          for s in released] == [0, 0, 0]
+  assert [int(tf.raw_ops.VariableShape(input=r.variable.handle)[0])
+          for r in released] == [0, 0, 0]
+  compat.read_released(released, path)   # what a damaged file fails
   checkpoint.read(path).assert_consumed()
   compat.check_restored(released)
   restored = _hwm_mb() - before
@@ -353,7 +354,7 @@ def test_a_restore_that_releases_first_reshards_every_row(
   compat.save_sharded_by_shard([other])
   checkpoint = tf.train.Checkpoint(w=other)
   released = compat.release_for_restore(checkpoint, path, min_bytes=0)
-  assert released == list(other.value.variables)
+  assert [r.variable for r in released] == list(other.value.variables)
   checkpoint.read(path).assert_consumed()
   compat.check_restored(released)
   np.testing.assert_array_equal(tf.convert_to_tensor(other), value)
