@@ -593,14 +593,15 @@ def _restored_variables(serialized):
   each shard of a sharded one in a checkpoint's serialization."""
   from tensorflow.python.ops import resource_variable_ops
   from tensorflow.python.training.saving import saveable_object_util
-  plain = resource_variable_ops.ResourceVariable
+  # One resource each (a mirrored variable is not one: its copies).
+  plain = resource_variable_ops.BaseResourceVariable
   for holder, tensors in serialized.items():
     for saveable in getattr(holder, "_saveables", None) or ():
       if (isinstance(saveable, saveable_object_util.ResourceVariableSaveable)
-          and type(saveable.op) is plain):
+          and isinstance(saveable.op, plain)):
         yield saveable.name, saveable.specs[0].slice_spec, saveable.op
     variable = holder.value if isinstance(holder, keras.Variable) else holder
-    if type(variable) is plain and len(tensors) == 1:
+    if isinstance(variable, plain) and len(tensors) == 1:
       key, = tensors
       if not isinstance(tensors[key], dict):   # one value, not slices
         yield key, "", variable
