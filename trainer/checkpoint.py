@@ -237,8 +237,12 @@ class Checkpointer:
     values read where they live (compat.read_released), the rest whole
     here: a damaged file fails before the restore whatever its size."""
     try:
-      released = compat.release_for_restore(self.checkpoint, candidate)
-      self._released += released
+      released = []
+      try:
+        compat.release_for_restore(self.checkpoint, candidate,
+                                   released=released)
+      finally:   # those emptied before a failure count too
+        self._released += released
       compat.read_released(released, candidate)
       saved = (verified_config(candidate, skip={r.key for r in released})
                if released else verified_config(candidate))

@@ -555,8 +555,8 @@ def _sharded_like(reference):
 Released = collections.namedtuple("Released", "variable key slice_spec")
 
 
-def release_for_restore(checkpoint, path: str,
-                        min_bytes: int = 1 << 20) -> list:
+def release_for_restore(checkpoint, path: str, min_bytes: int = 1 << 20,
+                        released: list | None = None) -> list:
   """Before `checkpoint` restores `path`: empties every variable of at
   least `min_bytes` whose key `path` holds (its value becomes a 0-row
   tensor), so that the restored value never coexists with the one it
@@ -568,10 +568,11 @@ def release_for_restore(checkpoint, path: str,
   read_released and check_restored. The saver's own serialization
   (`_gather_serialized_tensors`; legacy saveables, as a ShardedVariable's
   shards, are kept in `SaveableCompatibilityConverter._saveables`) names
-  each variable's key."""
+  each variable's key. `released`: the list to append to, as each is
+  emptied (should a later one fail)."""
   serialized = checkpoint._saver._gather_serialized_tensors(None)[0]
   reader = None
-  released = []
+  released = [] if released is None else released
   for key, slice_spec, variable in _restored_variables(serialized):
     if (not variable.shape.rank or not variable.shape.is_fully_defined()
         or variable.shape.num_elements() * variable.dtype.size < min_bytes):
