@@ -8,12 +8,18 @@ and a coordinator process that builds, as the trainer does
 (trainer.distribute.ps_strategy: MinSizePartitioner, one shard per ps,
 compat.make_variables_on_the_ps), a ROWS x DIM layers.Embedding and the
 LazyAdam slots of its table, looks up 1,024 rows from the coordinator (what
-evaluation does), saves a checkpoint and restores it. Figures in MB: the
+evaluation does), saves a checkpoint and restores it as the trainer does
+(trainer.checkpoint: each shard released, then the values checked for
+damage, the shards' on their ps, then restored; the rows looked up again
+must be the same). Figures in MB: the
 coordinator's RSS once table and slots are built, its peak while looking
 up, saving and restoring (the kernel's high-water mark, reset before each
 step through /proc/self/clear_refs), its peak over the whole run (building
 included), each ps's peak, the bytes of the rows each ps holds (table and
 slots), the table's bytes and the largest checkpoint data file.
+Before the sizes, the same run with a 1-row table (--empty_rows): its peaks
+are the fixed overhead of each process; for each size, each ps's peak less
+that overhead, over the bytes of its rows ("x rows"), per step and overall.
 Every output starts with the machine line (bench/machine.py).
 """
 
@@ -97,8 +103,18 @@ def _coordinator(rows: int, dim: int, directory: str, ps_pids) -> None:
   path = checkpoint.write(os.path.join(directory, "ckpt"))
   result["save_peak_mb"] = _status_kb("VmHWM") / 1024
   phase("save")
+  # As the trainer restores (trainer.checkpoint.Checkpointer): each
+  # shard's old value released first, the checkpoint's values read to find
+  # damage (the shards' where they live), then the restore.
+  from trainer.checkpoint import verified_config
+  released = compat.release_for_restore(checkpoint, path)
+  compat.read_released(released, path)
+  verified_config(path, skip={r.key for r in released})
   checkpoint.read(path).assert_consumed()
+  compat.check_restored(released)
   result["restore_peak_mb"] = _status_kb("VmHWM") / 1024
+  again = tf.function(table)(ids)
+  assert np.array_equal(again.numpy(), looked_up.numpy()), "restore differs"
   phase("restore")
   result["phases"] = phases
   import resource
@@ -144,8 +160,12 @@ def measure(rows: int, dim: int, num_ps: int) -> dict:
         raise RuntimeError(f"coordinator exited {proc.returncode}:\n"
                            f"{proc.stderr[-3000:]}")
       result["seconds"] = time.monotonic() - started
-      result["ps_peak_mb"] = [_status_kb("VmHWM", p.pid) / 1024
-                              for kind, _, p in servers if kind == "ps"]
+      # The coordinator reset each ps's high-water mark at every step: the
+      # run's peak is the largest step's.
+      result["ps_peak_mb"] = [
+          max([_status_kb("VmHWM", p.pid) / 1024] +
+              [step["ps"][i] for step in result["phases"].values()])
+          for i, p in enumerate(p for kind, _, p in servers if kind == "ps")]
       data = [os.path.getsize(os.path.join(directory, f))
               for f in os.listdir(directory) if ".data-" in f]
       result["largest_data_file_mb"] = max(data) / MB
@@ -167,6 +187,8 @@ def main(argv=None):
   parser.add_argument("--rows", default="100000,4000000")
   parser.add_argument("--dim", type=int, default=32)
   parser.add_argument("--ps", type=int, default=2)
+  parser.add_argument("--empty_rows", type=int, default=1,
+                      help="the table of the fixed-overhead run")
   parser.add_argument("--coordinator", action="store_true",
                       help=argparse.SUPPRESS)
   parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -177,21 +199,37 @@ def main(argv=None):
                  [int(p) for p in args.ps_pids.split(",") if p])
     return
   print(machine.header(machine.info()), flush=True)
+  empty = measure(args.empty_rows, args.dim, args.ps)
+  overhead = empty["ps_peak_mb"]
+  print(f"empty model ({args.empty_rows} rows): coordinator peak "
+        f"{empty['run_peak_mb']:.0f} MB, each ps's peak "
+        + "/".join(f"{p:.0f}" for p in overhead) + " MB", flush=True)
+  print(json.dumps(empty), flush=True)
   print(f"{'rows':>9} {'table':>8} {'built':>7} {'lookup':>7} {'save':>7} "
         f"{'restore':>8} {'run':>7} {'ps peaks':>12} {'ps rows':>12} "
-        f"{'largest file':>13}  (MB)")
+        f"{'largest file':>13}  (MB)  ps x rows")
   for rows in [int(r) for r in args.rows.split(",")]:
     r = measure(rows, args.dim, args.ps)
     peaks = "/".join(f"{p:.0f}" for p in r["ps_peak_mb"])
     held = "/".join(f"{p:.0f}" for p in r["ps_rows_mb"])
+    over = "/".join(
+        f"{(p - o) / h:.2f}" for p, o, h in zip(r["ps_peak_mb"], overhead,
+                                                r["ps_rows_mb"]))
     print(f"{rows:>9} {r['table_mb']:>8.1f} {r['built_mb']:>7.0f} "
           f"{r['lookup_peak_mb']:>7.0f} {r['save_peak_mb']:>7.0f} "
           f"{r['restore_peak_mb']:>8.0f} {r['run_peak_mb']:>7.0f} "
           f"{peaks:>12} {held:>12} "
-          f"{r['largest_data_file_mb']:>13.1f}", flush=True)
+          f"{r['largest_data_file_mb']:>13.1f}  {over}", flush=True)
     print("  ps peaks by step: " + ", ".join(
         f"{name} " + "/".join(f"{p:.0f}" for p in peaks["ps"])
         for name, peaks in r["phases"].items()), flush=True)
+    if r["ps_rows_mb"]:
+      print("  ps x rows by step (peak less the empty model's, over the "
+            "rows it holds): " + ", ".join(
+                f"{name} " + "/".join(
+                    f"{(p - o) / h:.2f}" for p, o, h in zip(
+                        peaks["ps"], overhead, r["ps_rows_mb"]))
+                for name, peaks in r["phases"].items()), flush=True)
     print(json.dumps(r), flush=True)
 
 

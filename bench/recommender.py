@@ -1,13 +1,15 @@
 """The recommender (examples.recommender) at table sizes: peak RSS against
 weights + slots, step time against the table's rows, parameter servers.
 
-  python -m bench.recommender rss [--rows=2000000] [--shadow]
+  python -m bench.recommender rss [--rows=2000000] [--shadow] [--resume]
       peak RSS (ru_maxrss of a child process running the trainer with
       default flags, 100 updates, a checkpoint and an evaluation) of the
       model with a ROWS x 32 user table under LazyAdam, and of the same
       run with a 1-row table (the fixed overhead); reports
       (peak - overhead) / (weights + slots). --shadow: force the chunk
       guard's shadow copy (what every run took before shadow_pays).
+      --resume: the peak of a second process that restores the first's
+      last checkpoint and runs 100 more updates (both sizes alike).
   python -m bench.recommender steps [--rows=10000,1000000] [--rounds=2]
       updates/s at each table size (same batch of 256), child processes
       in turn, the median per size and the ratio to the first.
@@ -44,11 +46,13 @@ def weights_and_slots_bytes(rows: int) -> int:
 
 def _child(args) -> None:
   """One training run in this process; prints a JSON line."""
+  import contextlib
   import trainer
   from trainer import guard
   if args.shadow:
     guard.shadow_pays = lambda optimizers: True
-  with tempfile.TemporaryDirectory() as model_dir:
+  with (contextlib.nullcontext(args.model_dir) if args.model_dir
+        else tempfile.TemporaryDirectory()) as model_dir:
     config = trainer.Config(
         task=TASK, task_args=f"user_rows={args.rows}", train_steps=args.steps,
         global_batch_size=256, learning_rate=0.01, model_dir=model_dir,
@@ -63,11 +67,12 @@ def _child(args) -> None:
         flush=True)
 
 
-def _run_child(mode: str, rows: int, steps: int, shadow: bool = False
-               ) -> dict:
+def _run_child(mode: str, rows: int, steps: int, shadow: bool = False,
+               model_dir: str = "") -> dict:
   cmd = [sys.executable, "-m", "bench.recommender", f"--child={mode}",
          f"--rows={rows}", f"--steps={steps}"] + (["--shadow"] if shadow
                                                   else [])
+  cmd += [f"--model_dir={model_dir}"] if model_dir else []
   proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(), capture_output=True,
                         text=True, timeout=1800)
   if proc.returncode:
@@ -75,13 +80,24 @@ def _run_child(mode: str, rows: int, steps: int, shadow: bool = False
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _resumed(rows: int, shadow: bool) -> dict:
+  """The second of two runs in one --model_dir: it restores the first's
+  last checkpoint (100 updates) and runs 100 more."""
+  with tempfile.TemporaryDirectory() as model_dir:
+    _run_child("rss", rows, 100, shadow, model_dir)
+    return _run_child("rss", rows, 200, shadow, model_dir)
+
+
 def rss(args) -> None:
-  empty = _run_child("rss", 1, 100, args.shadow)
-  full = _run_child("rss", args.rows, 100, args.shadow)
+  run = _resumed if args.resume else (
+      lambda rows, shadow: _run_child("rss", rows, 100, shadow))
+  empty = run(1, args.shadow)
+  full = run(args.rows, args.shadow)
   overhead, peak = empty["peak_rss"], full["peak_rss"]
   need = weights_and_slots_bytes(args.rows)
   mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
-  print(f"rss rows={args.rows} shadow={args.shadow}: peak {mb(peak)}, "
+  print(f"rss rows={args.rows} shadow={args.shadow} resume={args.resume}: "
+        f"peak {mb(peak)}, "
         f"1-row model {mb(overhead)}, weights+slots {mb(need)}, "
         f"(peak - overhead) / (weights+slots) = "
         f"{(peak - overhead) / need:.2f}")
@@ -128,6 +144,8 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--shadow", action="store_true")
+  parser.add_argument("--resume", action="store_true")
+  parser.add_argument("--model_dir", default="", help=argparse.SUPPRESS)
   parser.add_argument("--child", choices=("rss", "steps"))
   args = parser.parse_args()
   if args.child:

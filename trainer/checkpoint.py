@@ -77,6 +77,7 @@ class Checkpointer:
     self._writer = None          # the background write in flight
     self._error = None           # what it raised, for wait() to raise
     self._background = 0.0
+    self._released = []          # variables emptied for a restore not done
 
   def save(self, step: int) -> str | None:
     """Every worker calls this at the same step; returns the checkpoint's
@@ -210,6 +211,11 @@ class Checkpointer:
             self._repair_index(restored)   # readers (eval) never write
           return restored
       else:
+        if self._released:
+          raise UserError(
+              f"the checkpoints in --model_dir={self.model_dir} vanished "
+              "while being restored, after the old values of the "
+              "variables were released; start the run again.")
         if candidates:
           raise UserError(
               f"--model_dir={self.model_dir} holds checkpoints "
@@ -225,9 +231,21 @@ class Checkpointer:
   def _restore_one(self, record, candidate: str, rest: list[str],
                    explicit: bool = False):
     """The path restored; None if damaged (warned); _VANISHED if deleted.
-    explicit: the user named it (--checkpoint, or continuous_eval's pick)."""
+    explicit: the user named it (--checkpoint, or continuous_eval's pick).
+    Large variables are emptied first (compat.release_for_restore: no
+    process holds a variable's old and restored values at once) and their
+    values read where they live (compat.read_released), the rest whole
+    here: a damaged file fails before the restore whatever its size."""
     try:
-      saved = verified_config(candidate)
+      released = []
+      try:
+        compat.release_for_restore(self.checkpoint, candidate,
+                                   released=released)
+      finally:   # those emptied before a failure count too
+        self._released += released
+      compat.read_released(released, candidate)
+      saved = (verified_config(candidate, skip={r.key for r in released})
+               if released else verified_config(candidate))
     except Exception as e:  # noqa: BLE001 - any read failure is damage
       if _vanished(candidate):
         return self._vanished(candidate, explicit)
@@ -247,6 +265,8 @@ class Checkpointer:
           f"{_holder(candidate, self.model_dir)} does not fit this "
           f"model/optimizer ({first_line(e)}); {_fix(candidate, self.model_dir)} "
           "the flags that wrote it.") from None
+    compat.check_restored(self._released)
+    self._released = []
     return candidate
 
   def _vanished(self, candidate: str, explicit: bool):
@@ -463,14 +483,16 @@ def _warn_damaged(path, error, rest):
 _CONFIG_KEY = "config/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-def verified_config(path: str) -> dict:
-  """Reads EVERY tensor of the checkpoint at `path` (so a truncated or
-  corrupted file is caught here, whatever error the reader raises, and a
-  later restore failure can only mean "another model"); returns the Config
+def verified_config(path: str, skip=()) -> dict:
+  """Reads EVERY tensor of the checkpoint at `path` but those in `skip`
+  (read elsewhere: compat.read_released), so a truncated or corrupted
+  file is caught here, whatever error the reader raises, and a later
+  restore failure can only mean "another model"; returns the Config
   saved inside it as a dict ({} if it has none)."""
   reader = tf.train.load_checkpoint(path)
   for key in reader.get_variable_to_shape_map():
-    reader.get_tensor(key)
+    if key not in skip:
+      reader.get_tensor(key)
   if not reader.has_tensor(_CONFIG_KEY):
     return {}
   return json.loads(reader.get_tensor(_CONFIG_KEY).decode())

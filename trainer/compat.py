@@ -360,27 +360,134 @@ def save_sharded_by_shard(variables) -> list:
 # Keras initializers whose value at a row does not depend on the row: a
 # shard's part is the initializer at the shard's shape.
 _ROW_FREE = (keras.initializers.Zeros, keras.initializers.Ones)
+# Outputs of one Philox call per dtype (TF's stateless kernels: element i of
+# a draw comes from counter + i // group), and counter steps per group of a
+# truncated normal draw (TF reserves 256 samples per output).
+_GROUP = {tf.float32: 4, tf.float64: 2}
+_TRUNCATED_SKIP = 256 // 4
 
 
 def _part_of(initializer, shape, dtype):
   """Keras' `initializer(shape)` as a tf.Variable initial value that also
   takes TF's partition_shape / partition_offset (ParameterServerStrategy
   calls it once per shard, on the ps device that will hold the shard).
-  A row-independent initializer makes only the shard; any other one makes
-  the whole value there and keeps the shard's rows (the same values an
-  unsharded variable gets; transiently the whole value on that ps)."""
+  A row-independent initializer makes only the shard; Keras' stateless
+  random ones (uniform, normal, truncated normal, the variance-scaling
+  family) draw only the shard's rows, the very values `initializer(shape)`
+  has there; any other one makes the whole value there and keeps the
+  shard's rows (transiently the whole value on that ps)."""
 
   def initial_value(partition_shape=None, partition_offset=None):
     if partition_shape is None or tuple(partition_shape) == tuple(shape):
       return initializer(shape, dtype=dtype)
-    if type(initializer) in _ROW_FREE or (
-        type(initializer) is keras.initializers.Constant
+    part = tuple(partition_shape)
+    if type(initializer) in _ROW_FREE:   # one op (Fill): one buffer
+      return initializer(part, dtype=dtype)
+    if (type(initializer) is keras.initializers.Constant
         and not getattr(initializer.value, "shape", ())):
-      return initializer(tuple(partition_shape), dtype=dtype)
+      return _in_one_graph(initializer, part, dtype)
+    rows = stateless_rows(initializer, shape, dtype, partition_offset[0],
+                          part[0])
+    if rows is not None:
+      return rows
     start = partition_offset[0]
     return initializer(shape, dtype=dtype)[start:start + partition_shape[0]]
 
   return initial_value
+
+
+def _in_one_graph(initializer, shape, dtype):
+  """initializer(shape) computed in one graph: its intermediate tensors are
+  updated in place, not each a new buffer as eager ops make them (Keras'
+  Constant is ones times the value)."""
+  return tf.function(lambda: initializer(shape, dtype=dtype),
+                     autograph=False)()
+
+
+def _stateless_draw(initializer, shape):
+  """(kind, a, b): the stateless draw Keras' `initializer(shape)` makes
+  (uniform in [a, b), or normal / truncated normal of mean a and stddev b),
+  with its seed; None for any other initializer, a subclass that changes
+  __call__, or a SeedGenerator seed (each call draws anew)."""
+  from keras.src.initializers import random_initializers as ri
+  seed = getattr(initializer, "seed", None)
+  if not isinstance(seed, int) or isinstance(seed, bool):
+    return None
+  call = type(initializer).__call__
+  if call is ri.RandomUniform.__call__:
+    return "uniform", initializer.minval, initializer.maxval
+  if call is ri.RandomNormal.__call__:
+    return "normal", initializer.mean, initializer.stddev
+  if call is ri.TruncatedNormal.__call__:
+    return "truncated_normal", initializer.mean, initializer.stddev
+  if call is not ri.VarianceScaling.__call__:
+    return None
+  # VarianceScaling.__call__'s own arithmetic (tests compare the values).
+  import math
+  scale = initializer.scale
+  fan_in, fan_out = ri.compute_fans(shape, input_axes=initializer.input_axes,
+                                    output_axes=initializer.output_axes)
+  if initializer.mode == "fan_in":
+    scale /= max(1.0, fan_in)
+  elif initializer.mode == "fan_out":
+    scale /= max(1.0, fan_out)
+  else:
+    scale /= max(1.0, (fan_in + fan_out) / 2.0)
+  if initializer.distribution == "truncated_normal":
+    return "truncated_normal", 0.0, math.sqrt(scale) / 0.87962566103423978
+  if initializer.distribution == "untruncated_normal":
+    return "normal", 0.0, math.sqrt(scale)
+  limit = math.sqrt(3.0 * scale)
+  return "uniform", -limit, limit
+
+
+def stateless_rows(initializer, shape, dtype, start: int, rows: int):
+  """Rows [start, start + rows) of Keras' `initializer(shape, dtype)`,
+  bit for bit, drawn alone: TF's stateless Philox kernels make element i
+  of a draw from the counter advanced by i // group, so the draw starts
+  at the first row's counter. None where that does not hold (see
+  _stateless_draw; dtypes other than float32 and float64)."""
+  draw = _stateless_draw(initializer, shape)
+  dtype = tf.as_dtype(dtype or keras.config.floatx())
+  if draw is None or dtype not in _GROUP:
+    return None
+  from keras.src.backend.tensorflow.random import _cast_seed
+  from keras.src.random.seed_generator import draw_seed
+  kind, a, b = draw
+  width = 1
+  for size in shape[1:]:
+    width *= int(size)
+  group = _GROUP[dtype]
+  groups, drop = divmod(start * width, group)
+  step = group * _TRUNCATED_SKIP if kind == "truncated_normal" else 1
+  return _draw_rows(_cast_seed(draw_seed(initializer.seed)), kind=kind,
+                    advance=groups * step, count=rows * width + drop,
+                    drop=drop, a=a, b=b, dtype=dtype,
+                    part_shape=(rows, *shape[1:]))
+
+
+_DRAWS = {"uniform": tf.raw_ops.StatelessRandomUniformV2,
+          "normal": tf.raw_ops.StatelessRandomNormalV2,
+          "truncated_normal": tf.raw_ops.StatelessTruncatedNormalV2}
+
+
+@tf.function(autograph=False)
+def _draw_rows(seed, kind, advance, count, drop, a, b, dtype, part_shape):
+  # One graph, the seed an argument: no constant folding of the draw, and
+  # its scaling updates the draw's own buffer.
+  key, counter, alg = tf.raw_ops.StatelessRandomGetKeyCounterAlg(seed=seed)
+  step = tf.constant(advance, tf.uint64)
+  low = counter[0] + step   # the counter's low 64 bits; carry into the high
+  counter = tf.stack([low, counter[1] + tf.cast(low < step, tf.uint64)])
+  rnd = _DRAWS[kind](shape=[count], key=key, counter=counter, alg=alg,
+                     dtype=dtype)
+  rnd = tf.reshape(rnd[drop:] if drop else rnd, part_shape)
+  # As tf.random.stateless_uniform / stateless_normal scale their draw.
+  if kind == "uniform":
+    low_value, high_value = tf.cast(a, dtype), tf.cast(b, dtype)
+    return tf.add(rnd * (high_value - low_value), low_value)
+  return tf.add(rnd * tf.convert_to_tensor(b, dtype),
+                tf.convert_to_tensor(a, dtype))
 
 
 def _initialize_where_placed(self, initializer):
@@ -445,6 +552,88 @@ def _sharded_like(reference):
     return _SHARDED(parts)
 
   return creator
+
+
+Released = collections.namedtuple("Released", "variable key slice_spec")
+
+
+def release_for_restore(checkpoint, path: str, min_bytes: int = 1 << 20,
+                        released: list | None = None) -> list:
+  """Before `checkpoint` restores `path`: empties every variable of at
+  least `min_bytes` whose key `path` holds (its value becomes a 0-row
+  tensor), so that the restored value never coexists with the one it
+  replaces: TF reads all of a task's tensors before it assigns them, so
+  a process would otherwise hold both for all its variables at once.
+  Plain variables (the default strategy) and the shards of a sharded one
+  (each on its ps); not a mirrored variable's copies. Returns them as
+  Released (variable, its key, its slice of the key), for
+  read_released and check_restored. The saver's own serialization
+  (`_gather_serialized_tensors`; legacy saveables, as a ShardedVariable's
+  shards, are kept in `SaveableCompatibilityConverter._saveables`) names
+  each variable's key. `released`: the list to append to, as each is
+  emptied (should a later one fail)."""
+  serialized = checkpoint._saver._gather_serialized_tensors(None)[0]
+  reader = None
+  released = [] if released is None else released
+  for key, slice_spec, variable in _restored_variables(serialized):
+    if (not variable.shape.rank or not variable.shape.is_fully_defined()
+        or variable.shape.num_elements() * variable.dtype.size < min_bytes):
+      continue
+    if reader is None:
+      reader = tf.train.load_checkpoint(path)
+    if not reader.has_tensor(key):
+      continue
+    with tf.device(variable.device):
+      tf.raw_ops.AssignVariableOp(
+          resource=variable.handle, validate_shape=False,
+          value=tf.zeros([0, *variable.shape[1:]], variable.dtype))
+    released.append(Released(variable, key, slice_spec))
+  return released
+
+
+def _restored_variables(serialized):
+  """(checkpoint key, slice spec, tf.Variable) of each plain variable and
+  each shard of a sharded one in a checkpoint's serialization."""
+  from tensorflow.python.ops import resource_variable_ops
+  from tensorflow.python.training.saving import saveable_object_util
+  # One resource each (a mirrored variable is not one: its copies).
+  plain = resource_variable_ops.BaseResourceVariable
+  for holder, tensors in serialized.items():
+    for saveable in getattr(holder, "_saveables", None) or ():
+      if (isinstance(saveable, saveable_object_util.ResourceVariableSaveable)
+          and isinstance(saveable.op, plain)):
+        yield saveable.name, saveable.specs[0].slice_spec, saveable.op
+    variable = holder.value if isinstance(holder, keras.Variable) else holder
+    if isinstance(variable, plain) and len(tensors) == 1:
+      key, = tensors
+      if not isinstance(tensors[key], dict):   # one value, not slices
+        yield key, "", variable
+
+
+def read_released(released, path: str) -> None:
+  """Reads what the restore of `path` will read into each released
+  variable, where it lives (its ps, for a shard), and drops it: a
+  damaged file fails here (TF checks each entry's checksum as it reads)
+  and no process holds more than one such value at a time."""
+  for variable, key, slice_spec in released:
+    with tf.device(variable.device):
+      value, = tf.raw_ops.RestoreV2(prefix=path, tensor_names=[key],
+                                    shape_and_slices=[slice_spec],
+                                    dtypes=[variable.dtype])
+      int(tf.size(value))   # waits for the read (remote ops run async)
+      del value
+
+
+def check_restored(released) -> None:
+  """Every variable release_for_restore emptied holds its rows again."""
+  for variable, _, _ in released:
+    with tf.device(variable.device):
+      rows = int(tf.raw_ops.VariableShape(input=variable.handle)[0])
+    if rows != variable.shape[0]:
+      raise RuntimeError(
+          f"restoring {variable.name} left it with {rows} of its "
+          f"{variable.shape[0]} rows; its old value was released for the "
+          "restore: start the run again")
 
 
 def shard_rows(variable) -> list:

@@ -74,7 +74,13 @@ def _coordinator(old, new, out):
   tf.train.Checkpoint(model=two).write(new)
   for count in (3, 1):
     layer = table(count)
-    tf.train.Checkpoint(model=layer).read(new).assert_consumed()
+    # As the trainer restores: each shard emptied first, read on its ps.
+    checkpoint = tf.train.Checkpoint(model=layer)
+    released = compat.release_for_restore(checkpoint, new, min_bytes=0)
+    compat.read_released(released, new)
+    checkpoint.read(new).assert_consumed()
+    compat.check_restored(released)
+    report[f"released_{count}"] = len(released)
     np.save(out / f"restored_into_{count}.npy", layer.embeddings.numpy())
     if compat.is_sharded(layer.embeddings):
       report[str(count)] = compat.shard_rows(layer.embeddings)
@@ -126,6 +132,7 @@ def test_ps_table_checkpoint_is_written_by_the_ps_and_reshards(tmp_path):
     stop_all(servers)
 
   report = json.loads((tmp_path / "report.json").read_text())
+  assert report["released_3"] == 3, report
   # (The strategy places shards round robin over the ps tasks.)
   for count, rows in (("2", [25_000, 25_000]),
                       ("3", [16_667, 16_667, 16_666])):

@@ -79,3 +79,67 @@ def test_explicit_checkpoint_that_vanished_says_so(tmp_path):
     reader.restore(Config(model_dir=str(tmp_path)),
                    os.path.join(str(tmp_path), "ckpt-2"))
   del live
+
+
+def test_vanished_after_its_variables_were_released(tmp_path, monkeypatch):
+  """A large variable is emptied before a restore (compat.
+  release_for_restore); when that checkpoint vanishes the next one fills
+  it again, and when none is left the run refuses instead of going on
+  with an empty variable."""
+  import numpy as np
+  model_dir = str(tmp_path)
+  rows = 300_000   # 1.2 MB: over release_for_restore's 1 MiB
+  table = tf.Variable(tf.zeros([rows]))
+  writer = ckpt_lib.Checkpointer(model_dir, {"t": table}, keep=10,
+                                 is_chief=True, worker_index=0)
+  for step in (1, 2):
+    table.assign(tf.fill([rows], float(step)))
+    writer.save(step)
+  target = tf.Variable(tf.zeros([rows]))
+  reader = ckpt_lib.Checkpointer(model_dir, {"t": target}, keep=10,
+                                 is_chief=False, worker_index=1)
+  real_restore = reader.checkpoint.restore
+  gone = []
+
+  def restore(path):
+    assert target.shape[0] == rows and tf.size(target.read_value()) == 0
+    if not gone:   # the newest vanishes after the release
+      gone.append(path)
+      _remove(path)
+    return real_restore(path)
+  monkeypatch.setattr(reader.checkpoint, "restore", restore)
+  assert reader.restore(Config(model_dir=model_dir)) == os.path.join(
+      model_dir, "ckpt-1")
+  np.testing.assert_array_equal(target.numpy(), np.ones(rows, np.float32))
+  # Every one vanishes: no fresh start with the emptied variable.
+  gone.clear()
+  with pytest.raises(UserError, match="after the old values of the "
+                     "variables were released"):
+    reader.restore(Config(model_dir=model_dir))
+
+
+def test_a_damaged_large_variable_is_caught_before_the_restore(tmp_path,
+                                                                caplog):
+  """A large variable's value is read where it lives before the restore
+  (compat.read_released), not whole by verified_config: damage to it is
+  still found there, and the older checkpoint restored."""
+  import numpy as np
+  model_dir = str(tmp_path)
+  rows = 300_000
+  table = tf.Variable(tf.zeros([rows]))
+  writer = ckpt_lib.Checkpointer(model_dir, {"t": table}, keep=10,
+                                 is_chief=True, worker_index=0)
+  for step in (1, 2):
+    table.assign(tf.fill([rows], float(step)))
+    writer.save(step)
+  data, = glob.glob(os.path.join(model_dir, "ckpt-2.data-*"))
+  with open(data, "r+b") as f:   # flip bytes inside the table's values
+    f.seek(rows * 2)
+    f.write(b"\xff" * 16)
+  target = tf.Variable(tf.zeros([rows]))
+  reader = ckpt_lib.Checkpointer(model_dir, {"t": target}, keep=10,
+                                 is_chief=False, worker_index=1)
+  assert reader.restore(Config(model_dir=model_dir)) == os.path.join(
+      model_dir, "ckpt-1")
+  np.testing.assert_array_equal(target.numpy(), np.ones(rows, np.float32))
+  assert "ckpt-2 is damaged" in caplog.text
