@@ -184,9 +184,11 @@ def _two_workers(args, log, timeout_s=600):
       start_new_session=True)
 
 
-def _kill_with_workers(procs):
-  """SIGKILLs the launchers and every trainer they started, and waits until
-  those are gone (a trainer still dying would hold the model_dir lock)."""
+def _kill_with_workers(procs, model_dir=None):
+  """SIGKILLs the launchers and every trainer they started (their children,
+  and any process whose command line names `model_dir`, however it was
+  parented), and waits until those are gone and the model_dir lock is free
+  (a trainer still dying would hold it)."""
   pids = []
   for proc in procs:
     for entry in os.listdir("/proc"):
@@ -195,6 +197,15 @@ def _kill_with_workers(procs):
           if int(f.read().rsplit(")", 1)[1].split()[1]) == proc.pid:
             pids.append(int(entry))
       except (OSError, ValueError, IndexError):
+        continue
+  if model_dir is not None:
+    named = f"--model_dir={model_dir}".encode()
+    for entry in os.listdir("/proc"):
+      try:
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          if named in f.read().split(b"\0") and int(entry) != os.getpid():
+            pids.append(int(entry))
+      except (OSError, ValueError):
         continue
   for pid in pids:
     try:
@@ -206,6 +217,35 @@ def _kill_with_workers(procs):
   while any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids):
     assert time.monotonic() < deadline, pids
     time.sleep(0.05)
+  lock = None if model_dir is None else model_dir / ".trainer.lock"
+  while lock is not None and lock.exists() and not _lock_free(lock):
+    assert time.monotonic() < deadline, _holders(lock)
+    time.sleep(0.05)
+
+
+def _lock_free(path) -> bool:
+  import fcntl
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return False
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return True
+
+
+def _holders(path) -> str:
+  """The lock file's text and the processes that have it open."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      for fd in os.listdir(f"/proc/{entry}/fd"):
+        if os.readlink(f"/proc/{entry}/fd/{fd}") == str(path):
+          with open(f"/proc/{entry}/cmdline", "rb") as f:
+            found.append(f"{entry}: {f.read()[:300]!r}")
+    except OSError:
+      continue
+  return f"{path.read_text()!r} held by {found}"
 
 
 def _alive(pid) -> bool:
@@ -236,7 +276,8 @@ def test_30_kills_two_workers(tmp_path):
                           f"--model_dir={model_dir}"], log)]
   made, in_flight, _ = _kill_runs(model_dir, tmp_path, KILLS, rng, start,
                                   r"restored \S+/ckpt-{step} at step {step}",
-                                  kill=_kill_with_workers)
+                                  kill=lambda procs: _kill_with_workers(
+                                      procs, model_dir))
   print(f"2 workers, {made} kills: {in_flight} with a background write in "
         "flight")
   assert made == KILLS
