@@ -2,7 +2,6 @@
 photos read lazily with --image_size and --augment (random-resized crops
 and flips drawn from the example positions)."""
 
-import os
 import subprocess
 import sys
 
@@ -43,9 +42,6 @@ def test_sigkill_then_resume_equals_uninterrupted(photos, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("TRAINER_SLOW"),
-                    reason="suite budget (test_multiworker checks the same "
-                    "equality on in-memory data); set TRAINER_SLOW=1")
 def test_two_workers_equal_mirrored_two_replicas(photos, tmp_path):
   flags = [f for f in _flags(photos) if not f.startswith("--checkpoint_every")]
   flags += ["--checkpoint_every=40", "--train_steps=20"]

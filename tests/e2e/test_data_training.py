@@ -1,6 +1,5 @@
 """Training on real files: MNIST accuracy, TFRecord == IDX batches."""
 
-import os
 import subprocess
 import sys
 
@@ -23,9 +22,6 @@ def test_cnn_on_real_mnist_reaches_97_percent(tmp_path, mnist_dir):
   assert result["eval_accuracy"] >= 0.97, result
 
 
-@pytest.mark.skipif(not os.environ.get("TRAINER_SLOW"),
-                    reason="suite budget (the readers' unit tests compare "
-                    "the records); set TRAINER_SLOW=1")
 def test_tfrecord_training_equals_idx_training(tmp_path, mnist_dir):
   out = tmp_path / "tfr"
   convert = subprocess.run(

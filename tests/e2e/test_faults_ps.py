@@ -105,9 +105,6 @@ def test_frozen_worker_woken_up_adds_no_updates(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("TRAINER_SLOW"),
-                    reason="suite budget (launch.local restarts two workers);"
-                    " set TRAINER_SLOW=1")
 def test_workers_restarted_in_time_are_picked_up(tmp_path):
   """Under launch.local --max_restarts both killed workers come back on
   their ports within --peer_timeout_s: the watch lets the run finish."""
