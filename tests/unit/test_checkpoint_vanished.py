@@ -81,6 +81,20 @@ def test_explicit_checkpoint_that_vanished_says_so(tmp_path):
   del live
 
 
+def _saved_twice(model_dir) -> int:
+  """ckpt-1 and ckpt-2 of one large variable "t" (all 1s, then all 2s) in
+  `model_dir`; returns its rows (1.2 MB: over release_for_restore's
+  1 MiB)."""
+  rows = 300_000
+  table = tf.Variable(tf.zeros([rows]))
+  writer = ckpt_lib.Checkpointer(model_dir, {"t": table}, keep=10,
+                                 is_chief=True, worker_index=0)
+  for step in (1, 2):
+    table.assign(tf.fill([rows], float(step)))
+    writer.save(step)
+  return rows
+
+
 def test_vanished_after_its_variables_were_released(tmp_path, monkeypatch):
   """A large variable is emptied before a restore (compat.
   release_for_restore); when that checkpoint vanishes the next one fills
@@ -88,13 +102,7 @@ def test_vanished_after_its_variables_were_released(tmp_path, monkeypatch):
   with an empty variable."""
   import numpy as np
   model_dir = str(tmp_path)
-  rows = 300_000   # 1.2 MB: over release_for_restore's 1 MiB
-  table = tf.Variable(tf.zeros([rows]))
-  writer = ckpt_lib.Checkpointer(model_dir, {"t": table}, keep=10,
-                                 is_chief=True, worker_index=0)
-  for step in (1, 2):
-    table.assign(tf.fill([rows], float(step)))
-    writer.save(step)
+  rows = _saved_twice(model_dir)
   target = tf.Variable(tf.zeros([rows]))
   reader = ckpt_lib.Checkpointer(model_dir, {"t": target}, keep=10,
                                  is_chief=False, worker_index=1)
@@ -125,13 +133,7 @@ def test_a_damaged_large_variable_is_caught_before_the_restore(tmp_path,
   still found there, and the older checkpoint restored."""
   import numpy as np
   model_dir = str(tmp_path)
-  rows = 300_000
-  table = tf.Variable(tf.zeros([rows]))
-  writer = ckpt_lib.Checkpointer(model_dir, {"t": table}, keep=10,
-                                 is_chief=True, worker_index=0)
-  for step in (1, 2):
-    table.assign(tf.fill([rows], float(step)))
-    writer.save(step)
+  rows = _saved_twice(model_dir)
   data, = glob.glob(os.path.join(model_dir, "ckpt-2.data-*"))
   with open(data, "r+b") as f:   # flip bytes inside the table's values
     f.seek(rows * 2)
