@@ -14,17 +14,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import data
+from trainer import compat, data
 from trainer.config import Config, narrow
 from trainer.data.source import Source
 from trainer.errors import UserError
 
 MetricFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-
-
-# The built-in task's traced methods are plain TF with Python control flow
-# only: AutoGraph need not rewrite them (trainer.compat.plain says why).
-_plain = tf.autograph.experimental.do_not_convert
 
 
 class Task:
@@ -218,7 +213,7 @@ class ClassificationTask(Task):
   # Text-like sets whose meaning a mirror image changes: never flipped.
   _NO_FLIP = ("digits", "mnist")
 
-  @_plain
+  @compat.plain
   def preprocess(self, features, labels, meta, training):
     from trainer.data import augment, resize
     settings = self.settings
@@ -289,12 +284,12 @@ class ClassificationTask(Task):
     num_classes = self.source(self.settings.train_split).num_classes
     return self._model_fn(tuple(input_spec.shape), num_classes)
 
-  @_plain
+  @compat.plain
   def loss(self, labels, outputs):
     return keras.losses.sparse_categorical_crossentropy(
         labels, outputs, from_logits=True)
 
-  @_plain
+  @compat.plain
   def metrics(self):
     return {"accuracy": accuracy}
 
@@ -305,7 +300,7 @@ class ClassificationTask(Task):
     return serving.classification_signature(model, input_spec)
 
 
-@_plain
+@compat.plain
 def accuracy(labels, logits):
   """Per-example 0/1: is the arg-max class the label."""
   predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)

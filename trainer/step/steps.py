@@ -78,10 +78,6 @@ _SUM = tf.distribute.ReduceOp.SUM
 # carries the values a shard's step left in the models' moving statistics.
 MOVED = "#moved"
 
-# Bookkeeping called while the step is traced, with no control flow on
-# tensors: AutoGraph's conversion of it cost ~0.8 s of every start.
-_plain_python = compat.plain
-
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
@@ -197,7 +193,7 @@ class Steps:
         f"the task has models {sorted(self.models)} and none is named "
         "'model': name the main one 'model' or use ctx.models[NAME].")
 
-  @_plain_python
+  @compat.plain
   def optimizer_name(self, name: str | None) -> str:
     if name is None:
       if len(self.optimizers) != 1:
@@ -220,7 +216,7 @@ class Steps:
     number = tf.convert_to_tensor(self.state.global_step) + 1
     return tf.equal(number % every, 0)
 
-  @_plain_python
+  @compat.plain
   def loss_scale(self):
     return self.state.loss_scale if self.fp16 else None
 
@@ -310,7 +306,7 @@ class Steps:
     return shared, list(self.train_sums.variables)
 
   # ---- replica context ------------------------------------------------
-  @_plain_python
+  @compat.plain
   def _no_slices(self, values):
     if self.shards and any(sparse.is_sparse(v) for v in values):
       raise UserError(
@@ -354,7 +350,7 @@ class Steps:
           tf.cast(meta["skipped"], tf.float32))
     return ctx.handed, stats
 
-  @_plain_python
+  @compat.plain
   def _sums_of(self, metrics, weight) -> dict:
     if not isinstance(metrics, dict):
       raise UserError(f"Task.train_step/eval_step must return a dict of "
@@ -474,7 +470,7 @@ class Steps:
       self.train_sums.add({**(stats or {}), **own})
     return reduced, grads_finite, loss_finite
 
-  @_plain_python
+  @compat.plain
   def _exact_sums(self, handed, stats):
     """--deterministic=topology: (handed with every value summed over the
     update's shards, exactly; the packed metric sums, counted on the first
@@ -499,7 +495,7 @@ class Steps:
     first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), tf.float32)
     return out, summed[-1] * first
 
-  @_plain_python
+  @compat.plain
   def combine(self, name, values) -> list:
     """One gradient per variable from a reduced hand-over laid out as
     ctx.layouts[name] says: the per-example part plus each
@@ -649,7 +645,7 @@ class Steps:
     guard.count(self.state, ok, grads_finite, loss_finite, self.update_batch,
                 self.fp16)
 
-  @_plain_python
+  @compat.plain
   def noting_trace(self, active: bool) -> None:
     """Tells on_trace that a training function's trace begins or ends
     (called from their Python bodies: at trace time only)."""
