@@ -233,9 +233,11 @@ class Checkpointer:
     """The path restored; None if damaged (warned); _VANISHED if deleted.
     explicit: the user named it (--checkpoint, or continuous_eval's pick).
     Large variables are emptied first (compat.release_for_restore: no
-    process holds a variable's old and restored values at once) and their
-    values read where they live (compat.read_released), the rest whole
-    here: a damaged file fails before the restore whatever its size."""
+    process holds a variable's old and restored values at once), then read
+    where they live and assigned one at a time (compat.restore_released),
+    the rest read whole here (verified_config): a damaged file fails
+    before the Checkpoint's restore whatever its size. That restore then
+    leaves the large ones alone (compat.skipping)."""
     try:
       released = []
       try:
@@ -243,7 +245,7 @@ class Checkpointer:
                                    released=released)
       finally:   # those emptied before a failure count too
         self._released += released
-      compat.read_released(released, candidate)
+      compat.restore_released(released, candidate)
       saved = (verified_config(candidate, skip={r.key for r in released})
                if released else verified_config(candidate))
     except Exception as e:  # noqa: BLE001 - any read failure is damage
@@ -256,7 +258,8 @@ class Checkpointer:
       return None
     check_compatible(saved, record, candidate)
     try:
-      status = self.checkpoint.restore(candidate)
+      with compat.skipping(released):
+        status = self.checkpoint.restore(candidate)
       status.assert_existing_objects_matched()
     except (ValueError, AssertionError, tf.errors.OpError) as e:
       if _vanished(candidate):
@@ -485,7 +488,7 @@ _CONFIG_KEY = "config/.ATTRIBUTES/VARIABLE_VALUE"
 
 def verified_config(path: str, skip=()) -> dict:
   """Reads EVERY tensor of the checkpoint at `path` but those in `skip`
-  (read elsewhere: compat.read_released), so a truncated or corrupted
+  (read elsewhere: compat.restore_released), so a truncated or corrupted
   file is caught here, whatever error the reader raises, and a later
   restore failure can only mean "another model"; returns the Config
   saved inside it as a dict ({} if it has none)."""

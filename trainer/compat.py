@@ -16,6 +16,8 @@ The framework needs a few things Keras' public API does not give:
     (trainer.load): Keras' naming counters, `object_name_uids`;
   * the error a failed eager read leaves in its thread's executor
     (`read_int`);
+  * the saver's per-task read, `functional_saver._single_shard_restore`,
+    to leave out the large variables restored one at a time (`skipping`);
   * AutoGraph's mark for code it must call as written
     (`autograph_artifact`): see `plain`;
   * TensorFlow ops and names used around a wrapper that misbehaves:
@@ -567,10 +569,10 @@ def release_for_restore(checkpoint, path: str, min_bytes: int = 1 << 20,
   Plain variables (the default strategy) and the shards of a sharded one
   (each on its ps); not a mirrored variable's copies. Returns them as
   Released (variable, its key, its slice of the key), for
-  read_released and check_restored. The saver's own serialization
-  (`_gather_serialized_tensors`; legacy saveables, as a ShardedVariable's
-  shards, are kept in `SaveableCompatibilityConverter._saveables`) names
-  each variable's key. `released`: the list to append to, as each is
+  restore_released, skipping and check_restored. The saver's own
+  serialization (`_gather_serialized_tensors`; legacy saveables, as a
+  ShardedVariable's shards, are kept in
+  `SaveableCompatibilityConverter._saveables`) names each variable's key. `released`: the list to append to, as each is
   emptied (should a later one fail)."""
   serialized = checkpoint._saver._gather_serialized_tensors(None)[0]
   reader = None
@@ -581,7 +583,13 @@ def release_for_restore(checkpoint, path: str, min_bytes: int = 1 << 20,
       continue
     if reader is None:
       reader = tf.train.load_checkpoint(path)
-    if not reader.has_tensor(key):
+      shapes = reader.get_variable_to_shape_map()
+      dtypes = reader.get_variable_to_dtype_map()
+    # One that does not fit (another model) is left to the Checkpoint,
+    # whose error names it.
+    full_shape = ([int(n) for n in slice_spec.split()[:-1]] if slice_spec
+                  else variable.shape.as_list())
+    if shapes.get(key) != full_shape or dtypes.get(key) != variable.dtype:
       continue
     with tf.device(variable.device):
       tf.raw_ops.AssignVariableOp(
@@ -610,18 +618,59 @@ def _restored_variables(serialized):
         yield key, "", variable
 
 
-def read_released(released, path: str) -> None:
-  """Reads what the restore of `path` will read into each released
-  variable, where it lives (its ps, for a shard), and drops it: a
-  damaged file fails here (TF checks each entry's checksum as it reads)
-  and no process holds more than one such value at a time."""
+def restore_released(released, path: str) -> None:
+  """Reads what `path` holds for each released variable, where it lives
+  (its ps, for a shard), and assigns it, one variable at a time: a damaged
+  file fails here (TF checks each entry's checksum as it reads), and no
+  process holds more than one such value beside the variables. Why not
+  let the Checkpoint do it: `tf.train.Checkpoint.restore` reads every
+  tensor of a task at once and keeps them all until its last assignment,
+  and a variable a sparse op has touched (an Embedding looked up once, as
+  a model built by calling it on a batch is) is in TF's copy-on-read mode,
+  in which an assignment copies the value into a new buffer instead of
+  taking it: one more table in memory at the restore's peak (measured:
+  a 2,000,000 x 32 table resumed at 1.38x its weights + slots). Here the
+  read is dropped after its assignment, and the next read reuses it.
+  Then the Checkpoint restores the rest under `skipping(released)`."""
   for variable, key, slice_spec in released:
     with tf.device(variable.device):
       value, = tf.raw_ops.RestoreV2(prefix=path, tensor_names=[key],
                                     shape_and_slices=[slice_spec],
                                     dtypes=[variable.dtype])
-      int(tf.size(value))   # waits for the read (remote ops run async)
+      tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value,
+                                  validate_shape=False)
       del value
+      # Waits for both (a ps runs remote ops asynchronously): one value
+      # in flight at a time.
+      int(tf.raw_ops.VariableShape(input=variable.handle)[0])
+
+
+@contextlib.contextmanager
+def skipping(released):
+  """Inside, a `tf.train.Checkpoint.restore` reads and assigns everything
+  but the released variables (restore_released did those). TF's saver
+  reads each task's tensors with the private
+  `functional_saver._single_shard_restore(prefix, shardable_tensors,
+  options)`; the ones named by a released (key, slice) are left out of
+  its list, so their restore functions never run. Process-wide while
+  inside: only the thread that restores may save or restore meanwhile."""
+  from tensorflow.python.checkpoint import functional_saver
+  skip = {(r.key, r.slice_spec) for r in released}
+  original = functional_saver._single_shard_restore
+  if not skip:
+    yield
+    return
+
+  def kept_only(file_prefix, shardable_tensors, options=None):
+    kept = [t for t in shardable_tensors
+            if (t.checkpoint_key, t.slice_spec) not in skip]
+    return original(file_prefix, kept, options) if kept else {}
+
+  functional_saver._single_shard_restore = kept_only
+  try:
+    yield
+  finally:
+    functional_saver._single_shard_restore = original
 
 
 def check_restored(released) -> None:

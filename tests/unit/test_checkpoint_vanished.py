@@ -106,16 +106,16 @@ def test_vanished_after_its_variables_were_released(tmp_path, monkeypatch):
   target = tf.Variable(tf.zeros([rows]))
   reader = ckpt_lib.Checkpointer(model_dir, {"t": target}, keep=10,
                                  is_chief=False, worker_index=1)
-  real_restore = reader.checkpoint.restore
+  real_restore = ckpt_lib.compat.restore_released
   gone = []
 
-  def restore(path):
+  def restore_released(released, path):
     assert target.shape[0] == rows and tf.size(target.read_value()) == 0
     if not gone:   # the newest vanishes after the release
       gone.append(path)
       _remove(path)
-    return real_restore(path)
-  monkeypatch.setattr(reader.checkpoint, "restore", restore)
+    return real_restore(released, path)
+  monkeypatch.setattr(ckpt_lib.compat, "restore_released", restore_released)
   assert reader.restore(Config(model_dir=model_dir)) == os.path.join(
       model_dir, "ckpt-1")
   np.testing.assert_array_equal(target.numpy(), np.ones(rows, np.float32))
@@ -129,7 +129,7 @@ def test_vanished_after_its_variables_were_released(tmp_path, monkeypatch):
 def test_a_damaged_large_variable_is_caught_before_the_restore(tmp_path,
                                                                 caplog):
   """A large variable's value is read where it lives before the restore
-  (compat.read_released), not whole by verified_config: damage to it is
+  (compat.restore_released), not whole by verified_config: damage to it is
   still found there, and the older checkpoint restored."""
   import numpy as np
   model_dir = str(tmp_path)

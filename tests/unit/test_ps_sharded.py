@@ -316,8 +316,9 @@ def test_memory_of_a_sharded_table_at_build_and_restore(monkeypatch,
   assert len(released) == 3
   assert [int(tf.raw_ops.VariableShape(input=r.variable.handle)[0])
           for r in released] == [0, 0, 0]
-  compat.read_released(released, path)   # what a damaged file fails
-  checkpoint.read(path).assert_consumed()
+  compat.restore_released(released, path)   # what a damaged file fails
+  with compat.skipping(released):
+    checkpoint.read(path).assert_consumed()
   compat.check_restored(released)
   restored = _hwm_mb() - before
   assert restored < 0.25 * table_mb, (restored, table_mb)
