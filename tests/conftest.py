@@ -34,11 +34,58 @@ atexit.register(shutil.rmtree, _CACHE, True)
 E2E = Path(__file__).resolve().parent / "e2e"
 
 
+# Each test file's seconds in the last recorded run (`make durations`).
+DURATIONS = Path(__file__).resolve().parent / "durations.json"
+
+
 def pytest_collection_modifyitems(config, items):
-  del config
   for item in items:
     if E2E in Path(str(item.fspath)).resolve().parents:
       item.add_marker(pytest.mark.slow)
+  if hasattr(config, "workerinput"):   # an xdist worker (`make test`)
+    _longest_files_first(items)
+
+
+def _longest_files_first(items) -> None:
+  """`make test` hands whole files to two workers in collection order
+  (--dist loadfile --no-loadscope-reorder); longest first, so that the
+  last files to start are short and the workers end together (a 75 s
+  file started last would leave the other worker idle that long). A file
+  missing from durations.json (new) counts as the longest: it starts
+  early, where its length does the least harm. Every worker sorts the
+  same collection the same way, as xdist requires."""
+  try:
+    known = json.loads(DURATIONS.read_text())
+  except (OSError, ValueError):
+    return
+  unknown = max(known.values(), default=0.0) + 1.0
+  first_seen = {}
+  for item in items:
+    first_seen.setdefault(_file_of(item.nodeid), len(first_seen))
+  items.sort(key=lambda item: (-known.get(_file_of(item.nodeid), unknown),
+                               first_seen[_file_of(item.nodeid)]))
+
+
+def _file_of(nodeid: str) -> str:
+  return nodeid.split("::", 1)[0]
+
+
+_SECONDS = {}
+
+
+def pytest_runtest_logreport(report):
+  """Sums each file's setup, call and teardown seconds (in the xdist
+  controller, every worker's reports) for `make durations`."""
+  name = _file_of(report.nodeid)
+  _SECONDS[name] = _SECONDS.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+  target = os.environ.get("TRAINER_WRITE_DURATIONS")
+  if target and not hasattr(session.config, "workerinput") and _SECONDS:
+    Path(target).write_text(json.dumps(
+        {k: round(v, 1) for k, v in sorted(_SECONDS.items())}, indent=0)
+        + "\n")
 SHARED = REPO.parent / "shared"
 MNIST_DIR = SHARED / "data" / "mnist"
 
