@@ -32,18 +32,10 @@ import tempfile
 import time
 
 from bench import machine
-from bench.common import emit, parse_result, quiet_env
+from bench.common import emit, parse_result, quiet_env, status_kb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1 << 20
-
-
-def _status_kb(field: str, pid="self") -> int:
-  with open(f"/proc/{pid}/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise KeyError(field)
 
 
 def _reset_peak(pid="self") -> None:
@@ -59,8 +51,8 @@ def _coordinator(rows: int, dim: int, directory: str, ps_pids) -> None:
 
   def phase(name):
     """The peaks since the last phase, as `name`; resets them."""
-    phases[name] = {"coordinator": _status_kb("VmHWM") / 1024,
-                    "ps": [_status_kb("VmHWM", p) / 1024 for p in ps_pids]}
+    phases[name] = {"coordinator": status_kb("VmHWM") / 1024,
+                    "ps": [status_kb("VmHWM", p) / 1024 for p in ps_pids]}
     for pid in ["self", *ps_pids]:
       _reset_peak(pid)
 
@@ -92,16 +84,16 @@ def _coordinator(rows: int, dim: int, directory: str, ps_pids) -> None:
                       if sharded else [rows],
             "sharded_variables": len(sharded),
             "ps_rows_mb": [per_ps[d] for d in sorted(per_ps)],
-            "built_mb": _status_kb("VmRSS") / 1024}
+            "built_mb": status_kb("VmRSS") / 1024}
   phase("build")
   ids = tf.constant(np.random.default_rng(0).integers(0, rows, 1024))
   looked_up = tf.function(table)(ids)
   assert looked_up.shape == (1024, dim), looked_up.shape
-  result["lookup_peak_mb"] = _status_kb("VmHWM") / 1024
+  result["lookup_peak_mb"] = status_kb("VmHWM") / 1024
   phase("lookup")
   checkpoint = tf.train.Checkpoint(model=table, optimizer=optimizer)
   path = checkpoint.write(os.path.join(directory, "ckpt"))
-  result["save_peak_mb"] = _status_kb("VmHWM") / 1024
+  result["save_peak_mb"] = status_kb("VmHWM") / 1024
   phase("save")
   # As the trainer restores (trainer.checkpoint.Checkpointer): each
   # shard's old value released first, the checkpoint's values read to find
@@ -113,7 +105,7 @@ def _coordinator(rows: int, dim: int, directory: str, ps_pids) -> None:
   with compat.skipping(released):
     checkpoint.read(path).assert_consumed()
   compat.check_restored(released)
-  result["restore_peak_mb"] = _status_kb("VmHWM") / 1024
+  result["restore_peak_mb"] = status_kb("VmHWM") / 1024
   again = tf.function(table)(ids)
   assert np.array_equal(again.numpy(), looked_up.numpy()), "restore differs"
   phase("restore")
@@ -164,7 +156,7 @@ def measure(rows: int, dim: int, num_ps: int) -> dict:
       # The coordinator reset each ps's high-water mark at every step: the
       # run's peak is the largest step's.
       result["ps_peak_mb"] = [
-          max([_status_kb("VmHWM", p.pid) / 1024] +
+          max([status_kb("VmHWM", p.pid) / 1024] +
               [step["ps"][i] for step in result["phases"].values()])
           for i, p in enumerate(p for kind, _, p in servers if kind == "ps")]
       data = [os.path.getsize(os.path.join(directory, f))

@@ -13,9 +13,12 @@ weights + slots, step time against the table's rows, parameter servers.
   python -m bench.recommender steps [--rows=10000,1000000] [--rounds=2]
       updates/s at each table size (same batch of 256), child processes
       in turn, the median per size and the ratio to the first.
-  python -m bench.recommender ps [--rows=1000000]
+  python -m bench.recommender ps [--rows=1000000] [--rss]
       updates/s of launch.local --workers=2 --ps=2 with the table sharded
-      over the ps (default --ps_shard_min_bytes) and unsharded.
+      over the ps (default --ps_shard_min_bytes) and unsharded. --rss:
+      also each process's peak RSS (launch.local's own, the chief's
+      (coordinator), each worker's and each ps's, read from /proc while
+      it runs) and the same run's with a 1-row table (the fixed overhead).
 Every output starts with the machine line (bench/machine.py).
 """
 
@@ -29,7 +32,7 @@ import sys
 import tempfile
 
 from bench import machine
-from bench.common import median, quiet_env
+from bench.common import TreePeaks, median, quiet_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "examples.recommender:Recommender"
@@ -116,24 +119,60 @@ def steps(args) -> None:
           f"step time x{base / median(rates[n]):.2f} of rows={sizes[0]}")
 
 
+def _launch(rows: int, extra=()) -> tuple[dict, dict]:
+  """launch.local --workers=2 --ps=2 training the recommender (300
+  updates): its JSON line and each process's peak RSS (MB) by role."""
+  with tempfile.TemporaryDirectory() as model_dir:
+    cmd = [sys.executable, "-m", "launch.local", "--workers=2", "--ps=2",
+           "--", "--strategy=parameter_server", f"--task={TASK}",
+           f"--task_args=user_rows={rows}", *_FLAGS,
+           "--train_steps=300", "--eval_every=0", "--mode=train",
+           f"--model_dir={model_dir}", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=quiet_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peaks = TreePeaks(proc.pid)
+    try:
+      stdout, stderr = proc.communicate(timeout=1800)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+      roles = peaks.stop()
+    lines = [ln for ln in stdout.splitlines()
+             if re.match(r"\s*\{.*\}\s*$", ln)]
+    if proc.returncode or not lines:
+      raise SystemExit(f"rows={rows} {' '.join(extra)} failed: "
+                       f"{stderr[-2000:]}")
+    return json.loads(lines[-1]), roles
+
+
 def ps(args) -> None:
+  """Updates/s sharded and unsharded; with --rss, each process's peak RSS
+  against the same run with a 1-row table."""
+  runs = {}
+  if args.rss:
+    runs["1-row"] = _launch(1)
   for label, extra in (("sharded", []),
                        ("unsharded", [f"--ps_shard_min_bytes={1 << 40}"])):
-    with tempfile.TemporaryDirectory() as model_dir:
-      cmd = [sys.executable, "-m", "launch.local", "--workers=2", "--ps=2",
-             "--", "--strategy=parameter_server", f"--task={TASK}",
-             f"--task_args=user_rows={args.rows}", *_FLAGS,
-             "--train_steps=300", "--eval_every=0", "--mode=train",
-             f"--model_dir={model_dir}", *extra]
-      proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(),
-                            capture_output=True, text=True, timeout=1800)
-      lines = [ln for ln in proc.stdout.splitlines()
-               if re.match(r"\s*\{.*\}\s*$", ln)]
-      if proc.returncode or not lines:
-        raise SystemExit(f"{label} run failed: {proc.stderr[-2000:]}")
-      result = json.loads(lines[-1])
-      print(f"ps {label} rows={args.rows}: "
-            f"{result['steps_per_sec']:.1f} updates/s")
+    result, roles = runs[label] = _launch(args.rows, extra)
+    print(f"ps {label} rows={args.rows}: "
+          f"{result['steps_per_sec']:.1f} updates/s", flush=True)
+  if not args.rss:
+    return
+  empty = runs["1-row"][1]
+  need = weights_and_slots_bytes(args.rows) / 2**20
+  print(f"peak RSS (MB) by process, rows={args.rows} (weights + slots "
+        f"{need:.0f} MB; a ps's share of them, sharded: {need / 2:.0f} MB)"
+        " and with a 1-row table:")
+  for role in sorted(set(empty) | set(runs["sharded"][1])):
+    base = empty.get(role)
+    cells = [f"{role:>34}", f"1-row {base or 0:7.0f}"]
+    for label in ("sharded", "unsharded"):
+      peak = runs[label][1].get(role)
+      if peak is None:
+        continue
+      cells.append(f"{label} {peak:7.0f} (+{peak - (base or 0):.0f})")
+    print("  ".join(cells))
 
 
 def main() -> None:
@@ -145,6 +184,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--shadow", action="store_true")
   parser.add_argument("--resume", action="store_true")
+  parser.add_argument("--rss", action="store_true",
+                      help="ps: each process's peak RSS too")
   parser.add_argument("--model_dir", default="", help=argparse.SUPPRESS)
   parser.add_argument("--child", choices=("rss", "steps"))
   args = parser.parse_args()
