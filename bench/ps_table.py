@@ -8,7 +8,7 @@ and a coordinator process that builds, as the trainer does
 (trainer.distribute.ps_strategy: MinSizePartitioner, one shard per ps,
 compat.make_variables_on_the_ps), a ROWS x DIM layers.Embedding and the
 LazyAdam slots of its table, looks up 1,024 rows from the coordinator (what
-evaluation does), saves a checkpoint and restores it as the trainer does
+evaluation does; in a tf.function and eagerly), saves a checkpoint and restores it as the trainer does
 (trainer.checkpoint: each shard released, then the values checked for
 damage, the shards' on their ps, then restored; the rows looked up again
 must be the same). Figures in MB: the
@@ -89,6 +89,10 @@ def _coordinator(rows: int, dim: int, directory: str, ps_pids) -> None:
   ids = tf.constant(np.random.default_rng(0).integers(0, rows, 1024))
   looked_up = tf.function(table)(ids)
   assert looked_up.shape == (1024, dim), looked_up.shape
+  # Eagerly too (a model built by calling it on a batch looks up so): TF
+  # would concat every shard on the coordinator (layers.embedding.lookup).
+  eager = table(ids)
+  assert np.array_equal(eager.numpy(), looked_up.numpy()), "eager differs"
   result["lookup_peak_mb"] = status_kb("VmHWM") / 1024
   phase("lookup")
   checkpoint = tf.train.Checkpoint(model=table, optimizer=optimizer)

@@ -22,6 +22,7 @@ gradient are summed first, so each row gets exactly one update.
 import keras
 import tensorflow as tf
 
+from layers import embedding
 from trainer import compat
 
 
@@ -71,7 +72,7 @@ def read_rows(variable, indices):
   if compat.is_sharded(variable):
     # Not ShardedVariable.sparse_read: it returns the rows grouped by
     # shard, not in the order of `indices`.
-    return tf.nn.embedding_lookup(variable, indices)
+    return embedding.lookup(variable, indices)
   return tf.raw_ops.ResourceGather(resource=variable.handle, indices=indices,
                                    dtype=variable.dtype)
 
