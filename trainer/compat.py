@@ -572,8 +572,10 @@ def release_for_restore(checkpoint, path: str, min_bytes: int = 1 << 20,
   restore_released, skipping and check_restored. The saver's own
   serialization (`_gather_serialized_tensors`; legacy saveables, as a
   ShardedVariable's shards, are kept in
-  `SaveableCompatibilityConverter._saveables`) names each variable's key. `released`: the list to append to, as each is
-  emptied (should a later one fail)."""
+  `SaveableCompatibilityConverter._saveables`) names each variable's key.
+  `released`: the list to append to, as each is emptied (should a later
+  one fail). A variable whose saved shape or dtype differs is left to the
+  Checkpoint, whose error names it."""
   serialized = checkpoint._saver._gather_serialized_tensors(None)[0]
   reader = None
   released = [] if released is None else released
