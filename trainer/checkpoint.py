@@ -246,8 +246,7 @@ class Checkpointer:
       finally:   # those emptied before a failure count too
         self._released += released
       compat.restore_released(released, candidate)
-      saved = (verified_config(candidate, skip={r.key for r in released})
-               if released else verified_config(candidate))
+      saved = verified_config(candidate, skip={r.key for r in released})
     except Exception as e:  # noqa: BLE001 - any read failure is damage
       if _vanished(candidate):
         return self._vanished(candidate, explicit)

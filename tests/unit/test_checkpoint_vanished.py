@@ -52,9 +52,9 @@ def test_vanished_checkpoint_is_relisted(tmp_path, monkeypatch, caplog, when):
   if when == "before_verify":
     real = ckpt_lib.verified_config
 
-    def verified(path):
+    def verified(path, skip=()):
       live.hook()
-      return real(path)
+      return real(path, skip)
     monkeypatch.setattr(ckpt_lib, "verified_config", verified)
   else:
     real_restore = reader.checkpoint.restore
