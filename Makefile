@@ -18,13 +18,15 @@ run: $(STAMP)
 	$(BIN)/python -m trainer.main --model_dir=runs/make_run
 
 # Two workers take whole files, longest first (tests/durations.json).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	$(PYTEST) --durations=25
 
 # The suite as `make test` runs it, writing each file's seconds to
 # tests/durations.json (what `make test` orders the files by).
 durations: $(STAMP)
-	TRAINER_WRITE_DURATIONS=tests/durations.json $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	TRAINER_WRITE_DURATIONS=tests/durations.json $(PYTEST)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -8,10 +8,11 @@ and a coordinator process that builds, as the trainer does
 (trainer.distribute.ps_strategy: MinSizePartitioner, one shard per ps,
 compat.make_variables_on_the_ps), a ROWS x DIM layers.Embedding and the
 LazyAdam slots of its table, looks up 1,024 rows from the coordinator (what
-evaluation does; in a tf.function and eagerly), saves a checkpoint and restores it as the trainer does
-(trainer.checkpoint: each shard released, then the values checked for
-damage, the shards' on their ps, then restored; the rows looked up again
-must be the same). Figures in MB: the
+evaluation does; in a tf.function and eagerly), saves a checkpoint and
+restores it as the trainer does (trainer.checkpoint: each shard released,
+then read on its ps and assigned one at a time, the rest checked for
+damage and restored; the rows looked up again must be the same). Figures
+in MB: the
 coordinator's RSS once table and slots are built, its peak while looking
 up, saving and restoring (the kernel's high-water mark, reset before each
 step through /proc/self/clear_refs), its peak over the whole run (building
@@ -100,8 +101,8 @@ def _coordinator(rows: int, dim: int, directory: str, ps_pids) -> None:
   result["save_peak_mb"] = status_kb("VmHWM") / 1024
   phase("save")
   # As the trainer restores (trainer.checkpoint.Checkpointer): each
-  # shard's old value released first, the checkpoint's values read to find
-  # damage (the shards' where they live), then the restore.
+  # shard's old value released first, then read where it lives and
+  # assigned, one at a time; the rest checked for damage and restored.
   from trainer.checkpoint import verified_config
   released = compat.release_for_restore(checkpoint, path)
   compat.restore_released(released, path)

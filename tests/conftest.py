@@ -86,6 +86,8 @@ def pytest_sessionfinish(session):
     Path(target).write_text(json.dumps(
         {k: round(v, 1) for k, v in sorted(_SECONDS.items())}, indent=0)
         + "\n")
+
+
 SHARED = REPO.parent / "shared"
 MNIST_DIR = SHARED / "data" / "mnist"
 
